@@ -1,0 +1,84 @@
+"""Masks: where a weight is allowed to be nonzero.
+
+A mask is a bool tensor shaped like the weight; ``True`` marks a kept (possibly trained) position,
+``False`` a pruned one that must stay exactly ``0.0``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# Odd multiplier for the positional checksum (Knuth's multiplicative hash); the modulus keeps each
+# term below 2**31 so the int64 sum cannot overflow for layers of up to 2**32 positions.
+_HASH_MULT = 2654435761
+_HASH_MOD = 2**31 - 1
+
+
+def weight_mask(weight: torch.Tensor) -> torch.Tensor:
+    """The mask a pruned weight carries: ``weight != 0``."""
+    return weight.detach() != 0
+
+
+def sparsity_of(mask_or_weight: torch.Tensor) -> float:
+    """Fraction of zeros (for a bool mask: of ``False`` entries)."""
+    t = mask_or_weight if mask_or_weight.dtype == torch.bool else mask_or_weight != 0
+    return 1.0 - t.count_nonzero().item() / t.numel()
+
+
+def parse_pattern(pattern: str) -> tuple[int, int]:
+    """Parse an ``"N:M"`` pattern (at most N nonzeros in every M consecutive inputs)."""
+    try:
+        n_str, m_str = str(pattern).split(":")
+        n, m = int(n_str), int(m_str)
+    except ValueError:
+        raise ValueError(f"pattern must look like 'N:M' (e.g. '2:4'), got {pattern!r}") from None
+    if not (0 < n < m):
+        raise ValueError(f"pattern {pattern!r} needs 0 < N < M, got N={n}, M={m}")
+    return n, m
+
+
+def check_nm_divides(in_features: int, m: int, layer_name: str) -> None:
+    """N:M groups run along the input dimension, so M must divide it."""
+    if in_features % m != 0:
+        raise ValueError(
+            f"layer {layer_name!r}: N:M pattern with M={m} does not divide in_features={in_features}"
+        )
+
+
+def is_nm_sparse(weight_or_mask: torch.Tensor, n: int, m: int) -> bool:
+    """True if every group of ``m`` consecutive inputs of every row has at most ``n`` nonzeros."""
+    kept = weight_or_mask if weight_or_mask.dtype == torch.bool else weight_or_mask != 0
+    out_features, in_features = kept.shape
+    if in_features % m != 0:
+        return False
+    per_group = kept.reshape(out_features, in_features // m, m).sum(dim=-1)
+    return bool((per_group <= n).all())
+
+
+def mask_fingerprint(mask: torch.Tensor) -> torch.Tensor:
+    """A small int64 tensor ``[numel, nnz, checksum]`` that identifies a mask.
+
+    Adapters store it instead of the whole mask so that loading them onto a base whose sparsity
+    pattern differs can be refused (the checksum depends on every kept position).
+    """
+    flat_idx = mask.reshape(-1).nonzero().squeeze(-1).to(torch.int64)
+    checksum = ((flat_idx * _HASH_MULT) % _HASH_MOD).sum()
+    return torch.stack(
+        [torch.tensor(mask.numel(), dtype=torch.int64), torch.tensor(flat_idx.numel(), dtype=torch.int64), checksum.cpu()]
+    )
+
+
+def named_linears(model: nn.Module, include_lm_head: bool = False):
+    """Yield ``(name, nn.Linear)`` for the linear layers that pruning and sparse adapters target.
+
+    The output head (and anything tied to the input embeddings) is left out unless asked for:
+    pruning it costs far more accuracy than it saves.
+    """
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        if not include_lm_head and (module is out_emb or name.split(".")[-1] == "lm_head"):
+            continue
+        yield name, module

@@ -1,0 +1,57 @@
+"""Tiny random models of several architectures, built in code (no network)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars are quiet in tests
+
+ARCHS = ["llama", "qwen2", "mistral", "gpt_neox", "opt"]
+
+
+def make_tiny_model(arch: str = "llama", seed: int = 0, hidden: int = 64, layers: int = 2, vocab: int = 128):
+    from transformers import (
+        AutoModelForCausalLM,
+        GPTNeoXConfig,
+        LlamaConfig,
+        MistralConfig,
+        OPTConfig,
+        Qwen2Config,
+    )
+
+    common = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                  max_position_embeddings=128)
+    if arch == "llama":
+        config = LlamaConfig(**common, intermediate_size=2 * hidden, num_key_value_heads=2)
+    elif arch == "qwen2":
+        config = Qwen2Config(**common, intermediate_size=2 * hidden, num_key_value_heads=2)
+    elif arch == "mistral":
+        config = MistralConfig(**common, intermediate_size=2 * hidden, num_key_value_heads=2)
+    elif arch == "gpt_neox":
+        config = GPTNeoXConfig(**common, intermediate_size=4 * hidden)
+    elif arch == "opt":
+        config = OPTConfig(**common, ffn_dim=4 * hidden, word_embed_proj_dim=hidden)
+    else:
+        raise ValueError(arch)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.eval()
+    return model
+
+
+def calibration_batches(vocab: int = 128, n: int = 4, seq_len: int = 16, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (1, seq_len), generator=g) for _ in range(n)]
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request):
+    return request.param
+
+
+@pytest.fixture
+def tiny_model():
+    return make_tiny_model
