@@ -55,3 +55,45 @@ def arch(request):
 @pytest.fixture
 def tiny_model():
     return make_tiny_model
+
+
+def pruned_tiny_model(arch: str = "llama", sparsity: float = 0.5, seed: int = 0, **kw):
+    """A tiny model whose linears (not the head) are magnitude-pruned to ``sparsity`` per row."""
+    import sparse_peft as sp
+
+    model = make_tiny_model(arch, seed=seed, **kw)
+    sp.prune(model, method="magnitude", sparsity=sparsity, show_progress=False)
+    return model
+
+
+def linear_masks(model):
+    import sparse_peft as sp
+
+    return {name: (mod.weight != 0).clone() for name, mod in sp.sparsity.named_linears(model)}
+
+
+def assert_masks_equal(model, masks):
+    import sparse_peft as sp
+
+    seen = dict(sp.sparsity.named_linears(model))
+    assert set(seen) == set(masks), "layer names changed"
+    for name, mask in masks.items():
+        got = seen[name].weight != 0
+        assert torch.equal(got, mask), f"{name}: mask changed ({int((got != mask).sum())} positions differ)"
+
+
+def train_steps(model, steps: int = 3, lr: float = 1e-2, vocab: int = 128, seed: int = 0):
+    """A few AdamW steps of next-token loss on random tokens (enough to move every adapter)."""
+    g = torch.Generator().manual_seed(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert params, "nothing is trainable"
+    opt = torch.optim.AdamW(params, lr=lr)
+    model.train()
+    for _ in range(steps):
+        ids = torch.randint(0, vocab, (2, 12), generator=g)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    return model

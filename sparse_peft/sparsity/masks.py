@@ -82,3 +82,19 @@ def named_linears(model: nn.Module, include_lm_head: bool = False):
         if not include_lm_head and (module is out_emb or name.split(".")[-1] == "lm_head"):
             continue
         yield name, module
+
+
+def restore_mask(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Return ``weight`` with exactly the support ``mask``: zeros outside, nonzero inside.
+
+    Outside the mask every entry becomes ``0.0``. Inside, an update may (rarely, mostly in bf16/fp16)
+    land exactly on ``0.0``; that would silently raise the layer's sparsity and change its mask, so
+    such entries are set to the dtype's smallest positive subnormal (a change far below the
+    dtype's resolution).
+    """
+    kept = torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
+    landed_on_zero = mask & (kept == 0)
+    if landed_on_zero.any():
+        tiny = torch.finfo(weight.dtype).smallest_normal * torch.finfo(weight.dtype).eps
+        kept = torch.where(landed_on_zero, torch.full_like(kept, tiny), kept)
+    return kept
