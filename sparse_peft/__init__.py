@@ -5,14 +5,20 @@ Importing this package registers its PEFT methods with peft, so ``get_peft_model
 """
 
 from ._peft_registry import register_all as _register_all
-from .merge import merge_and_unload_sparse
+from . import sparsity
+from .merge import MergeReport, merge_and_unload_sparse
 from .sparsity import (
+    SparsityReport,
+    cubic_sparsity,
     is_nm_sparse,
     mask_fingerprint,
     parse_pattern,
+    prune,
+    sparsity_report,
     weight_mask,
 )
 from .tuners.masked_lora import MaskedLoraConfig, MaskedLoraModel
+from .tuners.spp import SPPConfig, SPPModel
 
 _register_all()
 
@@ -20,7 +26,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MaskedLoraConfig",
+    "SparsityReport",
+    "cubic_sparsity",
+    "prune",
+    "sparsity_report",
     "MaskedLoraModel",
+    "MergeReport",
+    "SPPConfig",
+    "SPPModel",
     "is_nm_sparse",
     "mask_fingerprint",
     "merge_and_unload_sparse",

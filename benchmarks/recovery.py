@@ -1,0 +1,179 @@
+"""Accuracy recovery after pruning: prune, fine-tune with one method, merge, measure.
+
+One JSON line per run (``--out``), e.g. the standard budget on the shared SmolLM2-135M:
+
+    python benchmarks/recovery.py --method spp --pruner wanda --sparsity 0.5 --steps 200 \
+        --seq-len 128 --batch-size 4 --lr 4e-3 --out runs/recovery.jsonl
+
+``--method lora --sparsity 0`` is the dense fine-tuning reference. For plain LoRA the row holds the
+unmerged ppl (``ppl_after_unmerged``), the ppl after peft's own merge (which densifies,
+``sparsity_after_plain_merge``) and after merging then re-masking (``ppl_after``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import sparse_peft as sp
+from sparse_peft.data import (
+    load_model_and_tokenizer,
+    load_text,
+    perplexity,
+    random_windows,
+    shared_dir,
+    token_ids,
+)
+
+
+def default_data_dir() -> str | None:
+    shared = shared_dir()
+    return str(shared / "data" / "wikitext-2") if shared else None
+
+
+def make_peft_config(method: str, args):
+    from peft import LoraConfig
+
+    if method == "lora":
+        return LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules="all-linear", lora_dropout=0.0)
+    if method == "masked_lora":
+        return sp.MaskedLoraConfig(r=args.r, lora_alpha=2 * args.r)
+    if method == "spp":
+        return sp.SPPConfig(r=args.spp_r, alpha=args.spp_alpha)
+    raise ValueError(f"unknown --method {method!r}")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def train(peft_model, batches, lr: float, show_progress: bool = True) -> list[float]:
+    from tqdm.auto import tqdm
+    from transformers import get_cosine_schedule_with_warmup
+
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=0, num_training_steps=len(batches))
+    step_times = []
+    peft_model.train()
+    bar = tqdm(batches, desc="training", disable=not show_progress)
+    for batch in bar:
+        t0 = time.perf_counter()
+        loss = peft_model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_times.append(time.perf_counter() - t0)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    peft_model.eval()
+    return step_times
+
+
+def masks_of(model) -> dict[str, torch.Tensor]:
+    return {name: lin.weight != 0 for name, lin in sp.sparsity.named_linears(model)}
+
+
+def same_masks(model, masks) -> bool:
+    return all(torch.equal(lin.weight != 0, masks[name]) for name, lin in sp.sparsity.named_linears(model))
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="hub id, local dir or .gguf (default: SmolLM2-135M GGUF)")
+    p.add_argument("--data", default=default_data_dir(), help="dir with wiki.test.raw and wiki.valid.tokens")
+    p.add_argument("--method", default="spp", choices=["spp", "masked_lora", "lora", "none"])
+    p.add_argument("--pruner", default="wanda", choices=["wanda", "sparsegpt", "magnitude"])
+    p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--pattern", default=None, help="N:M instead of --sparsity, e.g. 2:4")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--r", type=int, default=8, help="LoRA / masked LoRA rank")
+    p.add_argument("--spp-r", type=int, default=16)
+    p.add_argument("--spp-alpha", type=float, default=1.0)
+    p.add_argument("--calib-samples", type=int, default=128)
+    p.add_argument("--calib-seq-len", type=int, default=512)
+    p.add_argument("--eval-windows", type=int, default=24)
+    p.add_argument("--eval-seq-len", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=None, help="append one JSON line here")
+    args = p.parse_args(argv)
+    if args.data is None:
+        p.error("--data is required when ../shared is not beside the checkout")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    t_start = time.time()
+
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    data = Path(args.data)
+    test_ids = token_ids(tokenizer, load_text(data / "wiki.test.raw"))
+    train_ids = token_ids(tokenizer, load_text(data / "wiki.valid.tokens"))
+
+    def ppl(m):
+        return perplexity(m, test_ids, n_windows=args.eval_windows, seq_len=args.eval_seq_len)
+
+    row = dict(method=args.method, pruner=args.pruner, sparsity=args.sparsity, pattern=args.pattern,
+               steps=args.steps, tokens_seen=args.steps * args.batch_size * args.seq_len, lr=args.lr,
+               seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed)
+    row["ppl_dense"] = ppl(model)
+    if args.pattern or args.sparsity > 0:
+        calibration = random_windows(train_ids, n=args.calib_samples, seq_len=args.calib_seq_len, seed=args.seed)
+        sp.prune(model, method=args.pruner, sparsity=None if args.pattern else args.sparsity,
+                 pattern=args.pattern, calibration=calibration)
+        row["ppl_pruned"] = ppl(model)
+    else:
+        row["ppl_pruned"] = row["ppl_dense"]
+    row["sparsity_before"] = sp.sparsity_report(model).global_sparsity
+    masks = masks_of(model)
+
+    if args.method == "none":
+        merged, step_times, trainable = model, [], 0
+    else:
+        from peft import get_peft_model
+
+        peft_model = get_peft_model(model, make_peft_config(args.method, args))
+        trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+        batches = random_windows(train_ids, n=args.steps, seq_len=args.seq_len, seed=args.seed + 1,
+                                 batch_size=args.batch_size)
+        step_times = train(peft_model, batches, args.lr)
+        if args.method == "lora":
+            row["ppl_after_unmerged"] = ppl(peft_model)
+            import copy
+
+            plain = copy.deepcopy(peft_model).merge_and_unload()
+            row["sparsity_after_plain_merge"] = sp.sparsity_report(plain).global_sparsity
+            del plain
+            merged, cut = sp.merge_and_unload_sparse(peft_model)
+            row["update_removed_by_mask"] = cut.mean_removed_fraction
+        else:
+            merged = peft_model.merge_and_unload()
+    row["ppl_after"] = ppl(merged)
+    row["sparsity_after_merge"] = sp.sparsity_report(merged).global_sparsity
+    row["mask_identical"] = same_masks(merged, masks)
+    row["trainable_params"] = trainable
+    row["step_time_s"] = statistics.median(step_times) if step_times else 0.0
+    row["peak_mem_mb"] = peak_rss_mb()
+    row["threads"] = torch.get_num_threads()
+    row["wall_s"] = time.time() - t_start
+    row = {k: (round(v, 4) if isinstance(v, float) and math.isfinite(v) else v) for k, v in row.items()}
+    print(json.dumps(row))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    return row
+
+
+if __name__ == "__main__":
+    main()
