@@ -8,8 +8,12 @@ import pytest
 import torch
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars are quiet in tests
+# Tiny models: one thread is faster than two fighting over scheduling (and over a busy machine).
+torch.set_num_threads(1)
 
 ARCHS = ["llama", "qwen2", "mistral", "gpt_neox", "opt"]
+# A fixed batch of token ids for comparing logits.
+IDS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
 
 
 def make_tiny_model(arch: str = "llama", seed: int = 0, hidden: int = 64, layers: int = 2, vocab: int = 128):
@@ -97,3 +101,13 @@ def train_steps(model, steps: int = 3, lr: float = 1e-2, vocab: int = 128, seed:
         opt.zero_grad()
     model.eval()
     return model
+
+
+def logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+def rel_err(a, b):
+    """Largest absolute difference relative to the largest magnitude of the reference ``b``."""
+    return ((a - b).abs().max() / b.abs().max()).item()

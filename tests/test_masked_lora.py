@@ -3,7 +3,10 @@
 import pytest
 import torch
 from conftest import (
+    IDS,
     assert_masks_equal,
+    logits,
+    rel_err,
     linear_masks,
     make_tiny_model,
     pruned_tiny_model,
@@ -13,17 +16,6 @@ from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model
 
 import sparse_peft as sp
 from sparse_peft.tuners.masked_lora import MaskedLoraLayer
-
-IDS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
-
-
-def logits(model):
-    with torch.no_grad():
-        return model(input_ids=IDS).logits.float()
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def test_train_merge_keeps_every_zero(arch):

@@ -5,24 +5,22 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_masks_equal, linear_masks, make_tiny_model, pruned_tiny_model, train_steps
+from conftest import (
+    IDS,
+    assert_masks_equal,
+    linear_masks,
+    logits,
+    make_tiny_model,
+    pruned_tiny_model,
+    rel_err,
+    train_steps,
+)
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 import sparse_peft as sp
 from sparse_peft.tuners.spp import SPPLayer, spp_delta_reference, spp_delta_weight
 from sparse_peft.tuners.spp.functional import expand_rows, row_groups
-
-IDS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
-
-
-def logits(model):
-    with torch.no_grad():
-        return model(input_ids=IDS).logits.float()
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def spp_layers(model):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from ..sparsity.masks import mask_fingerprint
@@ -33,3 +35,60 @@ def check_fingerprints(model: nn.Module, adapter_name: str, state_dict: dict, ke
                 f"{int(actual[1])} nonzeros of {int(actual[0])} (checksum {int(actual[2])}). Load it onto the "
                 f"same pruned model it was trained on."
             )
+
+
+def attach_sparsity_mask(layer: BaseTunerLayer, method: str) -> None:
+    """Record the wrapped linear's shape and its mask (``W != 0`` now) on a tuner layer.
+
+    The mask is the base's pruned topology when the layer is wrapped. It is derived from the base,
+    so it is a non-persistent buffer; each adapter saves a fingerprint of it instead.
+    """
+    base = layer.get_base_layer()
+    if not isinstance(base, nn.Linear):
+        raise TypeError(f"{method} supports torch.nn.Linear only, got {type(base).__name__}")
+    layer.in_features, layer.out_features = base.in_features, base.out_features
+    layer.register_buffer("sparsity_mask", base.weight.detach() != 0, persistent=False)
+
+
+class SparseMaskTuner(BaseTuner):
+    """What sparse-peft's mask-keeping tuners share: wrapping target linears, refusing to stack on
+    another method, warning on a dense base, and checking mask fingerprints on load.
+
+    A subclass sets ``method`` (for messages), ``fingerprint_attr`` (the layer's BufferDict of
+    fingerprints), ``linear_cls`` and implements ``_layer_kwargs(config)``.
+    """
+
+    method: str
+    fingerprint_attr: str
+    linear_cls: type
+    target_module_mapping: dict = {}
+
+    def _layer_kwargs(self, config) -> dict:
+        raise NotImplementedError
+
+    def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **optional_kwargs):
+        kwargs = self._layer_kwargs(config)
+        if isinstance(target, self.tuner_layer_cls):
+            target.update_layer(adapter_name, **kwargs)
+            return
+        if isinstance(target, BaseTunerLayer):
+            raise TypeError(f"layer {current_key!r} already carries a {type(target).__name__} adapter; "
+                            f"{self.method} cannot stack on another method")
+        if not isinstance(target, nn.Linear):
+            raise TypeError(f"layer {current_key!r} is a {type(target).__name__}; {self.method} targets torch.nn.Linear")
+        new_module = self.linear_cls(target, adapter_name, **kwargs)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)  # an added adapter is not trainable until set_adapter
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _post_injection_hook(self, model, config, adapter_name):
+        layers = [m for m in model.modules() if isinstance(m, self.tuner_layer_cls)]
+        if layers and all(bool(m.sparsity_mask.all()) for m in layers):
+            warnings.warn(f"{self.method}: every targeted layer is dense (no zero weights), so there is no sparsity "
+                          "pattern to keep. Prune the model first (sparse_peft.prune).")
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        check_fingerprints(model, adapter_name, remapped, key_attr=cls.fingerprint_attr)
+        return remapped

@@ -12,7 +12,8 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from ...sparsity.masks import mask_fingerprint, restore_mask, weight_mask
+from ...sparsity.masks import mask_fingerprint, restore_mask
+from .._shared import attach_sparsity_mask
 
 
 class MaskedLoraLayer(BaseTunerLayer):
@@ -31,13 +32,7 @@ class MaskedLoraLayer(BaseTunerLayer):
         self.masked_lora_fingerprint = BufferDict({}, persistent=True)
         self._disable_adapters = False
         self.merged_adapters = []
-        base = self.get_base_layer()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"masked LoRA supports torch.nn.Linear only, got {type(base).__name__}")
-        self.in_features, self.out_features = base.in_features, base.out_features
-        # The mask is fixed when the layer is wrapped: it is the base's pruned topology. It is not
-        # saved (it is derived from the base); its fingerprint is, per adapter.
-        self.register_buffer("sparsity_mask", weight_mask(base.weight), persistent=False)
+        attach_sparsity_mask(self, "masked LoRA")
         self.kwargs = kwargs
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float,

@@ -11,7 +11,8 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from ...sparsity.masks import mask_fingerprint, restore_mask, weight_mask
+from ...sparsity.masks import mask_fingerprint, restore_mask
+from .._shared import attach_sparsity_mask
 from .functional import merge_factor, spp_delta_reference, spp_delta_weight
 
 
@@ -34,13 +35,7 @@ class SPPLayer(BaseTunerLayer):
         # (flat indices, original values) of the weights whose merge factor was ~0 at the last merge;
         # unmerge puts those back exactly instead of dividing by ~0.
         self._merge_backup: Optional[tuple[torch.Tensor, torch.Tensor]] = None
-        base = self.get_base_layer()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"SPP supports torch.nn.Linear only, got {type(base).__name__}")
-        self.in_features, self.out_features = base.in_features, base.out_features
-        # The mask is the base's pruned topology when the layer is wrapped. It is derived from the base,
-        # so it is not saved; each adapter saves its fingerprint instead.
-        self.register_buffer("sparsity_mask", weight_mask(base.weight), persistent=False)
+        attach_sparsity_mask(self, "SPP")
         self.kwargs = kwargs
 
     def update_layer(self, adapter_name: str, r: int, alpha: float, dropout: float = 0.0, init_A: str = "kaiming",
