@@ -1,0 +1,36 @@
+"""Render the JSON lines of benchmarks/recovery.py as a markdown table.
+
+    python benchmarks/recovery_table.py benchmarks/results/recovery.jsonl
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def fmt(value, spec=".1f"):
+    return "–" if value is None else format(value, spec)
+
+
+def render(rows: list[dict]) -> str:
+    lines = [
+        "| method | pruner | target | lr | ppl dense | ppl pruned | ppl after (unmerged) | ppl after merge "
+        "| sparsity after merge | plain merge sparsity | mask identical | trainable params | step time (s) | peak RSS (MB) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        target = r.get("pattern") or f"{r['sparsity']:.0%}"
+        lines.append(
+            f"| {r['method']} | {r['pruner'] if r['sparsity'] or r.get('pattern') else '–'} | {target} | {r['lr']:g} "
+            f"| {fmt(r['ppl_dense'])} | {fmt(r['ppl_pruned'])} | {fmt(r.get('ppl_after_unmerged'))} "
+            f"| {fmt(r['ppl_after'])} | {r['sparsity_after_merge']:.4f} "
+            f"| {fmt(r.get('sparsity_after_plain_merge'), '.4f')} | {r['mask_identical']} "
+            f"| {r['trainable_params']:,} | {r['step_time_s']:.2f} | {r['peak_mem_mb']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    rows = [json.loads(line) for path in sys.argv[1:] for line in open(path) if line.strip()]
+    print(render(rows))
