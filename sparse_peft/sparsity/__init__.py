@@ -9,8 +9,15 @@ from .masks import (
     sparsity_of,
     weight_mask,
 )
+from .prune import prune
+from .report import SparsityReport, sparsity_report
+from .schedule import cubic_sparsity
 
 __all__ = [
+    "SparsityReport",
+    "cubic_sparsity",
+    "prune",
+    "sparsity_report",
     "check_nm_divides",
     "is_nm_sparse",
     "mask_fingerprint",

@@ -1,0 +1,213 @@
+"""Perplexity of one-shot pruning: dense, then every method x sparsity on a fresh copy of the model.
+
+    python benchmarks/pruning.py                      # SmolLM2-135M GGUF, WikiText-2, the DESIGN.md grid
+    python benchmarks/pruning.py --model HuggingFaceTB/SmolLM2-135M --methods wanda --sparsities 0.5
+
+Prints a markdown table, appends one JSON line per run to --out, and with --markdown FILE writes the
+table into FILE under the heading "## Pruning (sparse_peft.prune) on <model>" (other sections of
+FILE are kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    DEFAULT_DATA_DIR,
+    calibration_batches_from_text,
+    load_model_and_tokenizer,
+    load_text,
+    machine_info,
+    perplexity,
+)
+
+import sparse_peft.sparsity as sps  # noqa: E402
+from sparse_peft.sparsity.prune import ALLOCATIONS  # noqa: E402
+
+# DESIGN.md's measured figures for the default model (SmolLM2-135M-Instruct Q4_1 GGUF, 24 x 512
+# tokens of wiki.test.raw): what this script should reproduce.
+DESIGN_PPL = {
+    ("dense", "-"): 32.3,
+    ("magnitude", "0.5"): 418.6, ("wanda", "0.5"): 72.9, ("sparsegpt", "0.5"): 65.3,
+    ("magnitude", "0.7"): 28305.0, ("wanda", "0.7"): 1117.5, ("sparsegpt", "0.7"): 337.3,
+    ("magnitude", "2:4"): 1581.7, ("wanda", "2:4"): 236.4, ("sparsegpt", "2:4"): 124.2,
+}
+SECTION_TITLE = "## Pruning (sparse_peft.prune) on SmolLM2-135M"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="hub id, local dir or .gguf (default: SmolLM2-135M GGUF)")
+    parser.add_argument("--data", default=str(DEFAULT_DATA_DIR), help="dir with wiki.test.raw and wiki.valid.tokens")
+    parser.add_argument("--methods", default="magnitude,wanda,sparsegpt")
+    parser.add_argument("--sparsities", default="0.5,0.7,2:4", help="comma list of fractions and N:M patterns")
+    parser.add_argument("--allocation", default="uniform", choices=ALLOCATIONS)
+    parser.add_argument("--calib-samples", type=int, default=128)
+    parser.add_argument("--calib-seq-len", type=int, default=512)
+    parser.add_argument("--eval-windows", type=int, default=24)
+    parser.add_argument("--eval-seq-len", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="results.jsonl", help="JSON lines appended here")
+    parser.add_argument("--markdown", default=None, help="markdown file whose pruning section is (re)written")
+    parser.add_argument("--from-results", action="store_true",
+                        help="run nothing: rebuild the table (and --markdown) from the latest rows of --out that "
+                             "match --model/--calib-*/--seed/--allocation (e.g. after a run split in parts)")
+    return parser.parse_args(argv)
+
+
+def target_kwargs(target: str) -> dict:
+    return {"pattern": target} if ":" in target else {"sparsity": float(target)}
+
+
+def results_table(rows: list[dict], with_reference: bool) -> str:
+    header = "| method | target | ppl | DESIGN.md ppl | ratio | global sparsity | prune time |"
+    lines = [header, "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for row in rows:
+        reference = DESIGN_PPL.get((row["method"], row["target"])) if with_reference else None
+        ref_text = f"{reference:,.1f}" if reference else "-"
+        ratio = f"{row['ppl'] / reference:.3f}" if reference else "-"
+        lines.append(f"| {row['method']} | {row['target']} | {row['ppl']:,.1f} | {ref_text} | {ratio} | "
+                     f"{100 * row['global_sparsity']:.2f}% | {row['prune_seconds']:.0f} s |")
+    return "\n".join(lines)
+
+
+def sparsegpt_vs_wanda(rows: list[dict]) -> str:
+    ppl = {(row["method"], row["target"]): row["ppl"] for row in rows}
+    verdicts = [f"{target}: {'yes' if ppl[('sparsegpt', target)] < ppl[('wanda', target)] else 'NO'}"
+                for (method, target) in ppl if method == "sparsegpt" and ("wanda", target) in ppl]
+    return "SparseGPT below Wanda? " + (", ".join(verdicts) if verdicts else "(not both run)")
+
+
+def markdown_section(rows: list[dict], model: str | None, fields: dict) -> str:
+    allocation = fields["allocation"]
+    dense = next((row for row in rows if row["method"] == "dense"), None)
+    dense_note = f" (the dense model already has {100 * dense['global_sparsity']:.2f}% exact zeros)" if dense else ""
+    return "\n".join([
+        SECTION_TITLE if model is None else f"## Pruning (sparse_peft.prune) on {model}",
+        "",
+        f"Command: `{fields['command']}`",
+        "",
+        f"- calibration: {fields['calibration']}",
+        f"- evaluation: perplexity on the {fields['eval']}",
+        f"- allocation: {allocation}; global sparsity counts every linear but the output head{dense_note}",
+        f"- machine: {fields['machine']}",
+        "",
+        results_table(rows, with_reference=model is None and allocation == "uniform"),
+        "",
+        sparsegpt_vs_wanda(rows) + ".",
+    ])
+
+
+def write_section(path: Path, section: str) -> None:
+    """Replace this script's section of ``path`` (up to the next ``## `` heading), or append it."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith(SECTION_TITLE)), None)
+    if start is None:
+        new_text = text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        new_lines = lines[:start] + section.rstrip("\n").splitlines() + ([""] if end < len(lines) else []) + lines[end:]
+        new_text = "\n".join(new_lines) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(new_text)
+
+
+def rows_from_results(path: str, fields: dict, methods: list[str], targets: list[str]) -> list[dict]:
+    """The latest recorded row for dense and every method x target, under the same settings."""
+    latest = {}
+    for line in Path(path).read_text().splitlines():
+        row = json.loads(line)
+        if all(row.get(key) == fields[key] for key in ("model", "calibration", "eval", "allocation")):
+            latest[(row["method"], row["target"])] = row
+    keys = [("dense", "-")] + [(m, t) for t in targets for m in methods]
+    missing = [key for key in keys if key not in latest]
+    if missing:
+        raise SystemExit(f"{path} has no rows for {missing} with these settings")
+    return [latest[key] for key in keys]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    command = "python benchmarks/pruning.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    data_dir = Path(args.data)
+
+    if args.from_results:
+        fields = settings_fields(args, command="")
+        rows = rows_from_results(args.out, fields, args.methods.split(","), args.sparsities.split(","))
+        commands = sorted({row["command"] for row in rows})
+        fields = {**fields, "command": "`; `".join(commands), "machine": rows[-1]["machine"]}
+        return publish(rows, args, fields)
+
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    test_text = load_text(data_dir / "wiki.test.raw")
+    eval_ids = tokenizer(test_text, add_special_tokens=False)["input_ids"]
+    eval_ids = torch.tensor(eval_ids[: args.eval_windows * args.eval_seq_len + 1])
+    calibration = calibration_batches_from_text(tokenizer, load_text(data_dir / "wiki.valid.tokens"),
+                                                n=args.calib_samples, seq_len=args.calib_seq_len, seed=args.seed)
+    common_fields = settings_fields(args, command)
+
+    def record(row):
+        row = {**row, **common_fields, "time": datetime.datetime.now().isoformat(timespec="seconds")}
+        with open(args.out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps({k: row[k] for k in ("method", "target", "ppl", "prune_seconds")}), flush=True)
+        return row
+
+    start = time.time()
+    dense_ppl = perplexity(model, eval_ids, n_windows=args.eval_windows, seq_len=args.eval_seq_len)
+    rows = [record({"method": "dense", "target": "-", "ppl": dense_ppl, "global_sparsity":
+                    sps.sparsity_report(model).global_sparsity, "prune_seconds": 0.0,
+                    "eval_seconds": time.time() - start})]
+
+    for target in args.sparsities.split(","):
+        for method in args.methods.split(","):
+            pruned = copy.deepcopy(model)  # every run starts from the dense weights
+            start = time.time()
+            report = sps.prune(pruned, method=method, calibration=calibration, allocation=args.allocation,
+                               **target_kwargs(target))
+            prune_seconds = time.time() - start
+            start = time.time()
+            ppl = perplexity(pruned, eval_ids, n_windows=args.eval_windows, seq_len=args.eval_seq_len)
+            rows.append(record({"method": method, "target": target, "ppl": ppl,
+                                "global_sparsity": report.global_sparsity, "prune_seconds": prune_seconds,
+                                "eval_seconds": time.time() - start}))
+            del pruned
+
+    return publish(rows, args, common_fields)
+
+
+def settings_fields(args, command: str) -> dict:
+    return {
+        "model": args.model or "SmolLM2-135M-Instruct.Q4_1.gguf (default)",
+        "calibration": f"{args.calib_samples} x {args.calib_seq_len} tokens of wiki.valid.tokens, seed {args.seed}",
+        "eval": f"first {args.eval_windows} x {args.eval_seq_len} tokens of wiki.test.raw",
+        "allocation": args.allocation,
+        "machine": machine_info(),
+        "command": command,
+    }
+
+
+def publish(rows: list[dict], args, fields: dict) -> list[dict]:
+    print(results_table(rows, with_reference=args.model is None and args.allocation == "uniform"))
+    print(sparsegpt_vs_wanda(rows))
+    if args.markdown:
+        write_section(Path(args.markdown), markdown_section(rows, args.model, fields))
+    return rows
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

@@ -1,0 +1,215 @@
+"""Block-by-block calibration: the memory-light driver behind Wanda, SparseGPT and OWL.
+
+1. Capture what decoder block 0 receives (hidden states, and the keyword arguments transformers
+   passes to decoder layers: attention mask, position ids / position embeddings, ...) for every
+   calibration batch. Each block's ``forward`` is swapped for a stub that only records its inputs
+   and passes the hidden states through, and the last stub stops the model's forward, so this
+   costs no more than the embeddings (the keyword arguments are recorded per block: hybrid models
+   give sliding-window and full-attention layers different masks).
+2. For each block in turn: hook its linears with statistic accumulators, run the block on the
+   captured inputs, hand the statistics to a callback (which prunes the block), then run the
+   (now pruned) block again: its outputs are the next block's inputs.
+
+Only one block's inputs are held at a time (plus the small per-batch keyword arguments).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .masks import named_linears
+
+
+def progress(iterable, desc: str, show: bool = True):
+    """tqdm bar; ``show=False`` silences it, otherwise tqdm's own defaults (and the TQDM_DISABLE
+    environment variable, which an explicit ``disable=False`` would override) decide."""
+    return tqdm(iterable, desc=desc) if show else tqdm(iterable, desc=desc, disable=True)
+
+
+class _StopForward(Exception):
+    """Raised by the last block's stub: nothing after the decoder blocks is needed."""
+
+
+@dataclass
+class CalibrationBatch:
+    input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor | None  # [B, T] (1 = real token) or None
+
+
+def as_calibration_batches(calibration) -> list[CalibrationBatch]:
+    """Normalise calibration data: an iterable of LongTensor batches ``[B, T]`` (or ``[T]``), or of
+    dicts / BatchEncodings with ``input_ids`` and optional ``attention_mask``; a single ``[B, T]``
+    tensor or dict is one batch."""
+    if calibration is None:
+        raise ValueError("calibration data is required: pass calibration=[LongTensor [B, T], ...]")
+    if isinstance(calibration, (torch.Tensor, Mapping)):
+        calibration = [calibration]
+    batches = []
+    for item in calibration:
+        if isinstance(item, CalibrationBatch):  # already normalised
+            batches.append(item)
+            continue
+        if isinstance(item, Mapping):
+            if "input_ids" not in item:
+                raise ValueError(f"calibration dict without 'input_ids' (keys: {sorted(item)})")
+            input_ids, attention_mask = item["input_ids"], item.get("attention_mask")
+        else:
+            input_ids, attention_mask = item, None
+        input_ids = torch.as_tensor(input_ids)
+        if input_ids.dim() == 1:
+            input_ids = input_ids.unsqueeze(0)
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"calibration batches must be integer token ids [B, T], got "
+                             f"dtype={input_ids.dtype} shape={tuple(input_ids.shape)}")
+        if attention_mask is not None:
+            attention_mask = torch.as_tensor(attention_mask).reshape(input_ids.shape)
+        batches.append(CalibrationBatch(input_ids.long(), attention_mask))
+    if not batches:
+        raise ValueError("calibration data is empty")
+    return batches
+
+
+def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ``nn.ModuleList`` of repeated decoder blocks (``model.layers``, ``gpt_neox.layers``,
+    ``model.decoder.layers``, ...): among ModuleLists whose entries share one class and hold linear
+    layers, the one with the most parameters."""
+    best_name, best_blocks, best_size = None, None, -1
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(block) for block in module}) != 1:
+            continue
+        if not any(isinstance(m, nn.Linear) for m in module[0].modules()):
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        if size > best_size:
+            best_name, best_blocks, best_size = name, module, size
+    if best_blocks is None:
+        raise ValueError(f"no decoder blocks found in {type(model).__name__}: expected an nn.ModuleList of "
+                         "identical blocks holding nn.Linear layers (e.g. model.model.layers)")
+    return best_name, best_blocks
+
+
+def block_linears(blocks_name: str, blocks: nn.ModuleList) -> list[list[tuple[str, nn.Linear]]]:
+    """Per block, ``(full module name, linear)`` for every linear inside it."""
+    prefix = f"{blocks_name}." if blocks_name else ""
+    return [[(f"{prefix}{index}.{name}", linear) for name, linear in named_linears(block)]
+            for index, block in enumerate(blocks)]
+
+
+def _strip_cache(kwargs: dict) -> dict:
+    """Calibration runs without a KV cache: drop cache objects, turn caching off."""
+    clean = {}
+    for key, value in kwargs.items():
+        if key in ("past_key_values", "past_key_value", "layer_past") or type(value).__name__.endswith("Cache"):
+            value = None
+        clean[key] = value
+    if "use_cache" in clean:
+        clean["use_cache"] = False
+    return clean
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[CalibrationBatch]):
+    """Return ``(hidden_states per batch, [per block: (args, kwargs) per batch])``."""
+    hidden_per_batch: list[torch.Tensor] = []
+    call_per_block: list[list[tuple[tuple, dict]]] = [[] for _ in blocks]
+    last = len(blocks) - 1
+
+    def make_stub(index: int):
+        def stub(*args, **kwargs):
+            if args:
+                hidden, args = args[0], tuple(args[1:])
+            else:
+                hidden = kwargs.pop("hidden_states")
+            if index == 0:
+                hidden_per_batch.append(hidden.detach())
+            call_per_block[index].append((args, _strip_cache(kwargs)))
+            if index == last:
+                raise _StopForward
+            return hidden
+        return stub
+
+    # Keep whatever instance-level forward a block already had (e.g. accelerate's offload hooks).
+    saved = [block.__dict__.get("forward") for block in blocks]
+    device = next(model.parameters()).device
+    try:
+        for index, block in enumerate(blocks):
+            block.forward = make_stub(index)
+        for batch in batches:
+            attention_mask = None if batch.attention_mask is None else batch.attention_mask.to(device)
+            try:
+                model(input_ids=batch.input_ids.to(device), attention_mask=attention_mask, use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        for block, forward in zip(blocks, saved):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
+    if len(hidden_per_batch) != len(batches) or any(len(calls) != len(batches) for calls in call_per_block):
+        raise RuntimeError("could not capture the inputs of every decoder block; does the model call them in order?")
+    return hidden_per_batch, call_per_block
+
+
+def _block_output(output):
+    # transformers 5 decoder layers return a tensor; older ones (and some remote code) a tuple.
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _accumulate_stats(block, stats, hidden_per_batch, calls, token_masks) -> None:
+    """Run ``block`` on every batch with each linear's inputs fed to its accumulator."""
+    current_mask = [None]  # the running batch's token mask, read by the hooks
+
+    def make_hook(stat):
+        def hook(module, inputs, output):
+            x = inputs[0].detach()
+            mask = current_mask[0]
+            if mask is not None and x.shape[:-1] == mask.shape:
+                x = x[mask.to(x.device)]  # padding tokens carry no information about the data
+            stat.add(x.reshape(-1, x.shape[-1]))
+        return hook
+
+    handles = [linear.register_forward_hook(make_hook(stat)) for linear, stat in stats.values()]
+    try:
+        for hidden, (args, kwargs), mask in zip(hidden_per_batch, calls, token_masks):
+            current_mask[0] = mask
+            block(hidden, *args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def run_blockwise(model: nn.Module, calibration, make_stat, process_block, *, desc: str = "pruning",
+                  show_progress: bool = True) -> None:
+    """Drive block-sequential calibration.
+
+    ``make_stat(linear)`` builds an accumulator with ``add(x)`` (``x``: that linear's inputs,
+    ``[tokens, in_features]``, padding tokens removed); ``process_block(index, {name: (linear,
+    stat)})`` is called once per block after its statistics are complete and may modify the
+    block's weights: the block's outputs are computed afterwards.
+    """
+    blocks_name, blocks = find_decoder_blocks(model)
+    linears_per_block = block_linears(blocks_name, blocks)
+    batches = as_calibration_batches(calibration)
+    was_training = model.training
+    model.eval()
+    try:
+        hidden_per_batch, call_per_block = capture_block_inputs(model, blocks, batches)
+        token_masks = [None if b.attention_mask is None else b.attention_mask.bool() for b in batches]
+        for index, block in enumerate(progress(blocks, desc, show_progress)):
+            stats = {name: (linear, make_stat(linear)) for name, linear in linears_per_block[index]}
+            _accumulate_stats(block, stats, hidden_per_batch, call_per_block[index], token_masks)
+            process_block(index, stats)
+            del stats
+            hidden_per_batch = [_block_output(block(hidden, *args, **kwargs))
+                                for hidden, (args, kwargs) in zip(hidden_per_batch, call_per_block[index])]
+    finally:
+        model.train(was_training)
