@@ -55,5 +55,5 @@ def test_restore_mask_keeps_support_exactly():
         out = restore_mask(w, mask)
         assert torch.equal(out != 0, mask)
         assert out[0, 1] == 0 and out[0, 2] == -1 and out[0, 3] == 2
-        info = torch.finfo(dtype)
-        assert 0 < out[0, 0].item() == info.smallest_normal * info.eps  # the smallest subnormal
+        assert out[0, 0].item() == torch.finfo(dtype).tiny  # the smallest normal number
+        assert restore_mask(-w, mask)[0, 0].item() == -torch.finfo(dtype).tiny  # sign of the zero

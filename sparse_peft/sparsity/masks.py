@@ -84,17 +84,21 @@ def named_linears(model: nn.Module, include_lm_head: bool = False):
         yield name, module
 
 
-def restore_mask(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Return ``weight`` with exactly the support ``mask``: zeros outside, nonzero inside.
+def restore_mask(weight: torch.Tensor, mask: torch.Tensor, sign_source: torch.Tensor | None = None) -> torch.Tensor:
+    """Return ``weight`` with exactly the support ``mask``: ``+0.0`` outside, nonzero inside.
 
-    Outside the mask every entry becomes ``0.0``. Inside, an update may (rarely, mostly in bf16/fp16)
-    land exactly on ``0.0``; that would silently raise the layer's sparsity and change its mask, so
-    such entries are set to the dtype's smallest positive subnormal (a change far below the
-    dtype's resolution).
+    Inside the mask a value may be exactly ``0.0`` (an update that cancels the weight, a SparseGPT
+    update that lands on 0, underflow when casting down); that would silently raise the layer's
+    sparsity and change its mask, so such entries become the dtype's smallest normal number
+    (``finfo.tiny``: about 1e-38 in fp32/bf16, 6e-5 in fp16), with the sign of ``sign_source``
+    (e.g. the unrounded value) or of the zero itself: far below anything that changes an output.
+    The one place every pruner and every merge keeps the support exact.
     """
-    kept = torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
+    zero = torch.zeros((), dtype=weight.dtype, device=weight.device)
+    kept = torch.where(mask, weight, zero)  # +0.0 outside, never -0.0
     landed_on_zero = mask & (kept == 0)
     if landed_on_zero.any():
-        tiny = torch.finfo(weight.dtype).smallest_normal * torch.finfo(weight.dtype).eps
-        kept = torch.where(landed_on_zero, torch.full_like(kept, tiny), kept)
+        sign = (weight if sign_source is None else sign_source).to(weight.dtype)
+        tiny = torch.copysign(torch.full_like(kept, torch.finfo(weight.dtype).tiny), sign)
+        kept = torch.where(landed_on_zero, tiny, kept)
     return kept

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from .masks import restore_mask
+
 
 def unstructured_zero_count(sparsity: float, numel: int) -> int:
     """The exact number of zeros a layer of ``numel`` weights gets at ``sparsity``."""
@@ -75,11 +77,6 @@ def write_masked_weight_(linear: torch.nn.Linear, keep: torch.Tensor, new_weight
     weight = linear.weight
     source = (weight if new_weight is None else new_weight).detach()
     value = source.to(weight.dtype)
-    kept_zero = keep & (value == 0)
-    n_kept_zero = int(kept_zero.sum().item())
-    if n_kept_zero:
-        tiny = torch.full_like(value, torch.finfo(weight.dtype).tiny)
-        value = torch.where(kept_zero, torch.copysign(tiny, source.to(tiny.dtype)), value)
-    # masked_fill writes +0.0 (never -0.0), so weight == weight * mask bit for bit afterwards.
-    weight.data.copy_(value.masked_fill(~keep, 0.0))
+    n_kept_zero = int((keep & (value == 0)).sum().item())
+    weight.data.copy_(restore_mask(value, keep, sign_source=source))
     return n_kept_zero
