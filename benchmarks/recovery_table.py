@@ -21,8 +21,10 @@ def render(rows: list[dict]) -> str:
     ]
     for r in rows:
         target = r.get("pattern") or f"{r['sparsity']:.0%}"
+        # plain LoRA's "after merge" is merge-then-re-mask; its own merge's sparsity is the next-but-one column
+        method = r["method"] + (" (re-masked)" if "sparsity_after_plain_merge" in r else "")
         lines.append(
-            f"| {r['method']} | {r['pruner'] if r['sparsity'] or r.get('pattern') else '–'} | {target} | {r['lr']:g} "
+            f"| {method} | {r['pruner'] if r['sparsity'] or r.get('pattern') else '–'} | {target} | {r['lr']:g} "
             f"| {fmt(r['ppl_dense'])} | {fmt(r['ppl_pruned'])} | {fmt(r.get('ppl_after_unmerged'))} "
             f"| {fmt(r['ppl_after'])} | {r['sparsity_after_merge']:.4f} "
             f"| {fmt(r.get('sparsity_after_plain_merge'), '.4f')} | {r['mask_identical']} "
