@@ -1,0 +1,1 @@
+"""Training-time helpers: trainer callbacks (SEFT topology, gradual pruning) and losses."""

@@ -1,0 +1,1 @@
+"""SPT: sparsity-aware prompt tuning (see docs/spt.md)."""
