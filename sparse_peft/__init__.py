@@ -19,6 +19,8 @@ from .sparsity import (
 )
 from .tuners.masked_lora import MaskedLoraConfig, MaskedLoraModel
 from .tuners.spp import SPPConfig, SPPModel
+from .tuners.seft import SEFTConfig, SEFTModel
+from .training.seft import SEFTCallback, seft_step
 
 _register_all()
 
@@ -34,6 +36,10 @@ __all__ = [
     "MergeReport",
     "SPPConfig",
     "SPPModel",
+    "SEFTCallback",
+    "SEFTConfig",
+    "SEFTModel",
+    "seft_step",
     "is_nm_sparse",
     "mask_fingerprint",
     "merge_and_unload_sparse",

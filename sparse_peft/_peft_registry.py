@@ -58,8 +58,10 @@ def register(name: str, config_cls, model_cls, prefix: str) -> PeftType:
 def register_all() -> None:
     """Register every sparse-peft method. Called once by ``import sparse_peft``."""
     from .tuners.masked_lora import MaskedLoraConfig, MaskedLoraModel
+    from .tuners.seft import SEFTConfig, SEFTModel
     from .tuners.spp import SPPConfig, SPPModel
 
     register("masked_lora", MaskedLoraConfig, MaskedLoraModel, prefix=MaskedLoraModel.prefix)
     register("spp", SPPConfig, SPPModel, prefix=SPPModel.prefix)
+    register("seft", SEFTConfig, SEFTModel, prefix=SEFTModel.prefix)
 

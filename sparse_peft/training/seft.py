@@ -1,0 +1,148 @@
+"""What drives SEFT's topology during training: ``seft_step`` for custom loops, ``SEFTCallback`` for
+``transformers.Trainer``.
+
+Timeline with ``update_interval = U`` and ``grow_window = K``: the backward passes of the K
+optimizer steps that end at step ``n·U`` also accumulate the dense weight gradient of every SEFT
+layer; right after step ``n·U`` each layer drops, grows and re-prunes, and the accumulator is freed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ..tuners.seft.config import SEFTConfig
+from ..tuners.seft.layer import SEFTLayer
+
+
+def drop_fraction_at(config: SEFTConfig, step: int, total_steps: Optional[int] = None) -> float:
+    """The fraction of ``A`` dropped at an update after ``step`` optimizer steps."""
+    horizon = config.decay_steps or total_steps
+    if config.drop_decay == "constant" or horizon is None:
+        return config.drop_fraction
+    if step >= horizon:
+        return 0.0
+    progress = step / horizon
+    if config.drop_decay == "cosine":
+        return config.drop_fraction * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return config.drop_fraction * (1.0 - progress)
+
+
+def _seft_adapter(peft_model, adapter_name: Optional[str]) -> tuple[str, SEFTConfig]:
+    configs = getattr(peft_model, "peft_config", None)
+    if not configs:
+        raise TypeError(f"seft_step needs a PeftModel with a SEFT adapter, got {type(peft_model).__name__}")
+    if adapter_name is None:
+        active = peft_model.active_adapter
+        adapter_name = active if isinstance(active, str) else active[0]
+    config = configs.get(adapter_name)
+    if not isinstance(config, SEFTConfig):
+        raise ValueError(f"adapter {adapter_name!r} is not a SEFT adapter (it is {type(config).__name__})")
+    return adapter_name, config
+
+
+def seft_layers(peft_model, adapter_name: str) -> dict[str, SEFTLayer]:
+    return {name.removeprefix("base_model.model."): module for name, module in peft_model.named_modules()
+            if isinstance(module, SEFTLayer) and adapter_name in module.seft_delta}
+
+
+def _collects_during(config: SEFTConfig, step: int, total_steps: Optional[int]) -> bool:
+    """Whether the backward of optimizer step ``step`` (1-based) feeds the next update."""
+    interval, window = config.update_interval, config.grow_window
+    position = step % interval
+    if not (position == 0 or position > interval - window):
+        return False
+    next_update = math.ceil(step / interval) * interval
+    return drop_fraction_at(config, next_update, total_steps) > 0
+
+
+def _all_reduce_(tensor: torch.Tensor) -> None:
+    """Sum over data-parallel ranks, so every rank takes the same topology decision."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+
+
+@torch.no_grad()
+def seft_step(peft_model, optimizer: Optional[torch.optim.Optimizer], step: int, total_steps: Optional[int] = None,
+              adapter_name: Optional[str] = None) -> dict[str, dict]:
+    """Call after every ``optimizer.step()`` with ``step`` = optimizer steps done so far (1, 2, ...).
+
+    At update steps (``step % update_interval == 0``) every SEFT layer drops, grows and re-prunes;
+    the return value maps layer names to ``{"dropped", "grown", "regrown", "pruned"}`` counts (empty
+    on other steps). ``optimizer`` gets its state reset at the slots that changed (pass ``None`` if
+    there is none). Call it with ``step=0`` before the first step when ``grow_window`` equals
+    ``update_interval`` (``SEFTCallback`` does that itself).
+    """
+    adapter_name, config = _seft_adapter(peft_model, adapter_name)
+    layers = seft_layers(peft_model, adapter_name)
+    changes: dict[str, dict] = {}
+    if step > 0 and step % config.update_interval == 0:
+        fraction = drop_fraction_at(config, step, total_steps)
+        ready = [layer for layer in layers.values() if layer.grad_accum is not None]
+        if fraction > 0 and ready:
+            if len(ready) != len(layers):
+                missing = [name for name, layer in layers.items() if layer.grad_accum is None]
+                raise RuntimeError(f"SEFT update at step {step}: no gradient was accumulated for {missing[:3]} "
+                                   f"(were they used in the forward?)")
+            for name, layer in layers.items():
+                _all_reduce_(layer.grad_accum)
+                changes[name] = layer.update_topology(
+                    adapter_name, fraction, drop_criterion=config.drop_criterion,
+                    sensitivity_criterion=config.sensitivity_criterion, regrow_init=config.regrow_init,
+                    optimizer=optimizer)
+        for layer in layers.values():
+            layer.stop_collecting()
+    if _collects_during(config, step + 1, total_steps):
+        for layer in layers.values():
+            layer.start_collecting()
+    return changes
+
+
+def seft_summary(changes: dict[str, dict]) -> dict[str, int]:
+    """Totals over layers of what one ``seft_step`` changed."""
+    keys = ("dropped", "grown", "regrown", "pruned")
+    return {key: sum(layer[key] for layer in changes.values()) for key in keys}
+
+
+def _trainer_callback_base():
+    try:
+        from transformers import TrainerCallback
+    except ImportError:  # transformers is a dependency; this only keeps the module importable alone
+        return object
+    return TrainerCallback
+
+
+class SEFTCallback(_trainer_callback_base()):
+    """Runs ``seft_step`` after every optimizer step of a ``transformers.Trainer``.
+
+    ``history`` keeps the totals of every update (``{"step", "dropped", "grown", "regrown",
+    "pruned"}``); the totals are also logged (``seft/regrown`` etc.) when the Trainer logs.
+    """
+
+    def __init__(self, adapter_name: Optional[str] = None):
+        self.adapter_name = adapter_name
+        self.history: list[dict] = []
+        self._pending_log: dict[str, float] = {}
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        # Fresh or resumed: arm the gradient collection for the coming step, as seft_step would have.
+        adapter_name, config = _seft_adapter(model, self.adapter_name)
+        if _collects_during(config, state.global_step + 1, state.max_steps):
+            for layer in seft_layers(model, adapter_name).values():
+                layer.start_collecting()
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        changes = seft_step(model, optimizer, state.global_step, total_steps=state.max_steps,
+                            adapter_name=self.adapter_name)
+        if changes:
+            totals = seft_summary(changes)
+            self.history.append(dict(step=state.global_step, **totals))
+            self._pending_log = {f"seft/{key}": float(value) for key, value in totals.items()}
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and self._pending_log:
+            logs.update(self._pending_log)
+            self._pending_log = {}

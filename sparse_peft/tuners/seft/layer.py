@@ -1,0 +1,319 @@
+"""The SEFT layer: a frozen pruned linear plus a trainable sparse delta whose positions evolve.
+
+State per adapter (all O(|A|) or O(changes), never out x in):
+- ``seft_index``: the trainable positions ``A`` (flat, ``|A|`` fixed), ``seft_delta`` their values;
+- ``seft_frozen_index`` / ``seft_frozen_delta``: deltas of positions that left ``A`` (they keep
+  what they learned) and ``-W`` for re-grown positions that must start at 0;
+- ``seft_added`` / ``seft_removed``: how the topology differs from the base's mask (always the same
+  count, so the layer's nonzero count never changes).
+The base weight is never edited until ``merge``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from ...sparsity.masks import mask_fingerprint, restore_mask
+from .._shared import attach_sparsity_mask
+from .functional import coalesce, effective_weight, largest, smallest, sparse_delta_linear, without
+
+# Buffers whose length changes as the topology evolves; loading resizes them to the saved length.
+VARIABLE_BUFFERS = ("seft_frozen_index", "seft_frozen_delta", "seft_added", "seft_removed")
+
+
+class SEFTLayer(BaseTunerLayer):
+    adapter_layer_names = ("seft_delta",)
+    other_param_names = ("density", "seft_index", "seft_fingerprint") + VARIABLE_BUFFERS
+
+    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+        self.base_layer = base_layer
+        self.density = {}
+        self.seft_delta = nn.ParameterDict({})
+        self.seft_index = BufferDict({}, persistent=True)
+        self.seft_frozen_index = BufferDict({}, persistent=True)
+        self.seft_frozen_delta = BufferDict({}, persistent=True)
+        self.seft_added = BufferDict({}, persistent=True)
+        self.seft_removed = BufferDict({}, persistent=True)
+        self.seft_fingerprint = BufferDict({}, persistent=True)
+        self._disable_adapters = False
+        self.merged_adapters = []
+        # (flat positions, original values) of every base weight the merge changed: unmerge is exact.
+        self._merge_backup: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        # Dense gradient accumulated during the steps before a topology update (None otherwise).
+        self.grad_accum: Optional[torch.Tensor] = None
+        self.collecting = False
+        attach_sparsity_mask(self, "SEFT")
+        self.kwargs = kwargs
+
+    # --- creation -------------------------------------------------------------------------------
+
+    def update_layer(self, adapter_name: str, density: float, init_indices: str = "random", seed: int = 0,
+                     layer_seed: int = 0, inference_mode: bool = False) -> None:
+        mask = self.sparsity_mask
+        numel, nnz = mask.numel(), int(mask.sum())
+        size = max(1, round(density * numel))
+        if size > nnz:
+            raise ValueError(f"SEFT density={density} asks for {size} trainable positions in a layer with only {nnz} "
+                             f"nonzeros of {numel} (sparsity {1 - nnz / numel:.3f}); A starts on nonzeros, so use "
+                             f"density <= {nnz / numel:.4f}")
+        weight = self.get_base_layer().weight
+        device = weight.device
+        nonzero = mask.view(-1).nonzero().squeeze(-1)
+        if init_indices == "random":
+            # Seeded per layer (not from the global RNG) so every rank and every run picks the same set.
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + layer_seed)
+            chosen = nonzero[torch.randperm(nonzero.numel(), generator=generator)[:size].to(device)]
+        elif init_indices == "magnitude":
+            magnitude = weight.detach().view(-1)[nonzero].abs().float()
+            chosen = nonzero[largest(magnitude, size)]
+        else:
+            raise ValueError(f"SEFT init_indices must be 'random' or 'magnitude', got {init_indices!r}")
+        empty_index = torch.zeros(0, dtype=torch.int64, device=device)
+        self.density[adapter_name] = float(density)
+        self.seft_index[adapter_name] = torch.sort(chosen).values.to(torch.int64)
+        # Δ is fp32 whatever the base dtype: its updates start far below a bf16 weight's resolution.
+        self.seft_delta[adapter_name] = nn.Parameter(torch.zeros(size, dtype=torch.float32, device=device))
+        self.seft_frozen_index[adapter_name] = empty_index.clone()
+        self.seft_frozen_delta[adapter_name] = torch.zeros(0, dtype=torch.float32, device=device)
+        self.seft_added[adapter_name] = empty_index.clone()
+        self.seft_removed[adapter_name] = empty_index.clone()
+        self.seft_fingerprint[adapter_name] = mask_fingerprint(mask).to(device)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    # --- the current state ----------------------------------------------------------------------
+
+    def _active_seft_adapter(self) -> Optional[str]:
+        names = [n for n in self.active_adapters if n in self.seft_delta]
+        if len(names) > 1:
+            raise ValueError(f"SEFT runs one adapter at a time (each moves the layer's topology its own way), "
+                             f"but {names} are active; call set_adapter with one of them")
+        return names[0] if names else None
+
+    def current_mask(self, adapter_name: str) -> torch.Tensor:
+        """The adapter's topology ``M`` (bool, out x in, transient)."""
+        mask = self.sparsity_mask.clone()
+        flat = mask.view(-1)
+        flat[self.seft_added[adapter_name]] = True
+        flat[self.seft_removed[adapter_name]] = False
+        return mask
+
+    def _original_weight(self) -> torch.Tensor:
+        weight = self.get_base_layer().weight
+        if not self.merged:
+            return weight
+        original = weight.detach().clone()
+        positions, values = self._merge_backup
+        original.view(-1)[positions] = values
+        return original
+
+    def effective_weight(self, adapter_name: str) -> torch.Tensor:
+        """``(W + F + Δ) ⊙ M`` (fp32): the weight this adapter makes (what merge writes)."""
+        return effective_weight(self._original_weight(), self.seft_index[adapter_name], self.seft_delta[adapter_name],
+                                self.seft_frozen_index[adapter_name], self.seft_frozen_delta[adapter_name],
+                                self.seft_removed[adapter_name])
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """``W_eff - W`` (fp32, transient): what merging this adapter adds to the base weight."""
+        return self.effective_weight(adapter_name) - self._original_weight().float()
+
+    # --- dense gradient for growing ---------------------------------------------------------------
+
+    def accumulate(self, dense_grad: torch.Tensor) -> None:
+        if self.grad_accum is None:
+            self.grad_accum = dense_grad.clone()
+        else:
+            self.grad_accum += dense_grad
+
+    def start_collecting(self) -> None:
+        self.collecting = True
+
+    def stop_collecting(self) -> None:
+        self.collecting = False
+        self.grad_accum = None
+
+    # --- topology update ------------------------------------------------------------------------
+
+    def update_topology(self, adapter_name: str, drop_fraction: float, drop_criterion: str = "weight",
+                        sensitivity_criterion: str = "taylor", regrow_init: str = "zero",
+                        optimizer: Optional[torch.optim.Optimizer] = None, grad_scale: float = 1.0) -> dict:
+        """Drop ``drop_fraction`` of ``A``, grow as many at the largest accumulated gradient, and prune
+        one active weight outside ``A`` per re-grown pruned position. Returns the counts.
+
+        Requires ``grad_accum`` (collected by the backward while ``collecting``); under data
+        parallelism the caller all-reduces it first so every rank decides the same.
+        """
+        if self.merged:
+            raise RuntimeError("SEFT cannot change the topology of a merged layer; unmerge first")
+        if self.grad_accum is None:
+            raise RuntimeError("SEFT topology update without an accumulated gradient: no backward ran while "
+                               "collecting (call sp.seft_step after every optimizer.step, or use SEFTCallback)")
+        index, delta = self.seft_index[adapter_name], self.seft_delta[adapter_name]
+        size = index.numel()
+        n_drop = min(size, int(round(drop_fraction * size)))
+        counts = dict(dropped=n_drop, grown=n_drop, regrown=0, pruned=0)
+        if n_drop == 0:
+            return counts
+        grad = self.grad_accum.view(-1) * grad_scale
+        weight = self.effective_weight(adapter_name).view(-1)
+        mask = self.current_mask(adapter_name).view(-1)
+
+        # 1. drop: these slots stop training; their positions keep what they learned (frozen delta).
+        if drop_criterion == "weight":
+            drop_score = weight[index].abs()
+        elif drop_criterion == "delta":
+            drop_score = delta.detach().abs()
+        else:
+            raise ValueError(f"SEFT drop_criterion must be 'weight' or 'delta', got {drop_criterion!r}")
+        drop_slots = smallest(drop_score, n_drop)
+        dropped = index[drop_slots]
+        frozen_index = torch.cat([self.seft_frozen_index[adapter_name], dropped])
+        frozen_delta = torch.cat([self.seft_frozen_delta[adapter_name], delta.detach()[drop_slots].float()])
+
+        # 2. grow at the largest |gradient| outside A (the just-dropped included in A: no flip-flop).
+        grow_score = grad.abs().clone()
+        grow_score[index] = -1.0
+        grown = largest(grow_score, n_drop)
+        regrown = grown[~mask[grown]]  # pruned positions coming back
+
+        # 3. keep the count: prune one active weight outside the new A per re-grown position.
+        new_index = index.clone()
+        new_index[drop_slots] = grown
+        pruned = regrown.new_zeros(0)
+        if regrown.numel():
+            if sensitivity_criterion == "taylor":
+                sensitivity = (weight * grad).abs()
+            elif sensitivity_criterion == "magnitude":
+                sensitivity = weight.abs()
+            else:
+                raise ValueError(f"SEFT sensitivity_criterion must be 'taylor' or 'magnitude', "
+                                 f"got {sensitivity_criterion!r}")
+            sensitivity = sensitivity.clone()
+            sensitivity[~mask] = float("inf")
+            sensitivity[new_index] = float("inf")
+            # |A| <= nnz, so at least as many active positions lie outside the new A as were re-grown.
+            pruned = smallest(sensitivity, regrown.numel())
+            # A re-grown position starts at exactly 0: cancel whatever W + F holds there.
+            frozen_index, frozen_delta = without(frozen_index, frozen_delta, torch.cat([regrown, pruned]))
+            original = self._original_weight().detach().view(-1)
+            cancel = -original[regrown].float()
+            frozen_index = torch.cat([frozen_index, regrown[cancel != 0]])
+            frozen_delta = torch.cat([frozen_delta, cancel[cancel != 0]])
+            self._move_topology(adapter_name, switch_on=regrown, switch_off=pruned)
+        frozen_index, frozen_delta = coalesce(frozen_index, frozen_delta)
+        self.seft_frozen_index[adapter_name] = frozen_index
+        self.seft_frozen_delta[adapter_name] = frozen_delta
+
+        # 4. the slots take their new positions; their values and optimizer moments start over.
+        with torch.no_grad():
+            index.copy_(new_index)
+            delta[drop_slots] = 0.0
+        if optimizer is not None:
+            reset_optimizer_slots(optimizer, delta, drop_slots, grad[grown] if regrow_init == "gradient" else None)
+        counts.update(regrown=int(regrown.numel()), pruned=int(pruned.numel()))
+        return counts
+
+    def _move_topology(self, adapter_name: str, switch_on: torch.Tensor, switch_off: torch.Tensor) -> None:
+        """Record positions switched on / off relative to the base mask (equal counts)."""
+        added, removed = self.seft_added[adapter_name], self.seft_removed[adapter_name]
+        back_on = torch.isin(switch_on, removed)  # removed earlier, now back: simply not removed any more
+        removed, _ = without(removed, None, switch_on[back_on])
+        added = torch.cat([added, switch_on[~back_on]])
+        back_off = torch.isin(switch_off, added)
+        added, _ = without(added, None, switch_off[back_off])
+        removed = torch.cat([removed, switch_off[~back_off]])
+        self.seft_added[adapter_name] = torch.sort(added).values
+        self.seft_removed[adapter_name] = torch.sort(removed).values
+
+
+def reset_optimizer_slots(optimizer: torch.optim.Optimizer, param: torch.Tensor, slots: torch.Tensor,
+                          grad: Optional[torch.Tensor] = None) -> None:
+    """Reset the optimizer state of ``param[slots]`` (they now stand for other positions).
+
+    Tensors in the state shaped like ``param`` (Adam's moments, momentum buffers) are zeroed at the
+    slots, or, with ``grad``, set as if one step had seen that gradient (Adam: m = (1-β1) g,
+    v = (1-β2) g²). Scalars such as Adam's step count are shared by the tensor and left alone.
+    """
+    state = optimizer.state.get(param)
+    if not state:
+        return
+    betas = next((group.get("betas") for group in optimizer.param_groups
+                  if any(p is param for p in group["params"])), None)
+    for key, value in state.items():
+        if not torch.is_tensor(value) or value.shape != param.shape:
+            continue
+        with torch.no_grad():
+            if grad is not None and betas is not None and key == "exp_avg":
+                value[slots] = ((1 - betas[0]) * grad).to(value.dtype)
+            elif grad is not None and betas is not None and key == "exp_avg_sq":
+                value[slots] = ((1 - betas[1]) * grad.square()).to(value.dtype)
+            else:
+                value[slots] = 0
+
+
+class Linear(nn.Module, SEFTLayer):
+    def __init__(self, base_layer: nn.Module, adapter_name: str, density: float = 0.02, init_indices: str = "random",
+                 seed: int = 0, layer_seed: int = 0, **kwargs) -> None:
+        super().__init__()
+        SEFTLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, density, init_indices, seed, layer_seed)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """``W ← restore_mask((W + F + Δ) ⊙ M, M)``: exactly the topology's count of nonzeros."""
+        adapter_names = [n for n in check_adapters_to_merge(self, adapter_names) if n in self.seft_delta]
+        if not adapter_names:
+            return
+        if len(adapter_names) > 1 or self.merged:
+            raise ValueError(f"SEFT merges one adapter per layer (each has its own topology); asked to merge "
+                             f"{adapter_names} with {self.merged_adapters} already merged")
+        name = adapter_names[0]
+        weight = self.get_base_layer().weight
+        merged = self.effective_weight(name)
+        if safe_merge and not torch.isfinite(merged).all():
+            raise ValueError(f"NaNs or infs in the merged weights: adapter {name!r} seems to be broken")
+        mask = self.current_mask(name)
+        # Every position the merge may change: A, frozen deltas and the topology's switches.
+        changed = torch.unique(torch.cat([self.seft_index[name], self.seft_frozen_index[name],
+                                          self.seft_added[name], self.seft_removed[name]]))
+        self._merge_backup = (changed, weight.detach().view(-1)[changed].clone())
+        with torch.no_grad():
+            weight.copy_(restore_mask(merged.to(weight.dtype), mask))
+        self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        positions, values = self._merge_backup
+        with torch.no_grad():
+            self.get_base_layer().weight.view(-1)[positions] = values
+        self.merged_adapters.clear()
+        self._merge_backup = None
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        name = self._active_seft_adapter()
+        if self.merged or name is None:
+            return self.base_layer(x, *args, **kwargs)
+        base = self.get_base_layer()
+        result = sparse_delta_linear(x, self.seft_delta[name], base.weight, self.seft_index[name],
+                                     self.seft_frozen_index[name], self.seft_frozen_delta[name],
+                                     self.seft_removed[name], self if self.training else None)
+        if base.bias is not None:
+            result = result + base.bias.to(result.dtype)
+        return result
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return "seft." + super().__repr__()

@@ -1,0 +1,328 @@
+"""SEFT: a sparse delta whose topology evolves by drop-and-grow while every layer keeps its count."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import IDS, linear_masks, logits, make_tiny_model, pruned_tiny_model, rel_err
+from peft import PeftModel, get_peft_model
+
+import sparse_peft as sp
+from sparse_peft.training.seft import drop_fraction_at, seft_summary
+from sparse_peft.tuners.seft import SEFTLayer, SparseDeltaLinear, effective_weight
+
+
+def seft_layers(model):
+    return {name.removeprefix("base_model.model."): m for name, m in model.named_modules() if isinstance(m, SEFTLayer)}
+
+
+def nonzero_counts(masks):
+    return {name: int(mask.sum()) for name, mask in masks.items()}
+
+
+def current_masks(peft_model, adapter="default"):
+    return {name: layer.current_mask(adapter) for name, layer in seft_layers(peft_model).items()}
+
+
+def train_seft(peft_model, steps, lr=1e-2, seed=0, optimizer=None, batch=2):
+    """A custom loop: AdamW, then ``seft_step`` after every optimizer step. Returns the updates."""
+    g = torch.Generator().manual_seed(seed)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = optimizer or torch.optim.AdamW(params, lr=lr)
+    updates = []
+    peft_model.train()
+    sp.seft_step(peft_model, optimizer, 0, total_steps=steps)
+    for step in range(1, steps + 1):
+        ids = torch.randint(0, 128, (batch, 12), generator=g)
+        peft_model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        changes = sp.seft_step(peft_model, optimizer, step, total_steps=steps)
+        if changes:
+            updates.append((step, changes))
+    peft_model.eval()
+    return updates, optimizer
+
+
+def test_fifty_steps_topology_evolves_counts_stay(arch):
+    """The issue's 'done when': 50 steps, an update every 10, counts equal, zeros re-grown, merge exact."""
+    model = pruned_tiny_model(arch, 0.5)
+    start_masks = linear_masks(model)
+    base_logits = logits(model)
+    peft_model = get_peft_model(model, sp.SEFTConfig(density=0.05, update_interval=10, drop_fraction=0.5))
+    assert torch.equal(logits(peft_model), base_logits)  # Δ = 0: unchanged at step 0
+    for name, p in peft_model.named_parameters():
+        assert p.requires_grad == ("seft_delta" in name), name
+
+    updates, _ = train_seft(peft_model, steps=50)
+    assert [step for step, _ in updates] == [10, 20, 30, 40]  # the drop fraction is 0 at step 50
+    for step, changes in updates:
+        for name, counts in changes.items():
+            assert counts["regrown"] == counts["pruned"], (step, name)
+    regrown_total = sum(seft_summary(changes)["regrown"] for _, changes in updates)
+    assert regrown_total > 0
+
+    masks_now = current_masks(peft_model)
+    assert nonzero_counts(masks_now) == nonzero_counts(start_masks)
+    newly_on = sum(int((masks_now[n] & ~start_masks[n]).sum()) for n in start_masks)
+    assert newly_on > 0, "no pruned position came back"
+
+    trained = logits(peft_model)
+    assert rel_err(trained, base_logits) > 1e-4
+    merged = peft_model.merge_and_unload()
+    assert not seft_layers(merged)
+    for name, lin in sp.sparsity.named_linears(merged):
+        mask = lin.weight != 0
+        assert torch.equal(mask, masks_now[name]), name  # the merged zeros are the evolved topology
+        assert int(mask.sum()) == int(start_masks[name].sum()), name
+    assert sp.sparsity_report(merged).global_sparsity == pytest.approx(0.5, abs=1e-9)
+    assert rel_err(logits(merged), trained) < 1e-4
+
+
+def test_regrown_positions_become_nonzero_and_train():
+    model = pruned_tiny_model("llama", 0.5)
+    start_masks = linear_masks(model)
+    peft_model = get_peft_model(model, sp.SEFTConfig(density=0.05, update_interval=5, drop_fraction=0.5,
+                                                     drop_decay="constant"))
+    train_seft(peft_model, steps=12)  # updates at 5 and 10; slots grown at 5 train for 7 steps
+    merged = peft_model.merge_and_unload()
+    values_at_new = torch.cat([lin.weight[(lin.weight != 0) & ~start_masks[name]]
+                               for name, lin in sp.sparsity.named_linears(merged)])
+    assert values_at_new.numel() > 0
+    # Trained values, not merely the ±tiny placeholders that keep an exact-zero position counted.
+    assert (values_at_new.abs() > 1e-6).sum() > values_at_new.numel() // 2
+
+
+def test_only_sparse_state_survives_between_steps():
+    """Trainable parameters and optimizer state are O(|A|); the dense gradient exists only in the window."""
+    model = pruned_tiny_model("llama", 0.5)
+    config = sp.SEFTConfig(density=0.03, update_interval=10, grow_window=2)
+    peft_model = get_peft_model(model, config)
+    layers = seft_layers(peft_model)
+    for layer in layers.values():
+        size = round(0.03 * layer.sparsity_mask.numel())
+        assert layer.seft_delta["default"].shape == (size,)
+        assert layer.seft_index["default"].shape == (size,)
+        assert layer.sparsity_mask.view(-1)[layer.seft_index["default"]].all()  # A starts on nonzeros
+    g = torch.Generator().manual_seed(0)
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    peft_model.train()
+    collected_at = []
+    for step in range(1, 13):
+        ids = torch.randint(0, 128, (2, 12), generator=g)
+        peft_model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if any(layer.grad_accum is not None for layer in layers.values()):
+            collected_at.append(step)
+        sp.seft_step(peft_model, opt, step, total_steps=100)
+    assert collected_at == [9, 10]  # the two steps before the update at 10, nothing else
+    assert all(layer.grad_accum is None for layer in layers.values())
+    for state in opt.state.values():
+        for value in state.values():
+            if torch.is_tensor(value) and value.dim():
+                assert value.numel() <= max(round(0.03 * l.sparsity_mask.numel()) for l in layers.values())
+
+
+def test_optimizer_state_reset_at_changed_slots():
+    model = pruned_tiny_model("llama", 0.5)
+    peft_model = get_peft_model(model, sp.SEFTConfig(density=0.05, update_interval=4, grow_window=1,
+                                                     drop_fraction=0.3, drop_decay="constant"))
+    layers = seft_layers(peft_model)
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    peft_model.train()
+    for step in range(1, 5):
+        ids = torch.randint(0, 128, (2, 12), generator=g)
+        peft_model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if step == 4:
+            before_index = {n: l.seft_index["default"].clone() for n, l in layers.items()}
+            before_state = {n: opt.state[l.seft_delta["default"]]["exp_avg"].clone() for n, l in layers.items()}
+        changes = sp.seft_step(peft_model, opt, step)
+    assert changes
+    for name, layer in layers.items():
+        moved = layer.seft_index["default"] != before_index[name]
+        assert int(moved.sum()) == changes[name]["grown"] > 0
+        state = opt.state[layer.seft_delta["default"]]
+        assert torch.all(state["exp_avg"][moved] == 0) and torch.all(state["exp_avg_sq"][moved] == 0)
+        assert torch.equal(state["exp_avg"][~moved], before_state[name][~moved])
+        assert torch.all(layer.seft_delta["default"].detach()[moved] == 0)
+
+
+def test_regrow_init_from_gradient_sets_moments():
+    model = pruned_tiny_model("llama", 0.5)
+    peft_model = get_peft_model(model, sp.SEFTConfig(density=0.05, update_interval=3, regrow_init="gradient",
+                                                     drop_decay="constant"))
+    _, opt = train_seft(peft_model, steps=3)
+    for layer in seft_layers(peft_model).values():
+        state = opt.state[layer.seft_delta["default"]]
+        assert (state["exp_avg_sq"] > 0).all()  # no slot was left with an empty second moment
+
+
+def test_sparse_delta_gradients_match_dense_autograd():
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(7, 11, generator=g, dtype=torch.float64)
+    weight[torch.rand(7, 11, generator=g) < 0.5] = 0
+    delta_index = torch.tensor([0, 5, 12, 40, 76], dtype=torch.int64)
+    frozen_index = torch.tensor([3, 5], dtype=torch.int64)
+    frozen_delta = torch.tensor([0.5, -0.25], dtype=torch.float64)
+    removed_index = torch.tensor([20, 33], dtype=torch.int64)
+    x = torch.randn(3, 4, 11, generator=g, dtype=torch.float64, requires_grad=True)
+    delta = torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, delta):
+        return SparseDeltaLinear.apply(x, delta, weight, delta_index, frozen_index, frozen_delta, removed_index, None)
+
+    assert torch.autograd.gradcheck(fn, (x, delta))
+    # The same numbers as building the dense effective weight with autograd.
+    dense = weight.clone().view(-1).index_add(0, frozen_index, frozen_delta).index_add(0, delta_index, delta)
+    dense = dense.index_fill(0, removed_index, 0.0).view(7, 11)
+    expected = torch.nn.functional.linear(x, dense)
+    assert torch.allclose(fn(x, delta), expected)
+    eff = effective_weight(weight, delta_index, delta, frozen_index, frozen_delta, removed_index)
+    assert torch.all(eff.view(-1)[removed_index] == 0)
+
+
+def test_save_load_roundtrip_keeps_evolved_topology(tmp_path):
+    model = pruned_tiny_model("llama", 0.5)
+    peft_model = get_peft_model(model, sp.SEFTConfig(density=0.05, update_interval=5, drop_decay="constant"))
+    train_seft(peft_model, steps=10)
+    trained = logits(peft_model)
+    layers = seft_layers(peft_model)
+    assert any(layer.seft_added["default"].numel() for layer in layers.values())
+    peft_model.save_pretrained(tmp_path)
+
+    reloaded = PeftModel.from_pretrained(pruned_tiny_model("llama", 0.5), tmp_path)
+    assert torch.equal(logits(reloaded), trained)
+    for name, layer in seft_layers(reloaded).items():
+        for attr in ("seft_index", "seft_added", "seft_removed", "seft_frozen_index"):
+            assert torch.equal(getattr(layer, attr)["default"], getattr(layers[name], attr)["default"]), (name, attr)
+    masks = current_masks(peft_model)
+    merged = reloaded.merge_and_unload()
+    for name, lin in sp.sparsity.named_linears(merged):
+        assert torch.equal(lin.weight != 0, masks[name]), name
+
+    # Onto a base with another mask: refused, naming the layer.
+    with pytest.raises(ValueError, match="does not fit this base model at layer"):
+        PeftModel.from_pretrained(pruned_tiny_model("llama", 0.5, seed=1), tmp_path)
+
+
+def test_unmerge_restores_and_disable_gives_base():
+    model = pruned_tiny_model("llama", 0.5)
+    originals = {n: m.weight.detach().clone() for n, m in sp.sparsity.named_linears(model)}
+    base_logits = logits(model)
+    peft_model = get_peft_model(model, sp.SEFTConfig(density=0.05, update_interval=5, drop_decay="constant"))
+    train_seft(peft_model, steps=10)
+    trained = logits(peft_model)
+    with peft_model.disable_adapter():
+        assert torch.equal(logits(peft_model), base_logits)
+    peft_model.merge_adapter()
+    assert rel_err(logits(peft_model), trained) < 1e-4
+    peft_model.unmerge_adapter()
+    for name, layer in seft_layers(peft_model).items():
+        assert torch.equal(layer.get_base_layer().weight, originals[name]), name
+    assert torch.equal(logits(peft_model), trained)
+
+
+def test_bf16_base_trains_and_merges_exactly():
+    model = pruned_tiny_model("llama", 0.5).to(torch.bfloat16)
+    start = linear_masks(model)
+    peft_model = get_peft_model(model, sp.SEFTConfig(density=0.05, update_interval=5, drop_decay="constant"))
+    updates, _ = train_seft(peft_model, steps=10)
+    assert updates
+    merged = peft_model.merge_and_unload()
+    for name, lin in sp.sparsity.named_linears(merged):
+        assert lin.weight.dtype == torch.bfloat16
+        assert int((lin.weight != 0).sum()) == int(start[name].sum()), name
+
+
+class _Tokens(torch.utils.data.Dataset):
+    def __init__(self, n=24, seq_len=12, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, 128, (n, seq_len), generator=g)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def test_seft_callback_under_trainer(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = pruned_tiny_model("llama", 0.5)
+    start = nonzero_counts(linear_masks(model))
+    peft_model = get_peft_model(model, sp.SEFTConfig(density=0.05, update_interval=3, drop_fraction=0.5))
+    callback = sp.SEFTCallback()
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=9, per_device_train_batch_size=2,
+                             learning_rate=1e-2, report_to=[], save_strategy="no", logging_steps=3,
+                             use_cpu=True, disable_tqdm=True)
+    Trainer(model=peft_model, args=args, train_dataset=_Tokens(), callbacks=[callback]).train()
+    assert [h["step"] for h in callback.history] == [3, 6]  # the fraction decays to 0 at max_steps
+    assert sum(h["regrown"] for h in callback.history) > 0
+    assert nonzero_counts(current_masks(peft_model)) == start
+
+
+def test_drop_fraction_schedule():
+    config = sp.SEFTConfig(drop_fraction=0.4, decay_steps=100)
+    assert drop_fraction_at(config, 0) == pytest.approx(0.4)
+    assert drop_fraction_at(config, 50) == pytest.approx(0.2)
+    assert drop_fraction_at(config, 100) == 0.0
+    linear = sp.SEFTConfig(drop_fraction=0.4, drop_decay="linear")
+    assert drop_fraction_at(linear, 25, total_steps=100) == pytest.approx(0.3)
+    assert drop_fraction_at(sp.SEFTConfig(drop_decay="constant"), 10**6, total_steps=10) == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("density", 0.0), ("density", 1.0), ("update_interval", 0), ("drop_fraction", 1.5),
+    ("drop_decay", "step"), ("drop_criterion", "random"), ("grow_window", 30), ("regrow_init", "copy"),
+    ("sensitivity_criterion", "hessian"), ("decay_steps", -1),
+])
+def test_config_rejects_bad_values(field, value):
+    with pytest.raises(ValueError, match=f"SEFTConfig.{field}"):
+        sp.SEFTConfig(**{field: value})
+
+
+def test_density_above_layer_nonzeros_is_refused_naming_the_layer():
+    model = pruned_tiny_model("llama", 0.9)
+    with pytest.raises(ValueError, match=r"layer '.*proj'.*density=0.2"):
+        get_peft_model(model, sp.SEFTConfig(density=0.2))
+
+
+def test_two_active_adapters_refused():
+    model = pruned_tiny_model("llama", 0.5)
+    peft_model = get_peft_model(model, sp.SEFTConfig(density=0.02))
+    peft_model.add_adapter("other", sp.SEFTConfig(density=0.02, seed=1))
+    peft_model.base_model.set_adapter(["default", "other"])
+    with pytest.raises(ValueError, match="one adapter at a time"):
+        logits(peft_model)
+
+
+DDP_SCRIPT = Path(__file__).with_name("seft_ddp_script.py")
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not installed")
+def test_data_parallel_ranks_agree(tmp_path):
+    """Two gloo processes with different data: after several updates the masks are identical."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    # accelerate's own `--cpu` launcher needs mpirun for more than one process; its torchrun launcher
+    # (`--multi_gpu`) with Accelerator(cpu=True) in the script gives two gloo processes on a CPU.
+    cmd = [shutil.which("accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", str(DDP_SCRIPT), str(tmp_path)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600,
+                            cwd=Path(__file__).parent)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    rank0, rank1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
+    assert rank0.keys() == rank1.keys() and rank0
+    assert int(rank0["regrown_total"]) > 0
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
