@@ -47,6 +47,9 @@ def make_peft_config(method: str, args):
         return sp.MaskedLoraConfig(r=args.r, lora_alpha=2 * args.r)
     if method == "spp":
         return sp.SPPConfig(r=args.spp_r, alpha=args.spp_alpha)
+    if method == "seft":
+        return sp.SEFTConfig(density=args.seft_density, update_interval=args.seft_interval,
+                             drop_fraction=args.seft_drop_fraction, grow_window=args.seft_grow_window)
     raise ValueError(f"unknown --method {method!r}")
 
 
@@ -79,7 +82,9 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def train(peft_model, batches, lr: float, show_progress: bool = True) -> list[float]:
+def train(peft_model, batches, lr: float, show_progress: bool = True, after_step=None) -> list[float]:
+    """AdamW + cosine over ``batches``; ``after_step(step, optimizer)`` runs after each optimizer step
+    (SEFT's topology updates). Returns the step times."""
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
@@ -96,6 +101,8 @@ def train(peft_model, batches, lr: float, show_progress: bool = True) -> list[fl
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step(len(step_times) + 1, optimizer)
         step_times.append(time.perf_counter() - t0)
         bar.set_postfix(loss=f"{loss.item():.3f}")
     peft_model.eval()
@@ -114,7 +121,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="hub id, local dir or .gguf (default: SmolLM2-135M GGUF)")
     p.add_argument("--data", default=default_data_dir(), help="dir with wiki.test.raw and wiki.valid.tokens")
-    p.add_argument("--method", default="spp", choices=["spp", "masked_lora", "lora", "none"])
+    p.add_argument("--method", default="spp", choices=["spp", "masked_lora", "lora", "seft", "none"])
     p.add_argument("--pruner", default="wanda", choices=["wanda", "sparsegpt", "magnitude"])
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--pattern", default=None, help="N:M instead of --sparsity, e.g. 2:4")
@@ -125,6 +132,10 @@ def main(argv=None) -> dict:
     p.add_argument("--r", type=int, default=8, help="LoRA / masked LoRA rank")
     p.add_argument("--spp-r", type=int, default=16)
     p.add_argument("--spp-alpha", type=float, default=1.0)
+    p.add_argument("--seft-density", type=float, default=0.02, help="SEFT trainable fraction per layer")
+    p.add_argument("--seft-interval", type=int, default=20, help="SEFT steps between topology updates")
+    p.add_argument("--seft-drop-fraction", type=float, default=0.3)
+    p.add_argument("--seft-grow-window", type=int, default=2)
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--calib-seq-len", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=24)
@@ -170,7 +181,20 @@ def main(argv=None) -> dict:
         trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
         batches = random_windows(train_ids, n=args.steps, seq_len=args.seq_len, seed=args.seed + 1,
                                  batch_size=args.batch_size)
-        step_times = train(peft_model, batches, args.lr)
+        after_step = None
+        if args.method == "seft":
+            seft_totals = dict(dropped=0, grown=0, regrown=0, pruned=0)
+
+            def after_step(step, optimizer):
+                from sparse_peft.training.seft import seft_summary
+
+                for key, value in seft_summary(sp.seft_step(peft_model, optimizer, step, total_steps=args.steps)).items():
+                    seft_totals[key] += value
+
+            sp.seft_step(peft_model, None, 0, total_steps=args.steps)  # arm the first gradient window
+        step_times = train(peft_model, batches, args.lr, after_step=after_step)
+        if args.method == "seft":
+            row.update({f"seft_{key}": value for key, value in seft_totals.items()})
         if args.method == "lora":
             row["ppl_after_unmerged"] = ppl(peft_model)
             import copy
@@ -185,6 +209,11 @@ def main(argv=None) -> dict:
     row["ppl_after"] = ppl(merged)
     row["sparsity_after_merge"] = sp.sparsity_report(merged).global_sparsity
     row["mask_identical"] = same_masks(merged, masks)
+    if args.method == "seft":  # SEFT moves the mask on purpose; what it keeps is each layer's count
+        row["counts_identical"] = all(int((lin.weight != 0).sum()) == int(masks[name].sum())
+                                      for name, lin in sp.sparsity.named_linears(merged))
+        row["positions_moved"] = sum(int((masks[name] & (lin.weight == 0)).sum())
+                                     for name, lin in sp.sparsity.named_linears(merged))
     row["trainable_params"] = trainable
     row["step_time_s"] = statistics.median(step_times) if step_times else 0.0
     row["peak_mem_mb"] = peak_rss_mb()

@@ -296,6 +296,13 @@ def test_density_above_layer_nonzeros_is_refused_naming_the_layer():
         get_peft_model(model, sp.SEFTConfig(density=0.2))
 
 
+def test_n_m_sparse_model_refused():
+    model = make_tiny_model("llama")
+    sp.prune(model, method="magnitude", pattern="2:4", show_progress=False)
+    with pytest.raises(ValueError, match=r"layer '.*'.*cannot keep this layer's 2:4 pattern"):
+        get_peft_model(model, sp.SEFTConfig(density=0.02))
+
+
 def test_two_active_adapters_refused():
     model = pruned_tiny_model("llama", 0.5)
     peft_model = get_peft_model(model, sp.SEFTConfig(density=0.02))

@@ -19,7 +19,7 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from ...sparsity.masks import mask_fingerprint, restore_mask
+from ...sparsity.masks import is_nm_sparse, mask_fingerprint, restore_mask
 from .._shared import attach_sparsity_mask
 from .functional import coalesce, effective_weight, largest, smallest, sparse_delta_linear, without
 
@@ -62,6 +62,11 @@ class SEFTLayer(BaseTunerLayer):
             raise ValueError(f"SEFT density={density} asks for {size} trainable positions in a layer with only {nnz} "
                              f"nonzeros of {numel} (sparsity {1 - nnz / numel:.3f}); A starts on nonzeros, so use "
                              f"density <= {nnz / numel:.4f}")
+        for n, m in ((2, 4), (4, 8)):
+            # Drop-and-grow moves nonzeros across N:M groups; refuse rather than break the pattern.
+            if nnz * m == numel * n and is_nm_sparse(mask, n, m):
+                raise ValueError(f"SEFT cannot keep this layer's {n}:{m} pattern (its topology updates move "
+                                 f"nonzeros across groups); use SPP or masked LoRA for N:M-sparse models")
         weight = self.get_base_layer().weight
         device = weight.device
         nonzero = mask.view(-1).nonzero().squeeze(-1)
