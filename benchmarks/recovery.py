@@ -47,6 +47,13 @@ def make_peft_config(method: str, args):
         return sp.MaskedLoraConfig(r=args.r, lora_alpha=2 * args.r)
     if method == "spp":
         return sp.SPPConfig(r=args.spp_r, alpha=args.spp_alpha)
+    if method == "spt":
+        # Gradual pruning from the model's state at creation (dense here) to --sparsity over the first
+        # part of training, with the same pruner as the one-shot rows (wanda or magnitude).
+        return sp.SPTConfig(base_prompt_length=args.spt_prompt_length, target_sparsity=args.sparsity,
+                            initial_sparsity=args.spt_initial_sparsity, pruner=args.pruner,
+                            prune_end_step=args.spt_prune_end or max(1, args.steps // 2),
+                            num_prune_steps=args.spt_prune_steps)
     if method == "seft":
         return sp.SEFTConfig(density=args.seft_density, update_interval=args.seft_interval,
                              drop_fraction=args.seft_drop_fraction, grow_window=args.seft_grow_window)
@@ -121,7 +128,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="hub id, local dir or .gguf (default: SmolLM2-135M GGUF)")
     p.add_argument("--data", default=default_data_dir(), help="dir with wiki.test.raw and wiki.valid.tokens")
-    p.add_argument("--method", default="spp", choices=["spp", "masked_lora", "lora", "seft", "none"])
+    p.add_argument("--method", default="spp", choices=["spp", "masked_lora", "lora", "seft", "spt", "none"])
     p.add_argument("--pruner", default="wanda", choices=["wanda", "sparsegpt", "magnitude"])
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--pattern", default=None, help="N:M instead of --sparsity, e.g. 2:4")
@@ -136,6 +143,12 @@ def main(argv=None) -> dict:
     p.add_argument("--seft-interval", type=int, default=20, help="SEFT steps between topology updates")
     p.add_argument("--seft-drop-fraction", type=float, default=0.3)
     p.add_argument("--seft-grow-window", type=int, default=2)
+    p.add_argument("--spt-prompt-length", type=int, default=8, help="SPT base prompt length p_base")
+    p.add_argument("--spt-initial-sparsity", type=float, default=0.0, help="SPT schedule s_0")
+    p.add_argument("--spt-prune-end", type=int, default=None, help="SPT step reaching --sparsity (default steps/2)")
+    p.add_argument("--spt-prune-steps", type=int, default=10, help="SPT pruning events after the start")
+    p.add_argument("--spt-calib-samples", type=int, default=0,
+                   help="SPT Wanda: calibration windows per pruning event (0: running norms of training batches)")
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--calib-seq-len", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=24)
@@ -164,11 +177,21 @@ def main(argv=None) -> dict:
                steps=args.steps, tokens_seen=args.steps * args.batch_size * args.seq_len, lr=args.lr,
                seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed)
     row["ppl_dense"] = ppl(model)
+    if args.method == "spt" and (args.pattern or args.pruner == "sparsegpt" or not args.sparsity > 0):
+        p.error("--method spt prunes gradually to an unstructured --sparsity > 0 with --pruner wanda or magnitude")
+    if args.method == "spt":  # one-shot ppl_pruned for comparison, then SPT starts again from the dense weights
+        dense_weights = {name: lin.weight.detach().clone() for name, lin in sp.sparsity.named_linears(model)}
     if args.pattern or args.sparsity > 0:
         prune_cached(model, train_ids, args)
         row["ppl_pruned"] = ppl(model)
     else:
         row["ppl_pruned"] = row["ppl_dense"]
+    if args.method == "spt":
+        oneshot_masks = masks_of(model)
+        with torch.no_grad():
+            for name, lin in sp.sparsity.named_linears(model):
+                lin.weight.copy_(dense_weights[name])
+        del dense_weights
     row["sparsity_before"] = sp.sparsity_report(model).global_sparsity
     masks = masks_of(model)
 
@@ -192,6 +215,14 @@ def main(argv=None) -> dict:
                     seft_totals[key] += value
 
             sp.seft_step(peft_model, None, 0, total_steps=args.steps)  # arm the first gradient window
+        if args.method == "spt":
+            spt_calibration = (random_windows(train_ids, n=args.spt_calib_samples, seq_len=args.calib_seq_len,
+                                              seed=args.seed) if args.spt_calib_samples else None)
+
+            def after_step(step, optimizer):
+                sp.gradual_prune_step(peft_model, step, calibration=spt_calibration)
+
+            after_step(0, None)  # the schedule's start (prunes only if --spt-initial-sparsity > 0)
         step_times = train(peft_model, batches, args.lr, after_step=after_step)
         if args.method == "seft":
             row.update({f"seft_{key}": value for key, value in seft_totals.items()})
@@ -204,11 +235,23 @@ def main(argv=None) -> dict:
             del plain
             merged, cut = sp.merge_and_unload_sparse(peft_model)
             row["update_removed_by_mask"] = cut.mean_removed_fraction
+        elif args.method == "spt":  # prompts never merge: evaluate with them, then report on the sparse base
+            row["ppl_after"] = ppl(peft_model)
+            merged = peft_model.unload()
+            row["ppl_after_without_prompts"] = ppl(merged)
         else:
             merged = peft_model.merge_and_unload()
-    row["ppl_after"] = ppl(merged)
+    if "ppl_after" not in row:
+        row["ppl_after"] = ppl(merged)
     row["sparsity_after_merge"] = sp.sparsity_report(merged).global_sparsity
     row["mask_identical"] = same_masks(merged, masks)
+    if args.method == "spt":  # SPT sets the mask while it tunes: check every layer's count, compare with one-shot
+        row["mask_identical"] = None
+        row["layers_at_target"] = all(int((lin.weight == 0).sum()) == round(args.sparsity * lin.weight.numel())
+                                      for _, lin in sp.sparsity.named_linears(merged))
+        row["zeros_shared_with_oneshot"] = (sum(int((~oneshot_masks[n] & (lin.weight == 0)).sum())
+                                                for n, lin in sp.sparsity.named_linears(merged))
+                                            / max(1, sum(int((~m).sum()) for m in oneshot_masks.values())))
     if args.method == "seft":  # SEFT moves the mask on purpose; what it keeps is each layer's count
         row["counts_identical"] = all(int((lin.weight != 0).sum()) == int(masks[name].sum())
                                       for name, lin in sp.sparsity.named_linears(merged))

@@ -21,6 +21,9 @@ from .tuners.masked_lora import MaskedLoraConfig, MaskedLoraModel
 from .tuners.spp import SPPConfig, SPPModel
 from .tuners.seft import SEFTConfig, SEFTModel
 from .training.seft import SEFTCallback, seft_step
+from .tuners.spt import SPTConfig, SPTModel, spt_prompt_lengths
+from .training.gradual_pruning import GradualPruningCallback, gradual_prune_step, owl_layer_sparsities
+from .training.squarehead import SquareHeadLoss, SquareHeadTrainer, cache_teacher_hidden_states
 
 _register_all()
 
@@ -40,6 +43,15 @@ __all__ = [
     "SEFTConfig",
     "SEFTModel",
     "seft_step",
+    "SPTConfig",
+    "SPTModel",
+    "GradualPruningCallback",
+    "gradual_prune_step",
+    "owl_layer_sparsities",
+    "spt_prompt_lengths",
+    "SquareHeadLoss",
+    "SquareHeadTrainer",
+    "cache_teacher_hidden_states",
     "is_nm_sparse",
     "mask_fingerprint",
     "merge_and_unload_sparse",

@@ -60,8 +60,10 @@ def register_all() -> None:
     from .tuners.masked_lora import MaskedLoraConfig, MaskedLoraModel
     from .tuners.seft import SEFTConfig, SEFTModel
     from .tuners.spp import SPPConfig, SPPModel
+    from .tuners.spt import SPTConfig, SPTModel
 
     register("masked_lora", MaskedLoraConfig, MaskedLoraModel, prefix=MaskedLoraModel.prefix)
     register("spp", SPPConfig, SPPModel, prefix=SPPModel.prefix)
     register("seft", SEFTConfig, SEFTModel, prefix=SEFTModel.prefix)
+    register("spt", SPTConfig, SPTModel, prefix=SPTModel.prefix)
 

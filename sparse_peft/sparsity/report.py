@@ -99,7 +99,9 @@ def _reported_linears(model: nn.Module):
             continue
         if hasattr(module, "get_base_layer"):
             base = module.get_base_layer()  # innermost, also through nested tuner layers
-            if base is not module:
+            # Only linear wrappers stand for their base; a tuner wrapping a whole block (SPT wraps
+            # attention) is walked into so the linears inside it are reported.
+            if base is not module and isinstance(base, nn.Linear):
                 tuner_prefixes.append(name + ".")
                 module = base
         if not isinstance(module, nn.Linear) or id(module) in seen:

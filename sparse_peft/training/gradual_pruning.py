@@ -1,0 +1,245 @@
+"""Gradual pruning during SPT's prompt tuning: ``gradual_prune_step`` and ``GradualPruningCallback``.
+
+At every pruning event ``t`` of the config's grid (``SPTConfig.pruning_steps()``) the cubic schedule
+gives a global sparsity ``s_t``; every prunable linear ``i`` of the decoder blocks then holds
+
+    Z_i(t) = max(zeros it has now, round(Z_i^final * s_t / s_final))
+
+zeros, where ``Z_i^final`` is its count at the target (uniform: ``round(s_final * numel_i)``; OWL:
+its share of the layer allocation). At ``prune_end_step`` ``s_t = s_final``, so every linear ends at
+exactly ``Z_i^final``. New zeros are chosen among the still-kept weights only (masks only grow),
+by the configured pruner:
+
+- ``magnitude``: ``|W|``;
+- ``wanda``: ``|W_ij| * ||X_j||``, with ``||X_j||`` from ``calibration`` batches if given (run block by
+  block through the model *with its prompts*, as ``sp.prune`` does), else from the running input
+  norms the tuner collects during training forwards since the previous pruning event (padding
+  tokens included, as the hooks cannot see the attention mask).
+
+Zeros are spread over output rows as evenly as the existing zeros allow (``grow_keep_mask``), which
+is exactly Wanda's / row-wise magnitude's per-row rule when the layer starts dense.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+from ..sparsity.calibration import run_blockwise
+from ..sparsity.owl import outlier_ratio, owl_block_sparsities
+from ..sparsity.schedule import cubic_sparsity
+from ..sparsity.selection import write_masked_weight_
+from ..sparsity.wanda import InputNormStat, wanda_scores
+from ..tuners.spt.layer import SPTLayer
+from ..tuners.spt.model import spt_tuner
+
+
+@dataclass
+class PruneStepReport:
+    """What ``gradual_prune_step`` did at one call."""
+
+    step: int
+    event_step: Optional[int]  # the pruning event applied (the latest one <= step), None if none
+    scheduled_sparsity: float  # s_t of the schedule at event_step (the model's sparsity if none)
+    global_sparsity: float  # measured over the prunable linears after this call
+    new_zeros: int  # weights pruned by this call
+    layers: dict[str, float] = field(default_factory=dict)  # linear name -> sparsity after this call
+
+    @property
+    def pruned(self) -> bool:
+        return self.new_zeros > 0
+
+
+def grow_keep_mask(scores: torch.Tensor, keep: torch.Tensor, n_zeros: int) -> torch.Tensor:
+    """A keep mask with exactly ``n_zeros`` pruned positions that contains every pruned position of
+    ``keep`` (nested), adding the lowest-scored kept weights.
+
+    The zeros are spread over output rows as evenly as the existing ones allow: every row ends with
+    ``max(its zeros now, L)`` zeros for the largest level ``L`` that fits, and the remaining few go one
+    each to the rows at level ``L`` whose next candidate scores lowest. From a dense ``keep`` this is
+    exactly ``selection.rowwise_keep_mask``.
+    """
+    rows, cols = scores.shape
+    zeros_per_row = (~keep).sum(dim=1)
+    have = int(zeros_per_row.sum())
+    if not have <= n_zeros <= rows * cols:
+        raise ValueError(f"cannot grow a mask with {have} zeros to {n_zeros} zeros (of {rows * cols} weights)")
+    if n_zeros == have:
+        return keep.clone()
+    lo, hi = 0, cols  # largest L with sum(max(zeros_r, L)) <= n_zeros
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if int(zeros_per_row.clamp(min=mid).sum()) <= n_zeros:
+            lo = mid
+        else:
+            hi = mid - 1
+    level = lo
+    per_row = zeros_per_row.clamp(min=level)
+    extra = n_zeros - int(per_row.sum())
+    # Pruned positions sort first, so each row's first per_row[r] entries hold all its old zeros.
+    ranked = scores.float().masked_fill(~keep, float("-inf"))
+    order = torch.argsort(ranked, dim=1, stable=True)
+    position = torch.arange(cols, device=scores.device).expand(rows, cols)
+    new_keep = torch.empty_like(keep)
+    new_keep.scatter_(1, order, position >= per_row.unsqueeze(1))
+    if extra:
+        can_take = (per_row == level) & (per_row < cols)
+        next_idx = order.gather(1, per_row.clamp(max=cols - 1).unsqueeze(1)).squeeze(1)
+        next_score = ranked.gather(1, next_idx.unsqueeze(1)).squeeze(1)
+        next_score = next_score.masked_fill(~can_take, float("inf"))
+        chosen = torch.argsort(next_score, stable=True)[:extra]
+        new_keep[chosen, next_idx[chosen]] = False
+    return new_keep
+
+
+def _scheduled(config, event_step: int) -> float:
+    return cubic_sparsity(event_step, config.prune_end_step - config.prune_start_step, config.target_sparsity,
+                          config.initial_sparsity, start_step=config.prune_start_step)
+
+
+def _targets(plan, current: dict[str, int], sparsity: float, final_sparsity: float) -> dict[str, int]:
+    if sparsity >= final_sparsity:
+        return {name: max(current[name], plan.final_zeros[name]) for name in plan.linears}
+    fraction = sparsity / final_sparsity
+    return {name: max(current[name], int(plan.final_zeros[name] * fraction + 0.5)) for name in plan.linears}
+
+
+@torch.no_grad()
+def _prune_linear(linear: nn.Linear, scores: torch.Tensor, n_zeros: int) -> int:
+    keep = linear.weight != 0
+    before = int((~keep).sum())
+    new_keep = grow_keep_mask(scores, keep, n_zeros)
+    write_masked_weight_(linear, new_keep)
+    return n_zeros - before
+
+
+def gradual_prune_step(peft_model: nn.Module, step: int, calibration=None,
+                       adapter_name: Optional[str] = None) -> PruneStepReport:
+    """Apply SPT's gradual pruning schedule at optimizer step ``step`` (call it after each step).
+
+    Prunes when the latest pruning event ``<= step`` has not been applied yet (so skipped calls catch
+    up, and any call at or after ``prune_end_step`` leaves the model exactly at the target).
+    ``calibration``: token batches for Wanda's activation norms (as in ``sp.prune``); without it Wanda
+    uses the norms collected during training forwards since the last pruning event.
+    Returns a ``PruneStepReport`` (``new_zeros == 0`` when nothing was due).
+    """
+    tuner = spt_tuner(peft_model)
+    adapter_name = adapter_name or tuner.active_adapters[0]
+    config = tuner.peft_config[adapter_name]
+    plan = tuner.pruning_plans.get(adapter_name)
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be an integer >= 0, got {step!r}")
+    current = plan.current_zeros() if plan is not None else {}
+    due = [t for t in config.pruning_steps() if t <= step] if plan is not None else []
+    event = due[-1] if due else None
+    new_zeros = 0
+    if event is not None and event not in plan.done_steps:
+        sparsity = _scheduled(config, event)
+        targets = _targets(plan, current, sparsity, config.target_sparsity)
+        to_prune = {name for name in plan.linears if targets[name] > current[name]}
+        if to_prune:
+            new_zeros = _prune(tuner, config, plan, targets, to_prune, calibration)
+            for module in tuner.model.modules():
+                if isinstance(module, SPTLayer):
+                    module.refresh_fingerprint()
+        plan.done_steps.append(event)
+        tuner.reset_running_norms()
+        if event >= config.prune_end_step or not plan.needs_pruning:
+            tuner._stop_running_norms()  # the target is reached: no more statistics needed
+        current = plan.current_zeros()
+    else:
+        sparsity = None
+    layers = {name: current[name] / lin.weight.numel() for name, lin in plan.linears.items()} if plan else {}
+    numel = sum(lin.weight.numel() for lin in plan.linears.values()) if plan else 0
+    measured = sum(current.values()) / numel if numel else 0.0
+    return PruneStepReport(step=step, event_step=event if sparsity is not None else None,
+                           scheduled_sparsity=sparsity if sparsity is not None else measured,
+                           global_sparsity=measured, new_zeros=new_zeros, layers=layers)
+
+
+def _prune(tuner, config, plan, targets, to_prune, calibration) -> int:
+    if config.pruner == "magnitude":
+        return sum(_prune_linear(plan.linears[name], plan.linears[name].weight.detach().abs().float(), targets[name])
+                   for name in sorted(to_prune))
+    if calibration is not None:
+        by_module = {id(linear): name for name, linear in plan.linears.items()}
+        pruned = [0]
+
+        def prune_block(index, stats):
+            for linear, stat in stats.values():
+                name = by_module.get(id(linear))
+                if name in to_prune:
+                    pruned[0] += _prune_linear(linear, wanda_scores(linear.weight, stat), targets[name])
+
+        # Block-sequential as in sp.prune: block k is scored on the outputs of the already pruned blocks
+        # before it, with the prompts in place (they are part of the model being pruned).
+        run_blockwise(tuner.model, calibration, lambda lin: InputNormStat(lin.in_features, device=lin.weight.device),
+                      prune_block, desc="SPT gradual wanda", show_progress=False)
+        return pruned[0]
+    empty = [name for name in to_prune if tuner.running_norms.get(name) is None
+             or tuner.running_norms[name].n_tokens == 0]
+    if empty:
+        raise ValueError(f"Wanda needs activation norms to prune {sorted(empty)[0]!r}: none were collected since "
+                         "the last pruning event. Pass calibration=[token batches] to gradual_prune_step / "
+                         "GradualPruningCallback, or run training forwards (model.train()) before this step.")
+    return sum(_prune_linear(plan.linears[name], wanda_scores(plan.linears[name].weight, tuner.running_norms[name]),
+                             targets[name]) for name in sorted(to_prune))
+
+
+@torch.no_grad()
+def owl_layer_sparsities(model: nn.Module, sparsity: float, calibration, owl_threshold: float = 5.0,
+                         owl_lambda: float = 0.08, show_progress: bool = True) -> dict[int, float]:
+    """OWL's per-decoder-layer sparsities for ``sparsity`` (``{layer index: s_l}``), from the outlier
+    ratios of the model as it is (nothing is pruned): pass them to ``SPTConfig(allocation="owl",
+    layer_sparsities=...)``. Same rule as ``sp.prune(allocation="owl")`` (see sparsity/owl.py)."""
+    from ..sparsity.calibration import block_linears, find_decoder_blocks
+
+    ratios: list[float] = []
+
+    def measure_block(index, stats):
+        ratios.append(outlier_ratio([wanda_scores(lin.weight, stat) for lin, stat in stats.values()], owl_threshold))
+
+    run_blockwise(model, calibration, lambda lin: InputNormStat(lin.in_features, device=lin.weight.device),
+                  measure_block, desc="OWL outlier ratios", show_progress=show_progress)
+    groups = block_linears(*find_decoder_blocks(model))
+    numels = [sum(lin.weight.numel() for _, lin in group) for group in groups]
+    return dict(enumerate(owl_block_sparsities(ratios, numels, float(sparsity), owl_lambda)))
+
+
+class GradualPruningCallback(TrainerCallback):
+    """A ``transformers.TrainerCallback`` that runs ``gradual_prune_step`` at the start of training and
+    after every optimizer step, so the prompts train against the sparsity the model has at each step.
+
+    Args:
+        calibration: token batches for Wanda's norms (default: running norms from training forwards).
+        adapter_name: the SPT adapter whose config holds the schedule (default: the active one).
+
+    ``history`` keeps the ``PruneStepReport`` of every call that pruned. Training that stops before
+    ``prune_end_step`` would leave the model short of the target, so it is refused at the start.
+    """
+
+    def __init__(self, calibration=None, adapter_name: Optional[str] = None):
+        self.calibration = calibration
+        self.adapter_name = adapter_name
+        self.history: list[PruneStepReport] = []
+
+    def _step(self, model, step: int) -> None:
+        report = gradual_prune_step(model, step, calibration=self.calibration, adapter_name=self.adapter_name)
+        if report.pruned:
+            self.history.append(report)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        tuner = spt_tuner(model)
+        config = tuner.peft_config[self.adapter_name or tuner.active_adapters[0]]
+        if config.target_sparsity is not None and state.max_steps and state.max_steps < config.prune_end_step:
+            raise ValueError(f"SPTConfig.prune_end_step={config.prune_end_step} is after the last training step "
+                             f"(max_steps={state.max_steps}): the model would not reach target_sparsity="
+                             f"{config.target_sparsity}. Lower prune_end_step or train longer.")
+        self._step(model, state.global_step)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self._step(model, state.global_step)

@@ -1,0 +1,421 @@
+"""SPT (sparsity-aware prompt tuning): per-layer prompts, gated attention, gradual pruning, peft round trips."""
+
+import math
+
+import pytest
+import torch
+from conftest import IDS, calibration_batches, logits, make_tiny_model, pruned_tiny_model, rel_err, train_steps
+from peft import PeftModel, get_peft_model
+
+import sparse_peft as sp
+from sparse_peft.sparsity.selection import rowwise_keep_mask
+from sparse_peft.training.gradual_pruning import grow_keep_mask
+from sparse_peft.tuners.spt import SPTAttention
+
+SPT_ARCHS = ["llama", "qwen2", "mistral"]
+
+
+def base_linears(peft_or_model):
+    """``{name: linear}`` of every prunable linear (names without peft's wrappers)."""
+    model = peft_or_model.get_base_model() if hasattr(peft_or_model, "get_base_model") else peft_or_model
+    return {name.replace(".base_layer", ""): lin for name, lin in sp.sparsity.named_linears(model)}
+
+
+def zero_counts(model):
+    return {name: int((lin.weight == 0).sum()) for name, lin in base_linears(model).items()}
+
+
+def trained_spt(arch="llama", steps=3, **config):
+    model = pruned_tiny_model(arch, 0.5)
+    peft_model = get_peft_model(model, sp.SPTConfig(base_prompt_length=config.pop("base_prompt_length", 4), **config))
+    train_steps(peft_model, steps=steps, lr=5e-2)
+    return peft_model
+
+
+def prune_blocks(model, block_sparsities):
+    """Magnitude-prune every linear of decoder block ``l`` to ``block_sparsities[l]`` (row-wise)."""
+    for name, lin in sp.sparsity.named_linears(model):
+        index = int(name.split("layers.")[1].split(".")[0])
+        n_zeros = round(block_sparsities[index] * lin.weight.numel())
+        keep = rowwise_keep_mask(lin.weight.detach().abs(), n_zeros)
+        with torch.no_grad():
+            lin.weight.mul_(keep)
+
+
+def expected_length(p_base, s, mean):
+    return max(1, math.floor(p_base * s / mean + 0.5))
+
+
+# --- prompt lengths ------------------------------------------------------------------------------------
+
+
+def test_lengths_follow_the_measured_sparsity_of_each_layer():
+    block_sparsities = {0: 0.2, 1: 0.4, 2: 0.6, 3: 0.8}
+    model = make_tiny_model("llama", layers=4)
+    prune_blocks(model, block_sparsities)
+    peft_model = get_peft_model(model, sp.SPTConfig(base_prompt_length=10))  # target None: lengths from the model
+    lengths = sp.spt_prompt_lengths(peft_model)
+    measured = peft_model.peft_config["default"].layer_sparsities
+    mean = sum(measured.values()) / 4
+    assert lengths == {l: expected_length(10, measured[l], mean) for l in range(4)}
+    assert lengths == {0: 4, 1: 8, 2: 12, 3: 16}  # 10 * s / 0.5
+    for l in range(4):  # proportional within rounding
+        assert abs(lengths[l] - 10 * measured[l] / mean) <= 0.5
+    for module in peft_model.modules():
+        if isinstance(module, SPTAttention):
+            assert module.spt_prompt["default"].shape == (lengths[module.layer_index], 64)
+            assert module.spt_gate["default"].shape == (4,)  # one gate per query head
+
+
+def test_owl_allocation_sets_lengths_and_the_final_counts():
+    allocation = {0: 0.3, 1: 0.45, 2: 0.55, 3: 0.7}  # mean 0.5
+    model = make_tiny_model("qwen2", layers=4)
+    config = sp.SPTConfig(base_prompt_length=8, target_sparsity=0.5, allocation="owl", layer_sparsities=allocation,
+                          pruner="magnitude", prune_end_step=4, num_prune_steps=2)
+    peft_model = get_peft_model(model, config)
+    assert sp.spt_prompt_lengths(peft_model) == {0: 5, 1: 7, 2: 9, 3: 11}
+    sp.gradual_prune_step(peft_model, 4)
+    counts = zero_counts(peft_model)
+    numel = {name: lin.weight.numel() for name, lin in base_linears(peft_model).items()}
+    assert sum(counts.values()) == round(0.5 * sum(numel.values()))  # global target exactly
+    for l, s in allocation.items():
+        block = [n for n in counts if f"layers.{l}." in n]
+        block_sparsity = sum(counts[n] for n in block) / sum(numel[n] for n in block)
+        assert abs(block_sparsity - s) < 1e-3
+
+
+def test_dense_model_at_creation_uses_the_target_allocation():
+    peft_model = get_peft_model(make_tiny_model("llama"), sp.SPTConfig(base_prompt_length=6, target_sparsity=0.6))
+    assert sp.spt_prompt_lengths(peft_model) == {0: 6, 1: 6}
+    assert peft_model.peft_config["default"].layer_sparsities == {0: 0.6, 1: 0.6}
+
+
+def test_set_layer_sparsities_recomputes_the_lengths_and_keeps_trained_vectors():
+    peft_model = get_peft_model(make_tiny_model("llama"), sp.SPTConfig(base_prompt_length=4, target_sparsity=0.5,
+                                                                         allocation="owl",
+                                                                         layer_sparsities={0: 0.5, 1: 0.5}))
+    before = {m.layer_index: m.spt_prompt["default"].detach().clone()
+              for m in peft_model.modules() if isinstance(m, SPTAttention)}
+    with pytest.warns(UserWarning, match="rebuild the optimizer"):
+        lengths = peft_model.base_model.set_layer_sparsities({0: 0.25, 1: 0.75})
+    assert lengths == sp.spt_prompt_lengths(peft_model) == {0: 2, 1: 6}
+    for m in peft_model.modules():
+        if isinstance(m, SPTAttention):
+            keep = min(4, lengths[m.layer_index])
+            assert torch.equal(m.spt_prompt["default"][:keep], before[m.layer_index][:keep])
+            assert m.spt_prompt["default"].requires_grad
+    assert peft_model.peft_config["default"].prompt_lengths == {0: 2, 1: 6}
+
+
+def test_only_the_chosen_layers_get_prompts():
+    peft_model = get_peft_model(pruned_tiny_model("mistral", 0.5, layers=3), sp.SPTConfig(layers=[0, 2]))
+    assert sorted(sp.spt_prompt_lengths(peft_model)) == [0, 2]
+    with pytest.raises(ValueError, match=r"layers \[5\] do not exist: the model has 2 decoder layers"):
+        get_peft_model(pruned_tiny_model("llama", 0.5), sp.SPTConfig(layers=[0, 5]))
+
+
+# --- the forward -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", SPT_ARCHS)
+def test_step0_logits_equal_the_base_model(arch):
+    model = pruned_tiny_model(arch, 0.5)
+    base_logits = logits(model)
+    peft_model = get_peft_model(model, sp.SPTConfig(base_prompt_length=4))
+    assert torch.equal(logits(peft_model), base_logits)  # gates at 0
+    with torch.no_grad():
+        for m in peft_model.modules():
+            if isinstance(m, SPTAttention):
+                m.spt_gate["default"].fill_(0.5)
+    assert rel_err(logits(peft_model), base_logits) > 1e-4  # the prompt path is live once gates open
+    with peft_model.disable_adapter():
+        assert torch.equal(logits(peft_model), base_logits)
+
+
+def test_queries_are_the_base_layers_rotated_queries():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    model = pruned_tiny_model("llama", 0.5)
+    peft_model = get_peft_model(model, sp.SPTConfig())
+    wrapper = next(m for m in peft_model.modules() if isinstance(m, SPTAttention))
+    seen = {}
+
+    def capture(module, args, kwargs, output):
+        seen["hidden"], seen["pos"] = kwargs["hidden_states"], kwargs["position_embeddings"]
+        q = module.q_proj(kwargs["hidden_states"])
+        seen["q"] = q.view(*q.shape[:2], -1, module.head_dim).transpose(1, 2)
+
+    handle = wrapper.base_layer.register_forward_hook(capture, with_kwargs=True)
+    logits(peft_model)
+    handle.remove()
+    cos, sin = seen["pos"]
+    expected, _ = apply_rotary_pos_emb(seen["q"], seen["q"], cos, sin)
+    torch.testing.assert_close(wrapper.queries(seen["hidden"], seen["pos"]), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", SPT_ARCHS)
+def test_generate_gives_the_same_tokens_with_and_without_the_cache(arch):
+    peft_model = trained_spt(arch)
+    gates = [m.spt_gate["default"] for m in peft_model.modules() if isinstance(m, SPTAttention)]
+    assert all(g.abs().max() > 0 for g in gates)  # the prompts take part
+    prompt = IDS[:, :5]
+    with_cache = peft_model.generate(input_ids=prompt, max_new_tokens=10, do_sample=False, use_cache=True)
+    without = peft_model.generate(input_ids=prompt, max_new_tokens=10, do_sample=False, use_cache=False)
+    assert torch.equal(with_cache, without)
+    with peft_model.disable_adapter():
+        base = peft_model.generate(input_ids=prompt, max_new_tokens=10, do_sample=False)
+    assert not torch.equal(base, with_cache)  # the trained prompts change what is generated
+
+
+def test_left_padded_batch_matches_each_sequence_alone():
+    peft_model = trained_spt("qwen2")
+    long, short = IDS[0, :8], IDS[1, :5]
+    batch = torch.zeros(2, 8, dtype=torch.long)
+    mask = torch.zeros(2, 8, dtype=torch.long)
+    batch[0], mask[0] = long, 1
+    batch[1, 3:], mask[1, 3:] = short, 1  # left padding
+    generated = peft_model.generate(input_ids=batch, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                                    pad_token_id=0)
+    alone_long = peft_model.generate(input_ids=long[None], max_new_tokens=6, do_sample=False, pad_token_id=0)
+    alone_short = peft_model.generate(input_ids=short[None], max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(generated[0, 8:], alone_long[0, 8:])
+    assert torch.equal(generated[1, 8:], alone_short[0, 5:])
+    # and the logits of the real tokens agree
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        padded = peft_model(input_ids=batch, attention_mask=mask, position_ids=position_ids).logits
+        single = peft_model(input_ids=short[None]).logits
+    torch.testing.assert_close(padded[1, 3:], single[0], rtol=1e-4, atol=1e-5)
+
+
+def test_training_moves_only_prompts_and_gates():
+    model = pruned_tiny_model("llama", 0.5)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    peft_model = get_peft_model(model, sp.SPTConfig(base_prompt_length=4))
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert trainable and all(".spt_prompt." in n or ".spt_gate." in n for n in trainable)
+    assert len(trainable) == 4  # 2 layers x (prompt, gate)
+    start = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+    train_steps(peft_model, steps=3, lr=5e-2)
+    for n, p in peft_model.named_parameters():
+        if n in start:
+            assert not torch.equal(p, start[n]), f"{n} did not train"
+    base = peft_model.get_base_model()
+    for n, p in base.named_parameters():
+        if "spt_" not in n:
+            assert torch.equal(p, weights[n.replace(".base_layer", "")]), f"{n} changed"
+
+
+# --- gradual pruning -------------------------------------------------------------------------------------
+
+
+def test_grow_keep_mask_matches_rowwise_from_dense_and_nests_from_uneven_rows():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(6, 10, generator=g)
+    dense = torch.ones(6, 10, dtype=torch.bool)
+    for n in (0, 7, 30, 59):
+        assert torch.equal(grow_keep_mask(scores, dense, n), rowwise_keep_mask(scores, n))
+    uneven = dense.clone()
+    uneven[0, :7] = False  # one row far sparser than the rest
+    uneven[3, 2] = False
+    grown = grow_keep_mask(scores, uneven, 20)
+    assert int((~grown).sum()) == 20
+    assert not (grown & ~uneven).any()  # every old zero is still pruned
+    per_row = (~grown).sum(dim=1).tolist()
+    assert per_row[0] == 7 and max(per_row[1:]) - min(per_row[1:]) <= 1  # the others evened out
+    with pytest.raises(ValueError, match="cannot grow a mask with 8 zeros to 5"):
+        grow_keep_mask(scores, uneven, 5)
+
+
+@pytest.mark.parametrize("pruner, use_calibration", [("magnitude", False), ("wanda", False), ("wanda", True)])
+def test_gradual_pruning_reaches_the_target_exactly_with_nested_masks(pruner, use_calibration):
+    model = make_tiny_model("llama")
+    config = sp.SPTConfig(base_prompt_length=4, target_sparsity=0.6, pruner=pruner, prune_start_step=1,
+                          prune_end_step=7, prune_interval=2)
+    peft_model = get_peft_model(model, config)
+    assert config.pruning_steps() == [1, 3, 5, 7]
+    calibration = calibration_batches() if use_calibration else None
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    previous = {n: lin.weight != 0 for n, lin in base_linears(peft_model).items()}
+    sparsities = []
+    for step in range(9):
+        report = sp.gradual_prune_step(peft_model, step, calibration=calibration)
+        masks = {n: lin.weight != 0 for n, lin in base_linears(peft_model).items()}
+        for n, mask in masks.items():
+            assert not (mask & ~previous[n]).any(), f"{n}: a pruned weight came back at step {step}"
+        previous = masks
+        if step in (1, 3, 5, 7):
+            scheduled = sp.cubic_sparsity(step, 6, 0.6, 0.0, start_step=1)
+            assert report.event_step == step and report.scheduled_sparsity == pytest.approx(scheduled)
+            assert report.global_sparsity == pytest.approx(scheduled, abs=1e-3)
+        else:
+            assert report.new_zeros == 0
+        sparsities.append(report.global_sparsity)
+        peft_model.train()
+        ids = torch.randint(0, 128, (2, 12), generator=g)
+        peft_model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert sparsities == sorted(sparsities) and sparsities[2] < sparsities[-1]
+    for name, lin in base_linears(peft_model).items():
+        assert int((lin.weight == 0).sum()) == round(0.6 * lin.weight.numel()), name  # each layer exactly
+    assert set(report.layers) == set(base_linears(peft_model))
+    assert peft_model.base_model.running_norms == {}  # statistics stop once the target is reached
+
+
+def test_skipped_calls_catch_up_and_a_dense_start_jumps_to_initial_sparsity():
+    peft_model = get_peft_model(make_tiny_model("mistral"), sp.SPTConfig(
+        target_sparsity=0.5, initial_sparsity=0.2, pruner="magnitude", prune_end_step=10, num_prune_steps=5))
+    report = sp.gradual_prune_step(peft_model, 0)
+    assert report.global_sparsity == pytest.approx(0.2, abs=1e-3)
+    report = sp.gradual_prune_step(peft_model, 50)  # long after the end: the final event applies
+    assert report.event_step == 10 and report.global_sparsity == pytest.approx(0.5, abs=1e-6)
+    assert sp.gradual_prune_step(peft_model, 51).new_zeros == 0
+
+
+def test_wanda_without_statistics_asks_for_calibration():
+    peft_model = get_peft_model(make_tiny_model("llama"), sp.SPTConfig(target_sparsity=0.5, initial_sparsity=0.3))
+    with pytest.raises(ValueError, match="Wanda needs activation norms.*calibration="):
+        sp.gradual_prune_step(peft_model, 0)
+
+
+def test_pruning_refuses_a_model_sparser_than_its_target():
+    with pytest.raises(ValueError, match="already sparser than their target.*model.layers.0"):
+        get_peft_model(prune_and_return(make_tiny_model("llama"), {0: 0.8, 1: 0.1}),
+                       sp.SPTConfig(target_sparsity=0.5))
+
+
+def prune_and_return(model, block_sparsities):
+    prune_blocks(model, block_sparsities)
+    return model
+
+
+def test_callback_prunes_during_trainer_training(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    peft_model = get_peft_model(make_tiny_model("llama"), sp.SPTConfig(
+        base_prompt_length=4, target_sparsity=0.5, prune_end_step=4, num_prune_steps=2))
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 128, (12, 12), generator=g)]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=5, per_device_train_batch_size=2,
+                             learning_rate=1e-2, report_to=[], save_strategy="no", logging_strategy="no",
+                             use_cpu=True, disable_tqdm=True)
+    callback = sp.GradualPruningCallback()
+    Trainer(model=peft_model, args=args, train_dataset=data, callbacks=[callback]).train()
+    assert [r.event_step for r in callback.history] == [2, 4]  # step 0 has s_0 = 0: nothing to prune
+    for name, lin in base_linears(peft_model).items():
+        assert int((lin.weight == 0).sum()) == round(0.5 * lin.weight.numel()), name
+    short = TrainingArguments(output_dir=str(tmp_path), max_steps=3, report_to=[], use_cpu=True, disable_tqdm=True)
+    with pytest.raises(ValueError, match="prune_end_step=4 is after the last training step"):
+        Trainer(model=peft_model, args=short, train_dataset=data, callbacks=[sp.GradualPruningCallback()]).train()
+
+
+def test_owl_layer_sparsities_spread_the_target():
+    model = make_tiny_model("llama", layers=3)
+    allocation = sp.owl_layer_sparsities(model, 0.5, calibration_batches(), owl_lambda=0.1, show_progress=False)
+    assert sorted(allocation) == [0, 1, 2]
+    assert all(0.4 - 1e-9 <= s <= 0.6 + 1e-9 for s in allocation.values())
+    assert sum(allocation.values()) / 3 == pytest.approx(0.5)  # equal-sized blocks: the mean is the target
+    with pytest.raises(ValueError, match="allocation='owl' on a model at sparsity 0.0000.*owl_layer_sparsities"):
+        get_peft_model(model, sp.SPTConfig(target_sparsity=0.5, allocation="owl"))
+
+
+# --- merging, saving, loading --------------------------------------------------------------------------------
+
+
+def test_merge_is_refused_and_unload_returns_the_untouched_sparse_base():
+    model = pruned_tiny_model("llama", 0.5)
+    base_logits, weights = logits(model), {n: p.detach().clone() for n, p in model.named_parameters()}
+    peft_model = trained_spt("llama")  # same seed: same pruned base
+    with pytest.raises(ValueError, match="SPT cannot merge: its prompts are extra key/value positions"):
+        peft_model.merge_and_unload()
+    with pytest.raises(ValueError, match="SPT cannot merge"):
+        peft_model.merge_adapter()
+    assert any(isinstance(m, SPTAttention) for m in peft_model.modules())  # nothing was unloaded
+    unloaded = peft_model.unload()
+    assert not any(isinstance(m, SPTAttention) for m in unloaded.modules())
+    assert {n for n, _ in unloaded.named_parameters()} == set(weights)
+    for n, p in unloaded.named_parameters():
+        assert torch.equal(p, weights[n])
+    assert torch.equal(logits(unloaded), base_logits)
+
+
+def test_sparsity_report_sees_the_linears_inside_wrapped_attention():
+    peft_model = trained_spt("llama")
+    report, base_report = sp.sparsity_report(peft_model), sp.sparsity_report(peft_model.unload())
+    assert set(report.layers) == set(base_report.layers)
+    assert any("q_proj" in name for name in report.layers)
+    assert report.global_sparsity == base_report.global_sparsity
+
+
+def test_save_and_load_round_trip_after_gradual_pruning(tmp_path):
+    peft_model = get_peft_model(make_tiny_model("qwen2"), sp.SPTConfig(
+        target_sparsity=0.5, pruner="magnitude", prune_end_step=2, num_prune_steps=1, allocation="owl",
+        layer_sparsities={0: 0.4, 1: 0.6}))
+    sp.gradual_prune_step(peft_model, 2)
+    train_steps(peft_model, steps=2, lr=5e-2)
+    expected = logits(peft_model)
+    peft_model.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert {k.split(".")[-1] for k in saved} == {"spt_prompt", "spt_gate", "spt_fingerprint"}
+    counts = zero_counts(peft_model)
+    base = peft_model.unload()
+    loaded = PeftModel.from_pretrained(base, tmp_path)
+    assert torch.equal(logits(loaded), expected)
+    assert sp.spt_prompt_lengths(loaded) == {0: 6, 1: 10}
+    assert zero_counts(loaded) == counts
+
+    other = pruned_tiny_model("qwen2", 0.5)  # same weights, another mask
+    with pytest.raises(ValueError, match="does not fit this base model at decoder layer 0"):
+        PeftModel.from_pretrained(other, tmp_path)
+
+
+# --- refusals --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch, why", [("gpt_neox", "fused query_key_value"), ("opt", "learned absolute positions")])
+def test_unsupported_architectures_are_refused(arch, why):
+    with pytest.raises(ValueError, match=f"SPT does not support model_type='{arch}': .*{why}.*Supported: llama"):
+        get_peft_model(pruned_tiny_model(arch, 0.5), sp.SPTConfig())
+
+
+def test_dense_model_without_target_is_refused():
+    with pytest.raises(ValueError, match="every decoder layer has sparsity 0.*target_sparsity"):
+        get_peft_model(make_tiny_model("llama"), sp.SPTConfig())
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(base_prompt_length=0), "base_prompt_length must be a positive integer, got 0"),
+    (dict(target_sparsity=1.0), "target_sparsity must be None or a number in \\(0, 1\\), got 1.0"),
+    (dict(target_sparsity=0.3, initial_sparsity=0.5), "initial_sparsity=0.5 is above target_sparsity=0.3"),
+    (dict(initial_sparsity=-0.1), "initial_sparsity must be a number in \\[0, 1\\), got -0.1"),
+    (dict(schedule="linear"), "schedule must be one of \\('cubic',\\), got 'linear'"),
+    (dict(pruner="sparsegpt"), "pruner must be one of \\('wanda', 'magnitude'\\), got 'sparsegpt'"),
+    (dict(prune_start_step=5, prune_end_step=5), "prune_end_step must be an integer > prune_start_step=5, got 5"),
+    (dict(num_prune_steps=4, prune_interval=2), "at most one of SPTConfig.num_prune_steps \\(4\\)"),
+    (dict(num_prune_steps=0), "num_prune_steps must be an integer >= 1, got 0"),
+    (dict(allocation="global"), "allocation must be one of \\('uniform', 'owl'\\), got 'global'"),
+    (dict(layers=[1, 1]), "layers has repeated indices"),
+    (dict(layers=[-1]), "layers must be a non-empty list of layer indices"),
+    (dict(layer_sparsities={0: 1.5}), "layer_sparsities\\[0\\] must be a sparsity in \\[0, 1\\), got 1.5"),
+    (dict(prompt_lengths={"x": 3}), "prompt_lengths: key 'x' is not a layer index"),
+    (dict(init_std=0), "init_std must be a number > 0, got 0"),
+])
+def test_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sp.SPTConfig(**kwargs)
+
+
+def test_config_json_round_trip_restores_integer_layer_keys(tmp_path):
+    from peft import PeftConfig
+
+    config = sp.SPTConfig(target_sparsity=0.5, allocation="owl", layer_sparsities={0: 0.4, 1: 0.6},
+                          prompt_lengths={0: 3, 1: 5}, num_prune_steps=4)
+    config.save_pretrained(tmp_path)
+    loaded = PeftConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, sp.SPTConfig)
+    assert loaded.layer_sparsities == {0: 0.4, 1: 0.6} and loaded.prompt_lengths == {0: 3, 1: 5}
+    assert loaded.pruning_steps() == [0, 25, 50, 75, 100]

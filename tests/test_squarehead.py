@@ -1,0 +1,130 @@
+"""SquareHead distillation: the normalised per-layer MSE, padding excluded, with a Trainer."""
+
+import copy
+
+import pytest
+import torch
+from conftest import make_tiny_model, pruned_tiny_model
+from peft import get_peft_model
+
+import sparse_peft as sp
+from sparse_peft.training.squarehead import (
+    SquareHeadLoss,
+    SquareHeadTrainer,
+    cache_teacher_hidden_states,
+    teacher_hidden_states,
+)
+
+
+def hidden(model, ids, mask=None):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+
+
+IDS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(3))
+
+
+def test_zero_for_the_teacher_itself_positive_for_a_pruned_student():
+    teacher = make_tiny_model("llama")
+    student = pruned_tiny_model("llama", 0.5)
+    loss = SquareHeadLoss()
+    t = hidden(teacher, IDS)
+    assert loss(t, t).item() == 0.0
+    per_layer = loss.per_layer(hidden(student, IDS), t)
+    assert per_layer.shape == (len(t) - 1,)  # every layer output, not the embeddings
+    assert (per_layer > 0).all()
+
+
+def test_normalised_by_teacher_energy():
+    teacher, student = hidden(make_tiny_model("llama"), IDS), hidden(pruned_tiny_model("llama", 0.5), IDS)
+    loss = SquareHeadLoss(eps=1e-12)  # eps aside, the loss does not see the activations' scale
+    scaled = loss([h * 10 for h in student], [h * 10 for h in teacher])
+    assert scaled.item() == pytest.approx(loss(student, teacher).item(), rel=1e-4)
+
+
+def test_padding_excluded():
+    teacher = make_tiny_model("llama")
+    student = pruned_tiny_model("llama", 0.5)
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[0, :4] = 0  # left padding on the first row
+    t, s = hidden(teacher, IDS, mask), hidden(student, IDS, mask)
+    loss = SquareHeadLoss()
+    base = loss(s, t, mask)
+    garbage = [h.clone() for h in s]
+    for h in garbage:
+        h[0, :4] += 1000.0  # whatever sits at padded positions must not count
+    assert loss(garbage, t, mask).item() == pytest.approx(base.item(), rel=1e-6)
+    assert loss(garbage, t).item() > 10 * base.item()  # ...and it would without the mask
+
+
+def test_shape_mismatch_is_refused():
+    t = hidden(make_tiny_model("llama"), IDS)
+    with pytest.raises(ValueError, match="same depth"):
+        SquareHeadLoss()(t[:-1], t)
+    with pytest.raises(ValueError, match="reduction"):
+        SquareHeadLoss(reduction="max")
+
+
+class _Tokens(torch.utils.data.Dataset):
+    def __init__(self, n=16, seq_len=12, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, 128, (n, seq_len), generator=g)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.ids[i]}
+
+
+def _args(tmp_path, steps=8, lr=2e-2):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=4,
+                             learning_rate=lr, report_to=[], save_strategy="no", use_cpu=True,
+                             disable_tqdm=True, seed=0)
+
+
+@pytest.mark.parametrize("config, lr", [(sp.MaskedLoraConfig(r=4), 5e-3), (sp.SPPConfig(r=4), 5e-2),
+                                        (sp.SEFTConfig(density=0.05), 5e-3)], ids=["masked_lora", "spp", "seft"])
+def test_trainer_distills_toward_the_teacher(tmp_path, config, lr):
+    teacher = make_tiny_model("llama")
+    data = _Tokens()
+    probe = torch.stack([data[i]["input_ids"] for i in range(8)])
+    loss = SquareHeadLoss()
+    teacher_before = [p.clone() for p in teacher.parameters()]
+    distance = {}
+    for lam in (0.0, 10.0):  # the same run with CE only and with the distillation term
+        student = get_peft_model(pruned_tiny_model("llama", 0.5), copy.deepcopy(config))
+        before = loss(hidden(student, probe), hidden(teacher, probe)).item()
+        trainer = SquareHeadTrainer(model=student, args=_args(tmp_path, lr=lr), train_dataset=data,
+                                    teacher_model=teacher, squarehead_lambda=lam)
+        trainer.train()
+        assert set(trainer.last_loss_parts) == {"ce", "squarehead"}
+        distance[lam] = loss(hidden(student, probe), hidden(teacher, probe)).item()
+    assert distance[10.0] < before
+    assert distance[10.0] < distance[0.0]
+    assert all(torch.equal(a, b) for a, b in zip(teacher.parameters(), teacher_before))  # teacher frozen
+
+
+def test_cached_teacher_matches_live_teacher(tmp_path):
+    teacher = make_tiny_model("llama")
+    data = _Tokens(n=4)
+    cached = cache_teacher_hidden_states(teacher, data, dtype=torch.float32, show_progress=False)
+    item = cached[1]
+    live = teacher_hidden_states(teacher, {"input_ids": item["input_ids"][None]})
+    assert item["teacher_hidden_states"].shape == (len(live), 12, 64)
+    assert torch.allclose(item["teacher_hidden_states"], torch.stack([h[0] for h in live]))
+
+    student = get_peft_model(pruned_tiny_model("llama", 0.5), sp.MaskedLoraConfig(r=4))
+    trainer = SquareHeadTrainer(model=student, args=_args(tmp_path, steps=2), train_dataset=cached,
+                                squarehead_lambda=1.0)
+    trainer.train()  # no teacher model at all: the cached states reach compute_loss
+    assert trainer.last_loss_parts["squarehead"] > 0
+
+
+def test_trainer_without_teacher_or_cache_refuses(tmp_path):
+    student = get_peft_model(pruned_tiny_model("llama", 0.5), sp.MaskedLoraConfig(r=4))
+    trainer = SquareHeadTrainer(model=student, args=_args(tmp_path, steps=1), train_dataset=_Tokens(n=4))
+    with pytest.raises(ValueError, match="teacher_model"):
+        trainer.train()
