@@ -7,6 +7,7 @@ Importing this package registers its PEFT methods with peft, so ``get_peft_model
 from ._peft_registry import register_all as _register_all
 from . import sparsity
 from .merge import MergeReport, merge_and_unload_sparse
+from .io import export_dense, load_sparse, save_sparse
 from .sparsity import (
     SparsityReport,
     cubic_sparsity,
@@ -55,6 +56,9 @@ __all__ = [
     "is_nm_sparse",
     "mask_fingerprint",
     "merge_and_unload_sparse",
+    "export_dense",
+    "load_sparse",
+    "save_sparse",
     "parse_pattern",
     "weight_mask",
 ]

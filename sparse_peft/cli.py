@@ -1,0 +1,502 @@
+"""``sparse-peft``: prune, fine-tune, evaluate, export and inspect sparse LLMs from a shell.
+
+    sparse-peft prune    --model M --out pruned/ --method wanda --sparsity 0.5 --data calib.txt
+    sparse-peft finetune --model pruned/ --data train.txt --out tuned/ --method spp --steps 200
+    sparse-peft eval     --model tuned/ --data test.txt [--arc arc_easy.jsonl]
+    sparse-peft export   --model tuned/ --out dense/ --format dense
+    sparse-peft report   --model tuned/ --png layers.png
+    sparse-peft demo
+
+``--model`` is a hub id, a local transformers directory, a ``.gguf`` file (or a directory holding
+one), or a sparse checkpoint written by ``save_sparse``. ``--data`` is a plain text file.
+Exit codes: 0 done, 1 bad input found while running (one line on stderr), 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+EXIT_OK, EXIT_BAD_INPUT, EXIT_USAGE = 0, 1, 2
+PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
+FINETUNE_METHODS = ("masked_lora", "spp")
+
+
+class CliError(Exception):
+    """Bad input found while running: reported as one line, exit code 1."""
+
+
+# --- loading ---------------------------------------------------------------------------------------
+
+def load_model(path: str | None, need_tokenizer: bool = False):
+    """``(model, tokenizer or None)`` from a sparse checkpoint, a GGUF, a local dir or a hub id."""
+    from .data import _find_gguf, load_model_and_tokenizer
+    from .io import is_sparse_checkpoint, load_sparse
+
+    if path is None:
+        model, tokenizer = load_model_and_tokenizer(None)
+    elif is_sparse_checkpoint(path):
+        model, tokenizer = load_sparse(path), _try_tokenizer(path)
+    elif _find_gguf(path) is not None:
+        model, tokenizer = load_model_and_tokenizer(path)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        if not Path(path).exists() and (path.startswith((".", "/")) or path.count("/") > 1):
+            raise CliError(f"--model {path!r}: no such file or directory")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
+        except (OSError, ValueError) as err:
+            raise CliError(f"--model {path!r}: cannot load a causal LM ({_first_line(err)})") from None
+        model.eval()
+        tokenizer = _try_tokenizer(path)
+    if need_tokenizer and tokenizer is None:
+        raise CliError(f"--model {path!r}: no tokenizer found beside the model (needed to read --data)")
+    return model, tokenizer
+
+
+def _try_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def read_ids(tokenizer, data_path: str, min_tokens: int = 2) -> torch.Tensor:
+    from .data import load_text, token_ids
+
+    path = Path(data_path)
+    if not path.is_file():
+        raise CliError(f"--data {data_path!r}: no such file")
+    try:
+        text = load_text(path)
+    except UnicodeDecodeError:
+        raise CliError(f"--data {data_path!r}: not UTF-8 text") from None
+    ids = token_ids(tokenizer, text)
+    if ids.numel() < min_tokens:
+        raise CliError(f"--data {data_path!r}: {ids.numel()} tokens, need at least {min_tokens}")
+    return ids
+
+
+def save_model(model, out: str, tokenizer, fmt: str) -> None:
+    from .io import export_dense, save_sparse
+
+    if fmt == "sparse":
+        save_sparse(model, out, tokenizer=tokenizer)
+    else:
+        export_dense(model, out, tokenizer=tokenizer)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0]
+
+
+def _check_fraction(name: str):
+    def parse(value: str) -> float:
+        try:
+            x = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {value!r}") from None
+        if not 0.0 <= x < 1.0:
+            raise argparse.ArgumentTypeError(f"{name} must be in [0, 1), got {value}")
+        return x
+    return parse
+
+
+def _positive_int(value: str) -> int:
+    try:
+        x = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if x <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return x
+
+
+# --- prune -----------------------------------------------------------------------------------------
+
+def cmd_prune(args) -> None:
+    import sparse_peft as sp
+    from .data import random_windows
+
+    if args.sparsity is None and args.pattern is None:
+        raise CliError("prune needs --sparsity or --pattern")
+    needs_calibration = args.method != "magnitude" or args.allocation == "owl"
+    if needs_calibration and args.data is None:
+        raise CliError(f"--method {args.method} (allocation {args.allocation}) needs calibration text: pass --data")
+    model, tokenizer = load_model(args.model, need_tokenizer=needs_calibration)
+    calibration = None
+    if needs_calibration:
+        ids = read_ids(tokenizer, args.data, min_tokens=args.calib_seq_len + 1)
+        calibration = random_windows(ids, n=args.calib_samples, seq_len=args.calib_seq_len, seed=args.seed)
+    report = sp.prune(model, method=args.method, sparsity=args.sparsity, pattern=args.pattern,
+                      calibration=calibration, allocation=args.allocation)
+    save_model(model, args.out, tokenizer, args.format)
+    print(f"pruned with {args.method} to global sparsity {report.global_sparsity:.2%}; saved ({args.format}) to {args.out}")
+
+
+# --- finetune --------------------------------------------------------------------------------------
+
+class _Windows(torch.utils.data.Dataset):
+    """Non-overlapping windows of ``seq_len`` tokens from one token stream (labels = inputs)."""
+
+    def __init__(self, ids: torch.Tensor, seq_len: int):
+        self.windows = ids[: ids.numel() // seq_len * seq_len].view(-1, seq_len)
+
+    def __len__(self) -> int:
+        return self.windows.shape[0]
+
+    def __getitem__(self, i: int) -> dict:
+        window = self.windows[i]
+        return {"input_ids": window, "labels": window.clone()}
+
+
+def peft_config_from_args(args):
+    import sparse_peft as sp
+
+    targets = args.target_modules if args.target_modules != ["all-linear"] else "all-linear"
+    if args.method == "masked_lora":
+        return sp.MaskedLoraConfig(r=args.r, lora_alpha=args.lora_alpha if args.lora_alpha is not None else 2 * args.r,
+                                   lora_dropout=args.dropout, target_modules=targets)
+    return sp.SPPConfig(r=args.r, alpha=args.spp_alpha, dropout=args.dropout, target_modules=targets)
+
+
+def cmd_finetune(args) -> None:
+    from peft import get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    import sparse_peft as sp
+
+    out = Path(args.out)
+    resume = args.resume_from_checkpoint
+    if resume not in (None, True) and not Path(resume).is_dir():
+        raise CliError(f"--resume-from-checkpoint {resume!r}: no such checkpoint directory")
+    if resume is True and not any((out / "checkpoints").glob("checkpoint-*")):
+        raise CliError(f"--resume-from-checkpoint: no checkpoint-* under {out / 'checkpoints'} to resume from")
+    model, tokenizer = load_model(args.model, need_tokenizer=True)
+    ids = read_ids(tokenizer, args.data, min_tokens=args.seq_len)
+    dataset = _Windows(ids, args.seq_len)
+    if len(dataset) == 0:
+        raise CliError(f"--data {args.data!r}: {ids.numel()} tokens, fewer than --seq-len {args.seq_len}")
+    if sp.sparsity_report(model).global_sparsity == 0.0:
+        print("warning: the model has no zeros in its linear layers (prune it first?)", file=sys.stderr)
+    before = sp.sparsity_report(model)
+    try:
+        peft_model = get_peft_model(model, peft_config_from_args(args))
+    except ValueError as err:
+        raise CliError(f"--method {args.method}: {_first_line(err)}") from None
+    training_args = TrainingArguments(
+        output_dir=str(out / "checkpoints"),
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        learning_rate=args.lr,
+        lr_scheduler_type=args.scheduler,
+        warmup_steps=args.warmup_steps,
+        weight_decay=0.0,
+        logging_steps=max(1, min(10, args.steps)),
+        save_steps=args.save_steps,
+        save_total_limit=args.save_total_limit,
+        seed=args.seed,
+        data_seed=args.seed,
+        report_to=[],
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        disable_tqdm=os.environ.get("TQDM_DISABLE") == "1",
+    )
+    trainer = Trainer(model=peft_model, args=training_args, train_dataset=dataset)
+    trainer.train(resume_from_checkpoint=resume)
+    peft_model.save_pretrained(out / "adapter")
+    merged, _ = sp.merge_and_unload_sparse(peft_model)
+    after = sp.sparsity_report(merged)
+    changed = [name for name in before.layers if before.layers[name].zeros != after.layers[name].zeros]
+    if changed:  # the methods here never change a mask: this would be a bug, not a user error
+        raise RuntimeError(f"sparsity changed in {len(changed)} layers after merging, e.g. {changed[0]}")
+    save_model(merged, str(out), tokenizer, args.format)
+    print(f"fine-tuned {args.steps} steps with {args.method}; merged model ({args.format}, sparsity "
+          f"{after.global_sparsity:.2%}) in {out}, adapter in {out / 'adapter'}")
+
+
+# --- eval ------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def arc_zero_shot(model, tokenizer, jsonl_path: str, limit: int | None = None, show_progress: bool = True) -> dict:
+    """Zero-shot multiple choice on ARC-format JSON lines (question.stem, question.choices[].text/
+    label, answerKey): each choice is scored by the log-likelihood of `` <text>`` after
+    ``Question: <stem>\\nAnswer:``; ``acc`` takes the highest sum, ``acc_norm`` the highest per
+    character (the length-normalised score of the usual harnesses)."""
+    from tqdm.auto import tqdm
+
+    path = Path(jsonl_path)
+    if not path.is_file():
+        raise CliError(f"--arc {jsonl_path!r}: no such file")
+    items = []
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            stem, choices, answer = row["question"]["stem"], row["question"]["choices"], row["answerKey"]
+            labels = [c["label"] for c in choices]
+            texts = [c["text"] for c in choices]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise CliError(f"--arc {jsonl_path!r} line {line_no}: not an ARC question (question.stem, "
+                           "question.choices, answerKey)") from None
+        if answer not in labels:
+            raise CliError(f"--arc {jsonl_path!r} line {line_no}: answerKey {answer!r} is not one of {labels}")
+        items.append((stem, labels, texts, answer))
+        if limit is not None and len(items) >= limit:
+            break
+    if not items:
+        raise CliError(f"--arc {jsonl_path!r}: no questions")
+    device = next(model.parameters()).device
+    correct = correct_norm = 0
+    quiet = {} if show_progress else {"disable": True}  # leave TQDM_DISABLE in charge otherwise
+    for stem, labels, texts, answer in tqdm(items, desc="zero-shot", **quiet):
+        context = tokenizer(f"Question: {stem}\nAnswer:", add_special_tokens=False)["input_ids"]
+        scores, norm_scores = [], []
+        for text in texts:
+            continuation = tokenizer(f" {text}", add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([context + continuation], device=device)
+            log_probs = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
+            targets = ids[0, len(context):]
+            score = log_probs[len(context) - 1:].gather(-1, targets[:, None]).sum().item()
+            scores.append(score)
+            norm_scores.append(score / max(1, len(text)))
+        correct += labels[max(range(len(texts)), key=scores.__getitem__)] == answer
+        correct_norm += labels[max(range(len(texts)), key=norm_scores.__getitem__)] == answer
+    return {"questions": len(items), "acc": correct / len(items), "acc_norm": correct_norm / len(items)}
+
+
+def cmd_eval(args) -> None:
+    from .data import perplexity
+
+    if args.data is None and args.arc is None:
+        raise CliError("eval needs --data (perplexity) and/or --arc (zero-shot)")
+    model, tokenizer = load_model(args.model, need_tokenizer=True)
+    results: dict = {"model": args.model}
+    if args.data is not None:
+        ids = read_ids(tokenizer, args.data)
+        n_available = ids.numel() // args.seq_len
+        if n_available < 1:
+            raise CliError(f"--data {args.data!r}: {ids.numel()} tokens, fewer than --seq-len {args.seq_len}")
+        windows = args.windows if args.windows is not None else min(24, n_available)
+        if windows > n_available:
+            raise CliError(f"--data {args.data!r}: only {n_available} windows of {args.seq_len} tokens, "
+                           f"--windows asks for {windows}")
+        results["perplexity"] = perplexity(model, ids, n_windows=windows, seq_len=args.seq_len)
+        results["windows"], results["seq_len"] = windows, args.seq_len
+        print(f"perplexity: {results['perplexity']:.4f} ({windows} x {args.seq_len} tokens)")
+    if args.arc is not None:
+        results["zero_shot"] = arc_zero_shot(model, tokenizer, args.arc, limit=args.limit)
+        zs = results["zero_shot"]
+        print(f"zero-shot ({zs['questions']} questions): acc {zs['acc']:.4f}, acc_norm {zs['acc_norm']:.4f}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+
+
+# --- export / report / demo ------------------------------------------------------------------------
+
+def cmd_export(args) -> None:
+    model, tokenizer = load_model(args.model)
+    save_model(model, args.out, tokenizer, args.format)
+    print(f"exported ({args.format}) to {args.out}")
+
+
+def plot_layer_sparsity(report, png_path: str) -> bool:
+    """Bar chart of each layer's sparsity; False (and a message) when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib is not installed; skipping the PNG (pip install matplotlib)", file=sys.stderr)
+        return False
+    names = list(report.layers)
+    values = [100 * layer.sparsity for layer in report.layers.values()]
+    fig, ax = plt.subplots(figsize=(max(6, 0.18 * len(names)), 4))
+    ax.bar(range(len(names)), values)
+    ax.axhline(100 * report.global_sparsity, color="k", linestyle="--", linewidth=1, label="global")
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=5)
+    ax.set_ylabel("sparsity (%)")
+    ax.set_ylim(0, 100)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=150)
+    plt.close(fig)
+    return True
+
+
+def cmd_report(args) -> None:
+    import sparse_peft as sp
+
+    model, _ = load_model(args.model)
+    report = sp.sparsity_report(model)
+    if not report.layers:
+        raise CliError(f"--model {args.model!r}: no linear layers to report")
+    markdown = report.to_markdown()
+    print(markdown)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(markdown + "\n", encoding="utf-8")
+    if args.png and plot_layer_sparsity(report, args.png):
+        print(f"per-layer plot: {args.png}")
+
+
+def cmd_demo(args) -> None:
+    """The whole flow on one model: prune, measure, fine-tune briefly, measure, save."""
+    import tempfile
+
+    from .data import shared_dir
+
+    data = args.data
+    if data is None:
+        shared = shared_dir()
+        candidate = shared / "data" / "wikitext-2" / "wiki.valid.tokens" if shared else None
+        if candidate is None or not candidate.is_file():
+            raise CliError("demo needs --data (a text file): no ../shared/data/wikitext-2 beside the checkout")
+        data = str(candidate)
+    out = args.out or tempfile.mkdtemp(prefix="sparse-peft-demo-")
+    pruned, tuned = str(Path(out) / "pruned"), str(Path(out) / "tuned")
+    common_eval = ["--data", data, "--seq-len", str(args.seq_len), "--windows", str(args.windows)]
+    steps = [
+        ["prune", "--model", *([args.model] if args.model else []), "--out", pruned, "--method", "magnitude",
+         "--sparsity", str(args.sparsity)],
+        ["eval", "--model", pruned, *common_eval],
+        ["finetune", "--model", pruned, "--data", data, "--out", tuned, "--method", args.method,
+         "--steps", str(args.steps), "--seq-len", str(args.seq_len), "--batch-size", "2", "--save-steps",
+         str(max(args.steps, 1))],
+        ["eval", "--model", tuned, *common_eval],
+        ["report", "--model", tuned, "--out", str(Path(out) / "report.md")],
+    ]
+    if not args.model:
+        steps[0] = [a for a in steps[0] if a != "--model"]
+    for step in steps:
+        print(f"\n$ sparse-peft {' '.join(step)}")
+        code = main(step)
+        if code != EXIT_OK:
+            raise CliError(f"demo step `{step[0]}` failed (exit {code})")
+    print(f"\ndemo outputs in {out}")
+
+
+# --- the parser ------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparse-peft", description=__doc__.replace("``", ""),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name, help_text, func, description=None):
+        p = sub.add_parser(name, help=help_text, description=description or help_text)
+        p.set_defaults(func=func)
+        return p
+
+    model_help = "hub id, local dir, .gguf, or sparse checkpoint dir (default: the SmolLM2-135M GGUF)"
+
+    p = add("prune", "one-shot prune a model and save it", cmd_prune)
+    p.add_argument("--model", default=None, help=model_help)
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--method", default="wanda", choices=PRUNE_METHODS)
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--sparsity", type=_check_fraction("--sparsity"), help="unstructured, in [0, 1)")
+    group.add_argument("--pattern", help="N:M semi-structured, e.g. 2:4")
+    p.add_argument("--allocation", default="uniform", choices=("uniform", "owl"))
+    p.add_argument("--data", help="calibration text file (needed by wanda, sparsegpt, owl)")
+    p.add_argument("--calib-samples", type=_positive_int, default=128)
+    p.add_argument("--calib-seq-len", type=_positive_int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--format", default="sparse", choices=("sparse", "dense"),
+                   help="sparse: compressed checkpoint (save_sparse); dense: plain transformers checkpoint")
+
+    p = add("finetune", "fine-tune a pruned model keeping its sparsity (HF Trainer), merge, save", cmd_finetune,
+            "Fine-tune with a sparse-peft method through the HF Trainer, merge the adapter (sparsity kept), "
+            "save the merged model to --out and the adapter to --out/adapter. Checkpoints go to "
+            "--out/checkpoints; --resume-from-checkpoint continues from the last one (or a given one). "
+            "Single process only (multi-process / accelerate launch is not wired into the CLI yet).")
+    p.add_argument("--model", default=None, help=model_help)
+    p.add_argument("--data", required=True, help="training text file")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--method", default="spp", choices=FINETUNE_METHODS)
+    p.add_argument("--r", type=_positive_int, default=8, help="rank (masked_lora) / rows of A (spp)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="masked_lora scaling numerator (default 2r)")
+    p.add_argument("--spp-alpha", type=float, default=1.0, help="spp update scaling")
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--target-modules", nargs="+", default=["all-linear"])
+    p.add_argument("--steps", type=_positive_int, default=200)
+    p.add_argument("--batch-size", type=_positive_int, default=4)
+    p.add_argument("--grad-accum", type=_positive_int, default=1)
+    p.add_argument("--seq-len", type=_positive_int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--scheduler", default="cosine", help="transformers lr_scheduler_type")
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--save-steps", type=_positive_int, default=50)
+    p.add_argument("--save-total-limit", type=_positive_int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume-from-checkpoint", nargs="?", const=True, default=None, metavar="CHECKPOINT",
+                   help="resume: alone, from the last checkpoint in --out/checkpoints; or from this directory")
+    p.add_argument("--format", default="sparse", choices=("sparse", "dense"))
+
+    p = add("eval", "perplexity on a text file and/or zero-shot accuracy on ARC-format questions", cmd_eval)
+    p.add_argument("--model", default=None, help=model_help)
+    p.add_argument("--data", help="text file for perplexity")
+    p.add_argument("--seq-len", type=_positive_int, default=512)
+    p.add_argument("--windows", type=_positive_int, default=None, help="windows scored (default min(24, available))")
+    p.add_argument("--arc", help="ARC-format .jsonl for zero-shot multiple choice (e.g. arc_easy_official_test.jsonl)")
+    p.add_argument("--limit", type=_positive_int, default=None, help="score only the first N questions")
+    p.add_argument("--json", help="also write the results here")
+
+    p = add("export", "write a model as a compressed sparse checkpoint or a plain dense one", cmd_export)
+    p.add_argument("--model", default=None, help=model_help)
+    p.add_argument("--out", required=True)
+    p.add_argument("--format", default="dense", choices=("sparse", "dense"))
+
+    p = add("report", "per-layer sparsity as markdown (and a PNG if matplotlib is installed)", cmd_report)
+    p.add_argument("--model", default=None, help=model_help)
+    p.add_argument("--out", help="also write the markdown here")
+    p.add_argument("--png", help="per-layer sparsity bar chart (needs matplotlib)")
+
+    p = add("demo", "prune -> eval -> finetune -> eval -> report on one model", cmd_demo)
+    p.add_argument("--model", default=None, help=model_help)
+    p.add_argument("--data", help="text file (default ../shared/data/wikitext-2/wiki.valid.tokens)")
+    p.add_argument("--out", help="output directory (default: a new temporary one)")
+    p.add_argument("--method", default="spp", choices=FINETUNE_METHODS)
+    p.add_argument("--sparsity", type=_check_fraction("--sparsity"), default=0.5)
+    p.add_argument("--steps", type=_positive_int, default=20)
+    p.add_argument("--seq-len", type=_positive_int, default=128)
+    p.add_argument("--windows", type=_positive_int, default=8)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # argparse already printed the usage and the reason
+        return EXIT_OK if exit_.code in (0, None) else EXIT_USAGE
+    try:
+        args.func(args)
+    except CliError as err:
+        print(f"sparse-peft {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (ValueError, FileNotFoundError) as err:  # the library's clear errors on bad input
+        print(f"sparse-peft {args.command}: error: {_first_line(err)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"sparse-peft {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

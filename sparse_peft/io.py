@@ -1,0 +1,424 @@
+"""Compressed sparse checkpoints: ``save_sparse`` / ``load_sparse``, and ``export_dense``.
+
+A sparse checkpoint is a directory holding
+
+* ``sparse_model.safetensors``: every sparse linear weight as ``<param>.sparse_values`` (the
+  nonzeros, row-major, in the weight's dtype) and ``<param>.sparse_bits`` (``uint8``, one bit per
+  position, see ``sparsity/bitmask.py``); every other tensor as-is under its own name;
+* ``sparse_format.json``: format name and version, the weights file's size and SHA-256, and per
+  packed layer its layout, dtype, shape, nnz and N:M pattern (if any);
+* ``config.json`` (+ ``generation_config.json``) and, if given, the tokenizer files.
+
+Loading checks everything it can before building a model (format and version, file size,
+checksum, then per layer shape, dtype, nnz against the bits and the JSON, N:M pattern) and raises
+``ValueError`` naming the file, layer and value: a damaged checkpoint never loads as a wrong model.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .sparsity.bitmask import PackedBitmask, pack_bitmask, row_offsets_from_bits, unpack_bitmask, validate_packed
+from .sparsity.masks import is_nm_sparse, named_linears, parse_pattern
+from .sparsity.report import layer_sparsity
+
+FORMAT_NAME = "sparse-peft-checkpoint"
+FORMAT_VERSION = 1
+FORMAT_FILE = "sparse_format.json"
+WEIGHTS_FILE = "sparse_model.safetensors"
+VALUES_SUFFIX = ".sparse_values"
+BITS_SUFFIX = ".sparse_bits"
+_HASH_CHUNK = 1 << 22
+
+__all__ = ["BitmaskLinear", "export_dense", "load_sparse", "read_format", "save_sparse", "checkpoint_bytes"]
+
+
+# --- the packed linear used by load_sparse(packed=True) -------------------------------------------
+
+def _bitmask_linear_op():
+    """``sparse_peft.ops.bitmask_linear`` (Triton on CUDA) if the ops module exists, else the
+    reference below: the kernels land separately and this module must work without them."""
+    try:
+        from .ops import bitmask_linear
+    except ImportError:
+        return bitmask_linear_reference
+    return bitmask_linear
+
+
+def bitmask_linear_reference(x: torch.Tensor, packed: PackedBitmask, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W.T + bias`` with ``W`` decoded from its packed form (PyTorch reference)."""
+    weight = unpack_bitmask(packed)
+    return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+class BitmaskLinear(nn.Module):
+    """A linear layer whose weight stays packed (values + bitmask) and is decoded per call.
+
+    The packed parts are buffers, so ``.to(device)`` moves them; they are not persistent (a
+    ``state_dict`` of a packed model has no weight for this layer: save it with ``save_sparse``).
+    """
+
+    def __init__(self, packed: PackedBitmask, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.in_features, self.out_features = packed.in_features, packed.out_features
+        self.register_buffer("values", packed.values, persistent=False)
+        self.register_buffer("bits", packed.bits, persistent=False)
+        self.register_buffer("row_offsets", packed.row_offsets, persistent=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self._op = _bitmask_linear_op()
+
+    @property
+    def packed(self) -> PackedBitmask:
+        return PackedBitmask(self.values, self.bits, self.row_offsets, (self.out_features, self.in_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._op(x, self.packed, self.bias)
+
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` with the decoded weight (bit-identical)."""
+        weight = unpack_bitmask(self.packed)
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    def extra_repr(self) -> str:
+        p = self.packed
+        return f"in_features={self.in_features}, out_features={self.out_features}, nnz={p.nnz}, sparsity={p.sparsity:.4f}"
+
+
+def _quiet_unless(show_progress: bool) -> dict:
+    """tqdm kwargs: silent when asked; otherwise leave ``disable`` unset so ``TQDM_DISABLE=1`` wins."""
+    return {} if show_progress else {"disable": True}
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+# --- saving ----------------------------------------------------------------------------------------
+
+def _check_plain_model(model: nn.Module, what: str) -> None:
+    if hasattr(model, "peft_config") or hasattr(model, "get_base_model"):
+        raise ValueError(f"{what} needs a plain transformers model, got a peft model "
+                         f"({type(model).__name__}) with unmerged adapters: merge them first "
+                         "(sp.merge_and_unload_sparse(peft_model) or peft_model.merge_and_unload())")
+    if not hasattr(model, "config") or not hasattr(model.config, "save_pretrained"):
+        raise ValueError(f"{what} needs a transformers model with a .config, got {type(model).__name__}")
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _dtype_from_name(name: str, where: str) -> torch.dtype:
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"{where}: unknown dtype {name!r}")
+    return dtype
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    for param in model.parameters():
+        if param.is_floating_point():
+            return param.dtype
+    return torch.float32
+
+
+def _packed_layers(model: nn.Module) -> dict[str, PackedBitmask | nn.Linear]:
+    """Parameter name of each weight that may be packed -> an already packed layer's parts, or
+    the linear whose weight to pack."""
+    layers: dict[str, PackedBitmask | nn.Linear] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, BitmaskLinear):
+            layers[f"{name}.weight"] = module.packed
+    for name, linear in named_linears(model):
+        layers[f"{name}.weight"] = linear
+    return layers
+
+
+def save_sparse(model: nn.Module, save_directory: str | os.PathLike, tokenizer=None, show_progress: bool = True) -> dict:
+    """Write ``model`` as a compressed sparse checkpoint; returns the format record (the JSON).
+
+    Each linear weight (output head excluded) is stored packed when that is smaller than dense,
+    i.e. at sparsity above ``1 / (8 * bytes per element)`` (6.25% in bf16); a dense layer stays as
+    it is. Tied weights are stored once. ``load_sparse`` restores the model bit for bit.
+    """
+    _check_plain_model(model, "save_sparse")
+    out_dir = Path(save_directory)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+
+    tensors: dict[str, torch.Tensor] = {}
+    layers: dict[str, dict] = {}
+    aliases: dict[str, str] = {}
+    first_name_of: dict[tuple, str] = {}
+    packable = _packed_layers(model)
+    for name in tqdm(list(packable), desc="packing sparse weights", **_quiet_unless(show_progress)):
+        source = packable[name]
+        if isinstance(source, PackedBitmask):
+            packed, weight = source, None
+        else:
+            weight = source.weight.detach()
+            if not weight.is_floating_point():
+                continue  # a quantized linear: stored as-is below
+            packed = pack_bitmask(weight)
+            if packed.nbytes >= weight.numel() * weight.element_size():
+                continue  # too dense to gain from packing: stored as-is below
+        pattern = layer_sparsity(weight if weight is not None else unpack_bitmask(packed)).pattern
+        tensors[name + VALUES_SUFFIX] = packed.values.contiguous().cpu()
+        tensors[name + BITS_SUFFIX] = packed.bits.contiguous().cpu()
+        layers[name] = {"layout": "bitmask", "dtype": _dtype_name(packed.dtype), "shape": list(packed.shape),
+                        "nnz": packed.nnz, "pattern": pattern}
+        if weight is not None:
+            first_name_of[(weight.data_ptr(), tuple(weight.shape), weight.dtype)] = name
+
+    for name, tensor in state.items():
+        if name in layers:
+            continue
+        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
+        if tensor.numel() and key in first_name_of:  # a tied weight: store it once
+            aliases[name] = first_name_of[key]
+            continue
+        first_name_of[key] = name
+        tensors[name] = tensor.detach().contiguous().cpu()
+
+    from safetensors.torch import save_file
+
+    weights_path = out_dir / WEIGHTS_FILE
+    save_file(tensors, str(weights_path), metadata={"format": FORMAT_NAME, "version": str(FORMAT_VERSION)})
+    record = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "weights_file": WEIGHTS_FILE,
+        "weights_bytes": weights_path.stat().st_size,
+        "weights_sha256": _file_digest(weights_path),
+        "dtype": _dtype_name(_model_dtype(model)),
+        "layers": layers,
+        "aliases": aliases,
+    }
+    (out_dir / FORMAT_FILE).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    model.config.save_pretrained(out_dir)
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and hasattr(generation_config, "save_pretrained"):
+        generation_config.save_pretrained(out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    return record
+
+
+def export_dense(model: nn.Module, save_directory: str | os.PathLike, tokenizer=None) -> None:
+    """Write a plain transformers checkpoint (safetensors, zeros kept) that
+    ``AutoModelForCausalLM.from_pretrained`` and any other tool loads."""
+    _check_plain_model(model, "export_dense")
+    if any(isinstance(m, BitmaskLinear) for m in model.modules()):
+        model = copy.deepcopy(model)  # decode the packed layers in a copy: leave the caller's model as is
+        for name, module in list(model.named_modules()):
+            if isinstance(module, BitmaskLinear):
+                _set_module(model, name, module.to_linear())
+    model.save_pretrained(save_directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(save_directory)
+
+
+# --- loading ---------------------------------------------------------------------------------------
+
+def is_sparse_checkpoint(path: str | os.PathLike) -> bool:
+    return (Path(path) / FORMAT_FILE).is_file()
+
+
+def read_format(directory: str | os.PathLike) -> dict:
+    """The checkpoint's format record, checked for name, version and the fields loading needs."""
+    path = Path(directory) / FORMAT_FILE
+    if not path.is_file():
+        raise ValueError(f"{directory}: not a sparse-peft checkpoint (no {FORMAT_FILE})")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT_NAME:
+        got = record.get("format") if isinstance(record, dict) else type(record).__name__
+        raise ValueError(f"{path}: format is {got!r}, expected {FORMAT_NAME!r}")
+    if record.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: format version {record.get('version')!r} is not supported "
+                         f"(this sparse-peft reads version {FORMAT_VERSION})")
+    for field_name, kind in (("weights_file", str), ("weights_bytes", int), ("weights_sha256", str),
+                             ("dtype", str), ("layers", dict), ("aliases", dict)):
+        if not isinstance(record.get(field_name), kind):
+            raise ValueError(f"{path}: field {field_name!r} is missing or not a {kind.__name__}")
+    if Path(record["weights_file"]).name != record["weights_file"]:
+        raise ValueError(f"{path}: weights_file {record['weights_file']!r} must be a plain file name")
+    return record
+
+
+def _read_tensors(directory: Path, record: dict, verify_checksum: bool) -> dict[str, torch.Tensor]:
+    weights_path = directory / record["weights_file"]
+    if not weights_path.is_file():
+        raise ValueError(f"{weights_path}: missing (named by {FORMAT_FILE})")
+    size = weights_path.stat().st_size
+    if size != record["weights_bytes"]:
+        raise ValueError(f"{weights_path}: {size} bytes, {FORMAT_FILE} says {record['weights_bytes']} "
+                         "(truncated or replaced)")
+    if verify_checksum:
+        digest = _file_digest(weights_path)
+        if digest != record["weights_sha256"]:
+            raise ValueError(f"{weights_path}: SHA-256 {digest} does not match {FORMAT_FILE} "
+                             f"({record['weights_sha256']}): the file is corrupted")
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(weights_path))
+    except Exception as err:  # safetensors raises its own error types for a damaged header
+        raise ValueError(f"{weights_path}: not a readable safetensors file ({err})") from None
+
+
+def _unpacked_layer(name: str, info: dict, tensors: dict, expected: torch.Tensor | None, where: str) -> PackedBitmask:
+    """Check one packed layer against the JSON and the model; return its parts."""
+    loc = f"{where}: layer {name!r}"
+    if not isinstance(info, dict) or info.get("layout") != "bitmask":
+        raise ValueError(f"{loc}: unknown layout {info.get('layout') if isinstance(info, dict) else info!r}")
+    values, bits = tensors.pop(name + VALUES_SUFFIX, None), tensors.pop(name + BITS_SUFFIX, None)
+    if values is None or bits is None:
+        raise ValueError(f"{loc}: {VALUES_SUFFIX if values is None else BITS_SUFFIX} tensor is missing")
+    shape = info.get("shape")
+    if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(d, int) for d in shape)):
+        raise ValueError(f"{loc}: shape {shape!r} is not [out, in]")
+    if expected is None:
+        raise ValueError(f"{loc}: the model built from config.json has no such parameter")
+    if tuple(expected.shape) != tuple(shape):
+        raise ValueError(f"{loc}: stored shape {tuple(shape)} does not match the model's {tuple(expected.shape)}")
+    dtype = _dtype_from_name(info.get("dtype"), loc)
+    if values.dtype != dtype:
+        raise ValueError(f"{loc}: values are {values.dtype}, {FORMAT_FILE} says {dtype}")
+    validate_packed(values, bits, shape, loc)
+    if values.numel() != info.get("nnz"):
+        raise ValueError(f"{loc}: {values.numel()} values stored, {FORMAT_FILE} says nnz={info.get('nnz')!r}")
+    packed = PackedBitmask(values, bits, row_offsets_from_bits(bits, shape[1]), (shape[0], shape[1]))
+    if info.get("pattern"):
+        n, m = parse_pattern(info["pattern"])
+        if not is_nm_sparse(packed.mask(), n, m):
+            raise ValueError(f"{loc}: the bits break the recorded {info['pattern']} pattern")
+    return packed
+
+
+def load_sparse(directory: str | os.PathLike, packed: bool = False, device=None, verify_checksum: bool = True,
+                show_progress: bool = True):
+    """Load a checkpoint written by ``save_sparse`` into a plain transformers causal LM.
+
+    Every tensor comes back bit-identical to the saved model. With ``packed=True`` the packed
+    linears become ``BitmaskLinear`` modules that keep values + bitmask in memory and decode per
+    call (``sparse_peft.ops.bitmask_linear`` when available, a PyTorch reference otherwise).
+    The tokenizer, if saved, loads with ``AutoTokenizer.from_pretrained(directory)``.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    directory = Path(directory)
+    record = read_format(directory)
+    where = str(directory / record["weights_file"])
+    tensors = _read_tensors(directory, record, verify_checksum)
+    try:
+        config = AutoConfig.from_pretrained(directory)
+    except Exception as err:
+        raise ValueError(f"{directory / 'config.json'}: cannot read the model config ({err})") from None
+    model_dtype = _dtype_from_name(record["dtype"], str(directory / FORMAT_FILE))
+    model = AutoModelForCausalLM.from_config(config, dtype=model_dtype)
+    expected = model.state_dict()
+
+    packed_layers: dict[str, PackedBitmask] = {}
+    for name, info in tqdm(record["layers"].items(), desc="unpacking sparse weights", **_quiet_unless(show_progress)):
+        packed_layers[name] = _unpacked_layer(name, info, tensors, expected.get(name), where)
+
+    state: dict[str, torch.Tensor] = {}
+    if not packed:
+        state.update({name: unpack_bitmask(p) for name, p in packed_layers.items()})
+    for name, tensor in tensors.items():
+        if name.endswith((VALUES_SUFFIX, BITS_SUFFIX)):
+            raise ValueError(f"{where}: tensor {name!r} belongs to no packed layer in {FORMAT_FILE}")
+        state[name] = tensor
+    for alias, target in record["aliases"].items():
+        if target not in state and target not in packed_layers:
+            raise ValueError(f"{where}: tied weight {alias!r} points to {target!r}, which is not stored")
+        state[alias] = state[target] if target in state else unpack_bitmask(packed_layers[target])
+
+    if packed:
+        for name, parts in packed_layers.items():
+            module_name = name.removesuffix(".weight")
+            # The bias stays in ``state``: load_state_dict below assigns it to the new module.
+            bias = state.get(f"{module_name}.bias")
+            _set_module(model, module_name, BitmaskLinear(parts, bias))
+        expected = model.state_dict()
+
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{where}: does not match the model built from config.json: "
+                         f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                         f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise ValueError(f"{where}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                             f"the model expects {tuple(expected[name].shape)}")
+    # assign=True keeps each stored tensor as it is (dtype included): bit-identical, no cast.
+    model.load_state_dict(state, strict=True, assign=True)
+    if getattr(config, "tie_word_embeddings", False) or record["aliases"]:
+        model.tie_weights()
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return model
+
+
+# --- sizes (tests and benchmarks/checkpoint_size.py) ----------------------------------------------
+
+def checkpoint_bytes(directory: str | os.PathLike) -> dict:
+    """Bytes on disk: the whole weights file, the packed linear tensors, the other tensors, and
+    what the packed linears would take dense in bf16."""
+    from safetensors import safe_open
+
+    directory = Path(directory)
+    record = read_format(directory)
+    weights_path = directory / record["weights_file"]
+    packed_bytes = other_bytes = 0
+    with safe_open(str(weights_path), framework="pt") as f:
+        for name in f.keys():
+            piece = f.get_slice(name)
+            numel = 1
+            for d in piece.get_shape():
+                numel *= d
+            nbytes = numel * _dtype_from_name(_safetensors_dtype(piece.get_dtype()), name).itemsize
+            if name.endswith((VALUES_SUFFIX, BITS_SUFFIX)):
+                packed_bytes += nbytes
+            else:
+                other_bytes += nbytes
+    dense_bf16 = sum(2 * info["shape"][0] * info["shape"][1] for info in record["layers"].values())
+    return {"file": weights_path.stat().st_size, "packed_linears": packed_bytes, "other_tensors": other_bytes,
+            "dense_bf16_linears": dense_bf16}
+
+
+_SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "U8": "uint8",
+                       "I8": "int8", "I16": "int16", "I32": "int32", "I64": "int64", "BOOL": "bool"}
+
+
+def _safetensors_dtype(name: str) -> str:
+    return _SAFETENSORS_DTYPES.get(name, name.lower())
