@@ -24,6 +24,17 @@ class InputNormStat:
         self.sum_sq += x.square().sum(dim=0).double()
         self.n_tokens += x.shape[0]
 
+    def all_reduce_(self) -> "InputNormStat":
+        """Sum the statistics over data-parallel ranks (each saw its own tokens), so Wanda scores,
+        and the masks made from them, are the same on every rank."""
+        from .._distributed import all_reduce_sum_, world_size
+
+        if world_size() > 1:
+            all_reduce_sum_(self.sum_sq)
+            self.n_tokens = int(all_reduce_sum_(torch.tensor([self.n_tokens], dtype=torch.float64,
+                                                             device=self.sum_sq.device)).item())
+        return self
+
     def rms(self) -> torch.Tensor:
         """``||X_j||_2 / sqrt(n_tokens)``: the same per-row ordering as the plain norm, and
         comparable across layers that saw the same tokens (OWL compares scores within a block)."""

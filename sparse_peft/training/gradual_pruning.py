@@ -186,7 +186,9 @@ def _prune(tuner, config, plan, targets, to_prune, calibration) -> int:
         raise ValueError(f"Wanda needs activation norms to prune {sorted(empty)[0]!r}: none were collected since "
                          "the last pruning event. Pass calibration=[token batches] to gradual_prune_step / "
                          "GradualPruningCallback, or run training forwards (model.train()) before this step.")
-    return sum(_prune_linear(plan.linears[name], wanda_scores(plan.linears[name].weight, tuner.running_norms[name]),
+    # Under data parallelism each rank saw other tokens: sum the norms first so all ranks prune alike.
+    return sum(_prune_linear(plan.linears[name],
+                             wanda_scores(plan.linears[name].weight, tuner.running_norms[name].all_reduce_()),
                              targets[name]) for name in sorted(to_prune))
 
 

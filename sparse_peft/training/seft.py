@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from .._distributed import all_reduce_sum_
 from ..tuners.seft.config import SEFTConfig
 from ..tuners.seft.layer import SEFTLayer
 
@@ -58,13 +59,6 @@ def _collects_during(config: SEFTConfig, step: int, total_steps: Optional[int]) 
     return drop_fraction_at(config, next_update, total_steps) > 0
 
 
-def _all_reduce_(tensor: torch.Tensor) -> None:
-    """Sum over data-parallel ranks, so every rank takes the same topology decision."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        if torch.distributed.get_world_size() > 1:
-            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
-
-
 @torch.no_grad()
 def seft_step(peft_model, optimizer: Optional[torch.optim.Optimizer], step: int, total_steps: Optional[int] = None,
               adapter_name: Optional[str] = None) -> dict[str, dict]:
@@ -88,7 +82,7 @@ def seft_step(peft_model, optimizer: Optional[torch.optim.Optimizer], step: int,
                 raise RuntimeError(f"SEFT update at step {step}: no gradient was accumulated for {missing[:3]} "
                                    f"(were they used in the forward?)")
             for name, layer in layers.items():
-                _all_reduce_(layer.grad_accum)
+                all_reduce_sum_(layer.grad_accum)  # every rank decides on the same gradient
                 changes[name] = layer.update_topology(
                     adapter_name, fraction, drop_criterion=config.drop_criterion,
                     sensitivity_criterion=config.sensitivity_criterion, regrow_init=config.regrow_init,
