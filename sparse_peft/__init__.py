@@ -8,6 +8,7 @@ from ._peft_registry import register_all as _register_all
 from . import sparsity
 from .merge import MergeReport, merge_and_unload_sparse
 from .io import export_dense, load_sparse, save_sparse
+from .evaluation import evaluate
 from .sparsity import (
     SparsityReport,
     cubic_sparsity,
@@ -56,6 +57,7 @@ __all__ = [
     "is_nm_sparse",
     "mask_fingerprint",
     "merge_and_unload_sparse",
+    "evaluate",
     "export_dense",
     "load_sparse",
     "save_sparse",

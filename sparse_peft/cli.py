@@ -228,53 +228,14 @@ def cmd_finetune(args) -> None:
 
 # --- eval ------------------------------------------------------------------------------------------
 
-@torch.no_grad()
 def arc_zero_shot(model, tokenizer, jsonl_path: str, limit: int | None = None, show_progress: bool = True) -> dict:
-    """Zero-shot multiple choice on ARC-format JSON lines (question.stem, question.choices[].text/
-    label, answerKey): each choice is scored by the log-likelihood of `` <text>`` after
-    ``Question: <stem>\\nAnswer:``; ``acc`` takes the highest sum, ``acc_norm`` the highest per
-    character (the length-normalised score of the usual harnesses)."""
-    from tqdm.auto import tqdm
+    """``sparse_peft.evaluation.arc_zero_shot`` with its errors as one-line CLI errors."""
+    from .evaluation import arc_zero_shot as evaluate_arc
 
-    path = Path(jsonl_path)
-    if not path.is_file():
-        raise CliError(f"--arc {jsonl_path!r}: no such file")
-    items = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            stem, choices, answer = row["question"]["stem"], row["question"]["choices"], row["answerKey"]
-            labels = [c["label"] for c in choices]
-            texts = [c["text"] for c in choices]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise CliError(f"--arc {jsonl_path!r} line {line_no}: not an ARC question (question.stem, "
-                           "question.choices, answerKey)") from None
-        if answer not in labels:
-            raise CliError(f"--arc {jsonl_path!r} line {line_no}: answerKey {answer!r} is not one of {labels}")
-        items.append((stem, labels, texts, answer))
-        if limit is not None and len(items) >= limit:
-            break
-    if not items:
-        raise CliError(f"--arc {jsonl_path!r}: no questions")
-    device = next(model.parameters()).device
-    correct = correct_norm = 0
-    quiet = {} if show_progress else {"disable": True}  # leave TQDM_DISABLE in charge otherwise
-    for stem, labels, texts, answer in tqdm(items, desc="zero-shot", **quiet):
-        context = tokenizer(f"Question: {stem}\nAnswer:", add_special_tokens=False)["input_ids"]
-        scores, norm_scores = [], []
-        for text in texts:
-            continuation = tokenizer(f" {text}", add_special_tokens=False)["input_ids"]
-            ids = torch.tensor([context + continuation], device=device)
-            log_probs = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
-            targets = ids[0, len(context):]
-            score = log_probs[len(context) - 1:].gather(-1, targets[:, None]).sum().item()
-            scores.append(score)
-            norm_scores.append(score / max(1, len(text)))
-        correct += labels[max(range(len(texts)), key=scores.__getitem__)] == answer
-        correct_norm += labels[max(range(len(texts)), key=norm_scores.__getitem__)] == answer
-    return {"questions": len(items), "acc": correct / len(items), "acc_norm": correct_norm / len(items)}
+    try:
+        return evaluate_arc(model, tokenizer, jsonl_path, limit=limit, show_progress=show_progress)
+    except ValueError as error:
+        raise CliError(f"--arc: {error}") from None
 
 
 def cmd_eval(args) -> None:
