@@ -89,9 +89,10 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def train(peft_model, batches, lr: float, show_progress: bool = True, after_step=None) -> list[float]:
+def train(peft_model, batches, lr: float, show_progress: bool = True, after_step=None, loss_fn=None) -> list[float]:
     """AdamW + cosine over ``batches``; ``after_step(step, optimizer)`` runs after each optimizer step
-    (SEFT's topology updates). Returns the step times."""
+    (SEFT's topology updates, SPT's pruning); ``loss_fn(model, batch)`` replaces plain CE (SquareHead).
+    Returns the step times."""
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
@@ -103,7 +104,7 @@ def train(peft_model, batches, lr: float, show_progress: bool = True, after_step
     bar = tqdm(batches, desc="training", disable=not show_progress)
     for batch in bar:
         t0 = time.perf_counter()
-        loss = peft_model(input_ids=batch, labels=batch).loss
+        loss = loss_fn(peft_model, batch) if loss_fn else peft_model(input_ids=batch, labels=batch).loss
         loss.backward()
         optimizer.step()
         scheduler.step()
@@ -154,6 +155,11 @@ def main(argv=None) -> dict:
     p.add_argument("--eval-windows", type=int, default=24)
     p.add_argument("--eval-seq-len", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--loss", default="ce", choices=["ce", "squarehead"],
+                   help="squarehead: CE + lambda x SquareHead distillation from the dense teacher")
+    p.add_argument("--squarehead-lambda", type=float, default=1.0)
+    p.add_argument("--teacher", default=None,
+                   help="teacher model (default: the dense model before pruning, kept frozen in memory)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None, help="append one JSON line here")
     p.add_argument("--cache-dir", default="runs/cache", help="reuse pruned weights across runs ('' to disable)")
@@ -177,6 +183,22 @@ def main(argv=None) -> dict:
                steps=args.steps, tokens_seen=args.steps * args.batch_size * args.seq_len, lr=args.lr,
                seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed)
     row["ppl_dense"] = ppl(model)
+    row["loss"] = args.loss
+    loss_fn = None
+    if args.loss == "squarehead":
+        import copy
+
+        from sparse_peft.training.squarehead import SquareHeadLoss, teacher_hidden_states
+
+        teacher = load_model_and_tokenizer(args.teacher)[0] if args.teacher else copy.deepcopy(model)
+        teacher.eval().requires_grad_(False)
+        squarehead = SquareHeadLoss()
+        row["squarehead_lambda"], row["teacher"] = args.squarehead_lambda, args.teacher or "dense (untuned)"
+
+        def loss_fn(student, batch):
+            outputs = student(input_ids=batch, labels=batch, output_hidden_states=True)
+            teacher_hidden = teacher_hidden_states(teacher, {"input_ids": batch})
+            return outputs.loss + args.squarehead_lambda * squarehead(outputs.hidden_states, teacher_hidden)
     if args.method == "spt" and (args.pattern or args.pruner == "sparsegpt" or not args.sparsity > 0):
         p.error("--method spt prunes gradually to an unstructured --sparsity > 0 with --pruner wanda or magnitude")
     if args.method == "spt":  # one-shot ppl_pruned for comparison, then SPT starts again from the dense weights
@@ -223,7 +245,7 @@ def main(argv=None) -> dict:
                 sp.gradual_prune_step(peft_model, step, calibration=spt_calibration)
 
             after_step(0, None)  # the schedule's start (prunes only if --spt-initial-sparsity > 0)
-        step_times = train(peft_model, batches, args.lr, after_step=after_step)
+        step_times = train(peft_model, batches, args.lr, after_step=after_step, loss_fn=loss_fn)
         if args.method == "seft":
             row.update({f"seft_{key}": value for key, value in seft_totals.items()})
         if args.method == "lora":

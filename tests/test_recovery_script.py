@@ -1,0 +1,65 @@
+"""benchmarks/recovery.py end to end on a tiny model: every method and loss writes a sane row."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tiny_model
+from test_cli import char_tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import recovery  # noqa: E402
+
+TEXT = "the quick brown fox jumps over the lazy dog. a stitch in time saves nine.\n" * 60
+
+
+@pytest.fixture
+def tiny_run(tmp_path, monkeypatch):
+    (tmp_path / "wiki.test.raw").write_text(TEXT)
+    (tmp_path / "wiki.valid.tokens").write_text(TEXT)
+    monkeypatch.setattr(recovery, "load_model_and_tokenizer", lambda path=None: (make_tiny_model("llama"),
+                                                                                 char_tokenizer()))
+
+    def run(*extra):
+        out = tmp_path / "rows.jsonl"
+        argv = ["--data", str(tmp_path), "--steps", "4", "--seq-len", "16", "--batch-size", "2",
+                "--calib-samples", "2", "--calib-seq-len", "16", "--eval-windows", "2", "--eval-seq-len", "16",
+                "--cache-dir", "", "--out", str(out), *extra]
+        row = recovery.main(argv)
+        assert json.loads(out.read_text().splitlines()[-1]) == row
+        return row
+
+    return run
+
+
+@pytest.mark.parametrize("method", ["masked_lora", "spp", "lora"])
+def test_mask_keeping_rows(tiny_run, method):
+    row = tiny_run("--method", method, "--sparsity", "0.5", "--lr", "1e-2")
+    assert row["sparsity_before"] == pytest.approx(0.5, abs=1e-9)
+    assert row["sparsity_after_merge"] == pytest.approx(0.5, abs=1e-9)
+    assert row["mask_identical"] is True
+    assert row["trainable_params"] > 0 and row["steps"] == 4 and row["tokens_seen"] == 4 * 2 * 16
+    assert row["ppl_after"] > 1.0
+    if method == "lora":
+        assert row["sparsity_after_plain_merge"] < 0.01  # peft's own merge densifies
+
+
+def test_seft_row_moves_positions_keeps_counts(tiny_run):
+    row = tiny_run("--method", "seft", "--sparsity", "0.5", "--lr", "1e-2", "--seft-interval", "2",
+                   "--seft-density", "0.05")
+    assert row["counts_identical"] is True and row["seft_grown"] > 0
+    assert row["sparsity_after_merge"] == pytest.approx(0.5, abs=1e-9)
+
+
+def test_spt_row_prunes_gradually_to_the_target(tiny_run):
+    row = tiny_run("--method", "spt", "--sparsity", "0.5", "--lr", "1e-2", "--spt-prompt-length", "2",
+                   "--spt-prune-steps", "2")
+    assert row["layers_at_target"] is True
+    assert row["sparsity_after_merge"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_squarehead_loss_row(tiny_run):
+    row = tiny_run("--method", "masked_lora", "--sparsity", "0.5", "--lr", "1e-2", "--loss", "squarehead")
+    assert row["loss"] == "squarehead" and row["mask_identical"] is True
