@@ -5,7 +5,7 @@ Importing this package registers its PEFT methods with peft, so ``get_peft_model
 """
 
 from ._peft_registry import register_all as _register_all
-from . import sparsity
+from . import ops, sparsity
 from .merge import MergeReport, merge_and_unload_sparse
 from .io import export_dense, load_sparse, save_sparse
 from .evaluation import evaluate

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
+# Triton fixes at decoration time whether @triton.jit code (its own tl.sum/tl.cumsum included) runs
+# in its CPU interpreter, and importing sparse_peft/peft already imports triton through torch._dynamo.
+# So the switch must be set before any test module is imported, for tests/test_kernels.py to run the
+# kernels on the CPU. No other test touches Triton. An explicit TRITON_INTERPRET=0 is respected.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars are quiet in tests
 # Tiny models: one thread is faster than two fighting over scheduling (and over a busy machine).

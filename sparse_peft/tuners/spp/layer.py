@@ -14,6 +14,7 @@ from torch import nn
 from ...sparsity.masks import mask_fingerprint, restore_mask
 from .._shared import attach_sparsity_mask
 from .functional import merge_factor, spp_delta_reference, spp_delta_weight
+from ... import ops
 
 
 class SPPLayer(BaseTunerLayer):
@@ -155,6 +156,11 @@ class Linear(nn.Module, SPPLayer):
             return self.base_layer(x, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
+        fused = self._fused_adapter(x)
+        if fused is not None:
+            # One CUDA kernel for base + delta: W ⊙ (1 + α R(A) ⊙ b) is built tile by tile, never stored.
+            base = self.get_base_layer()
+            return ops.spp_linear(x, base.weight, self.spp_A[fused], self.spp_b[fused], self.alpha[fused], base.bias)
         result = self.base_layer(x, *args, **kwargs)
         weight = self.get_base_layer().weight
         for name in self.active_adapters:
@@ -164,6 +170,22 @@ class Linear(nn.Module, SPPLayer):
             delta = spp_delta_reference(x_in, weight, self.spp_A[name], self.spp_b[name], self.alpha[name])
             result = result + delta.to(result.dtype)
         return result
+
+    def _fused_adapter(self, x: torch.Tensor) -> Optional[str]:
+        """The adapter to run through the fused ``ops.spp_linear`` kernel, or ``None`` for the
+        reference path: only CUDA inputs, one active SPP adapter without dropout, a plain frozen
+        ``nn.Linear`` base whose dtype matches ``x`` (CPU behaviour is unchanged)."""
+        if not x.is_cuda:
+            return None
+        active = [name for name in self.active_adapters if name in self.spp_A]
+        if len(active) != 1 or not isinstance(self.spp_dropout[active[0]], nn.Identity):
+            return None
+        base = self.get_base_layer()
+        if type(base) is not nn.Linear or base.weight.requires_grad or base.weight.dtype != x.dtype:
+            return None
+        if base._forward_hooks or base._forward_pre_hooks:
+            return None  # hooks on the base layer expect it to be called
+        return active[0]
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return False
