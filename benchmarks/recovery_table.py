@@ -13,22 +13,37 @@ def fmt(value, spec=".1f"):
     return "–" if value is None else format(value, spec)
 
 
+def notes(r: dict) -> str:
+    """What a method adds to its row (SEFT's moved positions, SPT's gradual pruning, the loss)."""
+    out = []
+    if r.get("loss", "ce") != "ce":
+        out.append(f"{r['loss']} λ={r.get('squarehead_lambda', 1):g}")
+    if r["method"] == "seft":
+        out.append(f"regrown {r['seft_regrown']:,}, moved {r['positions_moved']:,}, counts kept: {r['counts_identical']}")
+    if r["method"] == "spt":
+        out.append(f"pruned 0→{r['sparsity']:.0%} while tuning; without prompts {fmt(r.get('ppl_after_without_prompts'))}; "
+                   f"{r['zeros_shared_with_oneshot']:.0%} of one-shot zeros shared")
+    return "; ".join(out)
+
+
 def render(rows: list[dict]) -> str:
     lines = [
         "| method | pruner | target | lr | ppl dense | ppl pruned | ppl after (unmerged) | ppl after merge "
-        "| sparsity after merge | plain merge sparsity | mask identical | trainable params | step time (s) | peak RSS (MB) |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
+        "| sparsity after merge | plain merge sparsity | mask identical | trainable params | step time (s) "
+        "| peak RSS (MB) | notes |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|",
     ]
     for r in rows:
         target = r.get("pattern") or f"{r['sparsity']:.0%}"
         # plain LoRA's "after merge" is merge-then-re-mask; its own merge's sparsity is the next-but-one column
         method = r["method"] + (" (re-masked)" if "sparsity_after_plain_merge" in r else "")
+        mask = {"seft": "moved (same counts)", "spt": "new (gradual)"}.get(r["method"], r["mask_identical"])
         lines.append(
             f"| {method} | {r['pruner'] if r['sparsity'] or r.get('pattern') else '–'} | {target} | {r['lr']:g} "
             f"| {fmt(r['ppl_dense'])} | {fmt(r['ppl_pruned'])} | {fmt(r.get('ppl_after_unmerged'))} "
             f"| {fmt(r['ppl_after'])} | {r['sparsity_after_merge']:.4f} "
-            f"| {fmt(r.get('sparsity_after_plain_merge'), '.4f')} | {r['mask_identical']} "
-            f"| {r['trainable_params']:,} | {r['step_time_s']:.2f} | {r['peak_mem_mb']:.0f} |"
+            f"| {fmt(r.get('sparsity_after_plain_merge'), '.4f')} | {mask} "
+            f"| {r['trainable_params']:,} | {r['step_time_s']:.2f} | {r['peak_mem_mb']:.0f} | {notes(r)} |"
         )
     return "\n".join(lines)
 
