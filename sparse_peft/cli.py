@@ -24,7 +24,7 @@ import torch
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_USAGE = 0, 1, 2
 PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
-FINETUNE_METHODS = ("masked_lora", "spp")
+FINETUNE_METHODS = ("masked_lora", "spp", "seft")
 
 
 class CliError(Exception):
@@ -166,6 +166,8 @@ def peft_config_from_args(args):
     if args.method == "masked_lora":
         return sp.MaskedLoraConfig(r=args.r, lora_alpha=args.lora_alpha if args.lora_alpha is not None else 2 * args.r,
                                    lora_dropout=args.dropout, target_modules=targets)
+    if args.method == "seft":
+        return sp.SEFTConfig(density=args.density, update_interval=args.update_interval, target_modules=targets)
     return sp.SPPConfig(r=args.r, alpha=args.spp_alpha, dropout=args.dropout, target_modules=targets)
 
 
@@ -213,13 +215,15 @@ def cmd_finetune(args) -> None:
         dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=os.environ.get("TQDM_DISABLE") == "1",
     )
-    trainer = Trainer(model=peft_model, args=training_args, train_dataset=dataset)
+    # SEFT moves its topology every --update-interval steps (each layer keeps its count of zeros).
+    callbacks = [sp.SEFTCallback()] if args.method == "seft" else []
+    trainer = Trainer(model=peft_model, args=training_args, train_dataset=dataset, callbacks=callbacks)
     trainer.train(resume_from_checkpoint=resume)
     peft_model.save_pretrained(out / "adapter")
     merged, _ = sp.merge_and_unload_sparse(peft_model)
     after = sp.sparsity_report(merged)
     changed = [name for name in before.layers if before.layers[name].zeros != after.layers[name].zeros]
-    if changed:  # the methods here never change a mask: this would be a bug, not a user error
+    if changed:  # no method here changes a layer's count of zeros: this would be a bug, not a user error
         raise RuntimeError(f"sparsity changed in {len(changed)} layers after merging, e.g. {changed[0]}")
     save_model(merged, str(out), tokenizer, args.format)
     print(f"fine-tuned {args.steps} steps with {args.method}; merged model ({args.format}, sparsity "
@@ -392,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--r", type=_positive_int, default=8, help="rank (masked_lora) / rows of A (spp)")
     p.add_argument("--lora-alpha", type=float, default=None, help="masked_lora scaling numerator (default 2r)")
     p.add_argument("--spp-alpha", type=float, default=1.0, help="spp update scaling")
+    p.add_argument("--density", type=_check_fraction("--density"), default=0.02,
+                   help="seft: trainable fraction of each layer")
+    p.add_argument("--update-interval", type=_positive_int, default=20, help="seft: steps between topology updates")
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--target-modules", nargs="+", default=["all-linear"])
     p.add_argument("--steps", type=_positive_int, default=200)

@@ -46,7 +46,8 @@ def merge_and_unload_sparse(peft_model: nn.Module, adapter_names: list[str] | No
 
     Works for any peft tuner whose layers implement ``merge`` (LoRA, AdaLoRA, IA3, VeRA, ... and
     sparse-peft's own). The mask of a layer is its base weight's support (``W != 0``) before the
-    merge; after the merge every position outside it is exactly ``0.0`` and every position inside
+    merge (or, for a layer that moves its topology on purpose such as SEFT's, the mask its
+    ``merge_target_mask`` gives); after the merge every position outside it is exactly ``0.0`` and every position inside
     stays nonzero, so each layer keeps its sparsity and pattern exactly.
 
     Returns ``(merged_model, report)``; the report says how much of each layer's update norm the
@@ -63,12 +64,17 @@ def merge_and_unload_sparse(peft_model: nn.Module, adapter_names: list[str] | No
         if weight is None:
             continue
         before = weight.detach().clone()
-        mask = weight_mask(before)
+        # A method that moves the topology on purpose (SEFT) says which mask its merge must end
+        # with; every other layer keeps the base's support.
+        target_mask = getattr(layer, "merge_target_mask", None)
+        mask = target_mask(adapter_names) if target_mask is not None else weight_mask(before)
         layer.merge(adapter_names=adapter_names)
         after = base.weight.data  # some tuners replace .data rather than editing it in place
         update = after.float() - before.float()
         update_norm = update.norm().item()
-        cut_norm = update.masked_fill(mask, 0.0).norm().item()
+        # What the re-mask removes: the merged weight outside the mask (the update there, since the
+        # base is zero there; zero for a method that ends on its own target mask).
+        cut_norm = after.float().masked_fill(mask, 0.0).norm().item()
         base.weight.data = restore_mask(after, mask)
         report.update_norm[name] = update_norm
         report.removed_fraction[name] = cut_norm / update_norm if update_norm > 0 else 0.0

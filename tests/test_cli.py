@@ -88,6 +88,22 @@ def test_prune_finetune_eval_export_report(workspace, capsys):
     assert "model.layers.0.self_attn.q_proj" in report_md
 
 
+def test_finetune_seft_moves_positions_and_keeps_counts(workspace):
+    w = workspace
+    text = w / "text.txt"
+    assert run("prune", "--model", w / "base", "--out", w / "pruned", "--method", "magnitude", "--sparsity", 0.5) == 0
+    assert run("finetune", "--model", w / "pruned", "--data", text, "--out", w / "tuned", "--method", "seft",
+               "--density", 0.05, "--update-interval", 2, "--steps", 4, "--batch-size", 2, "--seq-len", 32,
+               "--lr", 1e-2, "--save-steps", 4) == 0
+    pruned, tuned = sp.load_sparse(w / "pruned", show_progress=False), sp.load_sparse(w / "tuned", show_progress=False)
+    moved = 0
+    for name, linear in sp.sparsity.named_linears(tuned):
+        before = pruned.get_submodule(name).weight != 0
+        assert int((linear.weight != 0).sum()) == int(before.sum()), name  # same count per layer
+        moved += int(((linear.weight != 0) & ~before).sum())
+    assert moved > 0  # the topology really moved
+
+
 def test_finetune_resume_matches_uninterrupted_run(workspace):
     w = workspace
     assert run("prune", "--model", w / "base", "--out", w / "pruned", "--method", "magnitude",

@@ -83,6 +83,22 @@ def test_fifty_steps_topology_evolves_counts_stay(arch):
     assert rel_err(logits(merged), trained) < 1e-4
 
 
+def test_merge_and_unload_sparse_keeps_the_evolved_topology():
+    model = pruned_tiny_model("llama", 0.5)
+    peft_model = get_peft_model(model, sp.SEFTConfig(density=0.05, update_interval=5, drop_decay="constant"))
+    train_seft(peft_model, steps=10)
+    masks = current_masks(peft_model)
+    expected = {n: layer.effective_weight("default") for n, layer in seft_layers(peft_model).items()}
+    merged, report = sp.merge_and_unload_sparse(peft_model)
+    for name, lin in sp.sparsity.named_linears(merged):
+        assert torch.equal(lin.weight != 0, masks[name]), name
+        kept, want = lin.weight[masks[name]], expected[name][masks[name]]
+        # A kept position whose trained value is exactly 0 (re-grown, not trained yet) holds ±tiny.
+        assert torch.equal(kept[want != 0], want[want != 0]), name
+        assert (kept[want == 0].abs() <= torch.finfo(kept.dtype).tiny).all(), name
+    assert report.mean_removed_fraction == 0.0  # nothing SEFT trained falls outside its own mask
+
+
 def test_regrown_positions_become_nonzero_and_train():
     model = pruned_tiny_model("llama", 0.5)
     start_masks = linear_masks(model)

@@ -108,6 +108,14 @@ class SEFTLayer(BaseTunerLayer):
         flat[self.seft_removed[adapter_name]] = False
         return mask
 
+    def merge_target_mask(self, adapter_names: Optional[list[str]] = None) -> torch.Tensor:
+        """The mask a merge of ``adapter_names`` (default: the active SEFT adapter) ends with: its
+        evolved topology, not the base's (``sp.merge_and_unload_sparse`` re-masks with this)."""
+        names = [n for n in (adapter_names or self.active_adapters) if n in self.seft_delta]
+        if len(names) != 1:
+            raise ValueError(f"SEFT merges one adapter per layer, got {names}")
+        return self.current_mask(names[0])
+
     def _original_weight(self) -> torch.Tensor:
         weight = self.get_base_layer().weight
         if not self.merged:
