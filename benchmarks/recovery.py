@@ -70,19 +70,28 @@ def prune_cached(model, train_ids, args) -> None:
 
     key = "-".join(str(v) for v in (Path(args.model or "smollm2").name, args.pruner, args.pattern or args.sparsity,
                                      args.calib_samples, args.calib_seq_len, args.seed)).replace(":", "_")
+    if args.induce:  # induction also rescales norm weights and v/up biases: cache those too
+        key += f"-induce{args.induce_alpha:g}"
     path = Path(args.cache_dir) / f"pruned-{key}.safetensors" if args.cache_dir else None
     linears = dict(sp.sparsity.named_linears(model))
+    induced_params = ({name: p for name, p in model.named_parameters()
+                       if name.endswith("norm.weight") or name.endswith(".bias")} if args.induce else {})
     if path is not None and path.exists():
         weights = load_file(path)
         for name, lin in linears.items():
             lin.weight.data.copy_(weights[name])
+        for name, param in induced_params.items():
+            param.data.copy_(weights[name])
         return
     calibration = random_windows(train_ids, n=args.calib_samples, seq_len=args.calib_seq_len, seed=args.seed)
     sp.prune(model, method=args.pruner, sparsity=None if args.pattern else args.sparsity,
-             pattern=args.pattern, calibration=calibration)
+             pattern=args.pattern, calibration=calibration,
+             induce={"alpha": args.induce_alpha} if args.induce else False)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({name: lin.weight.detach().contiguous() for name, lin in linears.items()}, str(path))
+        tensors = {name: lin.weight.detach().contiguous() for name, lin in linears.items()}
+        tensors.update({name: p.detach().contiguous() for name, p in induced_params.items()})
+        save_file(tensors, str(path))
 
 
 def peak_rss_mb() -> float:
@@ -150,11 +159,17 @@ def main(argv=None) -> dict:
     p.add_argument("--spt-prune-steps", type=int, default=10, help="SPT pruning events after the start")
     p.add_argument("--spt-calib-samples", type=int, default=0,
                    help="SPT Wanda: calibration windows per pruning event (0: running norms of training batches)")
+    p.add_argument("--induce", action="store_true",
+                   help="Sparsity Induction (sp.induce_sparsity) with the calibration batches before pruning")
+    p.add_argument("--induce-alpha", type=float, default=1.0, help="induce_sparsity alpha")
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--calib-seq-len", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=24)
     p.add_argument("--eval-seq-len", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--arc-easy", type=int, default=0,
+                   help="zero-shot ARC-Easy (test) before and after on this many questions (0: skip, -1: all)")
+    p.add_argument("--arc-dir", default=None, help="folder with arc_easy_official_test.jsonl (default: DATA/../arc)")
     p.add_argument("--loss", default="ce", choices=["ce", "squarehead"],
                    help="squarehead: CE + lambda x SquareHead distillation from the dense teacher")
     p.add_argument("--squarehead-lambda", type=float, default=1.0)
@@ -199,15 +214,31 @@ def main(argv=None) -> dict:
             outputs = student(input_ids=batch, labels=batch, output_hidden_states=True)
             teacher_hidden = teacher_hidden_states(teacher, {"input_ids": batch})
             return outputs.loss + args.squarehead_lambda * squarehead(outputs.hidden_states, teacher_hidden)
+    if args.induce and (args.method == "spt" or not (args.pattern or args.sparsity > 0)):
+        p.error("--induce runs before one-shot pruning: it needs --sparsity > 0 or --pattern, and not --method spt")
+    row["induce"] = args.induce_alpha if args.induce else None
     if args.method == "spt" and (args.pattern or args.pruner == "sparsegpt" or not args.sparsity > 0):
         p.error("--method spt prunes gradually to an unstructured --sparsity > 0 with --pruner wanda or magnitude")
     if args.method == "spt":  # one-shot ppl_pruned for comparison, then SPT starts again from the dense weights
         dense_weights = {name: lin.weight.detach().clone() for name, lin in sp.sparsity.named_linears(model)}
+    def arc_easy(m, when):
+        """Zero-shot ARC-Easy accuracy (acc and the length-normalised acc_norm) into row[arc_easy_*_{when}]."""
+        if args.arc_easy == 0:
+            return
+        from sparse_peft.evaluation import ARC_FILES, arc_zero_shot
+
+        arc_dir = Path(args.arc_dir) if args.arc_dir else data.parent / "arc"
+        result = arc_zero_shot(m, tokenizer, arc_dir / ARC_FILES["arc_easy"],
+                               limit=None if args.arc_easy < 0 else args.arc_easy)
+        row[f"arc_easy_acc_{when}"], row[f"arc_easy_acc_norm_{when}"], row["arc_easy_questions"] = (
+            result["acc"], result["acc_norm"], result["questions"])
+
     if args.pattern or args.sparsity > 0:
         prune_cached(model, train_ids, args)
         row["ppl_pruned"] = ppl(model)
     else:
         row["ppl_pruned"] = row["ppl_dense"]
+    arc_easy(model, "before")  # the one-shot pruned model (dense for the dense reference)
     if args.method == "spt":
         oneshot_masks = masks_of(model)
         with torch.no_grad():
@@ -259,12 +290,14 @@ def main(argv=None) -> dict:
             row["update_removed_by_mask"] = cut.mean_removed_fraction
         elif args.method == "spt":  # prompts never merge: evaluate with them, then report on the sparse base
             row["ppl_after"] = ppl(peft_model)
+            arc_easy(peft_model, "after")
             merged = peft_model.unload()
             row["ppl_after_without_prompts"] = ppl(merged)
         else:
             merged = peft_model.merge_and_unload()
     if "ppl_after" not in row:
         row["ppl_after"] = ppl(merged)
+        arc_easy(merged, "after")
     row["sparsity_after_merge"] = sp.sparsity_report(merged).global_sparsity
     row["mask_identical"] = same_masks(merged, masks)
     if args.method == "spt":  # SPT sets the mask while it tunes: check every layer's count, compare with one-shot

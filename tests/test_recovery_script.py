@@ -19,6 +19,10 @@ TEXT = "the quick brown fox jumps over the lazy dog. a stitch in time saves nine
 def tiny_run(tmp_path, monkeypatch):
     (tmp_path / "wiki.test.raw").write_text(TEXT)
     (tmp_path / "wiki.valid.tokens").write_text(TEXT)
+    (tmp_path / "arc").mkdir()
+    question = {"question": {"stem": "abc", "choices": [{"label": "A", "text": "de"}, {"label": "B", "text": "fg"}]},
+                "answerKey": "A"}
+    (tmp_path / "arc" / "arc_easy_official_test.jsonl").write_text("\n".join([json.dumps(question)] * 3))
     monkeypatch.setattr(recovery, "load_model_and_tokenizer", lambda path=None: (make_tiny_model("llama"),
                                                                                  char_tokenizer()))
 
@@ -58,6 +62,13 @@ def test_spt_row_prunes_gradually_to_the_target(tiny_run):
                    "--spt-prune-steps", "2")
     assert row["layers_at_target"] is True
     assert row["sparsity_after_merge"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_arc_easy_before_and_after(tiny_run, tmp_path):
+    row = tiny_run("--method", "spp", "--sparsity", "0.5", "--arc-easy", "2", "--arc-dir", str(tmp_path / "arc"))
+    assert row["arc_easy_questions"] == 2
+    for key in ("arc_easy_acc_before", "arc_easy_acc_after", "arc_easy_acc_norm_before", "arc_easy_acc_norm_after"):
+        assert row[key] in (0.0, 0.5, 1.0)
 
 
 def test_squarehead_loss_row(tiny_run):
