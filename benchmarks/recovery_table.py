@@ -26,12 +26,16 @@ def notes(r: dict) -> str:
     return "; ".join(out)
 
 
-def render(rows: list[dict]) -> str:
+def render(rows: list[dict], extra_columns=()) -> str:
+    """``extra_columns``: ``(header, alignment, fn(row) -> str)`` triples, e.g. ``("ARC-E after", "---:", f)``,
+    inserted before the notes column (benchmarks/sweep.py adds ARC accuracy and wall time this way)."""
+    extra_headers = "".join(f" {header} |" for header, _, _ in extra_columns)
+    extra_rule = "".join(f"{align}|" for _, align, _ in extra_columns)
     lines = [
         "| method | pruner | target | lr | ppl dense | ppl pruned | ppl after (unmerged) | ppl after merge "
         "| sparsity after merge | plain merge sparsity | mask identical | trainable params | step time (s) "
-        "| peak RSS (MB) | notes |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|",
+        "| peak RSS (MB) |" + extra_headers + " notes |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|" + extra_rule + "---|",
     ]
     for r in rows:
         target = r.get("pattern") or f"{r['sparsity']:.0%}"
@@ -43,7 +47,8 @@ def render(rows: list[dict]) -> str:
             f"| {fmt(r['ppl_dense'])} | {fmt(r['ppl_pruned'])} | {fmt(r.get('ppl_after_unmerged'))} "
             f"| {fmt(r['ppl_after'])} | {r['sparsity_after_merge']:.4f} "
             f"| {fmt(r.get('sparsity_after_plain_merge'), '.4f')} | {mask} "
-            f"| {r['trainable_params']:,} | {r['step_time_s']:.2f} | {r['peak_mem_mb']:.0f} | {notes(r)} |"
+            f"| {r['trainable_params']:,} | {r['step_time_s']:.2f} | {r['peak_mem_mb']:.0f} |"
+            + "".join(f" {fn(r)} |" for _, _, fn in extra_columns) + f" {notes(r)} |"
         )
     return "\n".join(lines)
 
