@@ -173,6 +173,8 @@ def main(argv=None) -> dict:
     p.add_argument("--loss", default="ce", choices=["ce", "squarehead"],
                    help="squarehead: CE + lambda x SquareHead distillation from the dense teacher")
     p.add_argument("--squarehead-lambda", type=float, default=1.0)
+    p.add_argument("--save-merged", default=None,
+                   help="save the merged model (+ tokenizer) here, e.g. the dense reference as a SquareHead teacher")
     p.add_argument("--teacher", default=None,
                    help="teacher model (default: the dense model before pruning, kept frozen in memory)")
     p.add_argument("--threads", type=int, default=None)
@@ -299,6 +301,9 @@ def main(argv=None) -> dict:
         row["ppl_after"] = ppl(merged)
         arc_easy(merged, "after")
     row["sparsity_after_merge"] = sp.sparsity_report(merged).global_sparsity
+    if args.save_merged:  # safetensors; loadable with --teacher / --model
+        merged.save_pretrained(args.save_merged)
+        tokenizer.save_pretrained(args.save_merged)
     row["mask_identical"] = same_masks(merged, masks)
     if args.method == "spt":  # SPT sets the mask while it tunes: check every layer's count, compare with one-shot
         row["mask_identical"] = None

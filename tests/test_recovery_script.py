@@ -74,3 +74,12 @@ def test_arc_easy_before_and_after(tiny_run, tmp_path):
 def test_squarehead_loss_row(tiny_run):
     row = tiny_run("--method", "masked_lora", "--sparsity", "0.5", "--lr", "1e-2", "--loss", "squarehead")
     assert row["loss"] == "squarehead" and row["mask_identical"] is True
+
+
+def test_dense_reference_saved_as_a_teacher(tiny_run, tmp_path):
+    from safetensors.torch import load_file
+
+    row = tiny_run("--method", "lora", "--sparsity", "0", "--lr", "1e-2", "--save-merged", str(tmp_path / "teacher"))
+    assert row["sparsity_after_merge"] == 0.0
+    saved = load_file(tmp_path / "teacher" / "model.safetensors")
+    assert any("q_proj" in key for key in saved) and not any("lora" in key for key in saved)
