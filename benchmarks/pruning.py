@@ -2,6 +2,11 @@
 
     python benchmarks/pruning.py                      # SmolLM2-135M GGUF, WikiText-2, the DESIGN.md grid
     python benchmarks/pruning.py --model HuggingFaceTB/SmolLM2-135M --methods wanda --sparsities 0.5
+    python benchmarks/pruning.py --methods wanda,sparsegpt --sparsities 0.7,2:4 --induce   # with vs without
+
+``--induce`` (= ``both``) adds a "<method>+induce" row after every method: the same pruner after
+Sparsity Induction's function-preserving scales (docs/induction.md) with the same calibration;
+``--induce only`` runs only those.
 
 Prints a markdown table, appends one JSON line per run to --out, and with --markdown FILE writes the
 table into FILE under the heading "## Pruning (sparse_peft.prune) on <model>" (other sections of
@@ -52,6 +57,9 @@ def parse_args(argv=None):
     parser.add_argument("--methods", default="magnitude,wanda,sparsegpt")
     parser.add_argument("--sparsities", default="0.5,0.7,2:4", help="comma list of fractions and N:M patterns")
     parser.add_argument("--allocation", default="uniform", choices=ALLOCATIONS)
+    parser.add_argument("--induce", nargs="?", const="both", default="no", choices=["no", "only", "both"],
+                        help="Sparsity Induction before pruning: rows '<method>+induce' (bare flag: both)")
+    parser.add_argument("--induce-alpha", type=float, default=1.0, help="induce_sparsity alpha")
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--calib-seq-len", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=24)
@@ -101,6 +109,8 @@ def markdown_section(rows: list[dict], model: str | None, fields: dict) -> str:
         f"- calibration: {fields['calibration']}",
         f"- evaluation: perplexity on the {fields['eval']}",
         f"- allocation: {allocation}; global sparsity counts every linear but the output head{dense_note}",
+        *([f"- '+induce' rows: the same pruner after `sp.induce_sparsity` (docs/induction.md), same calibration"]
+          if fields.get("induce", "no") != "no" else []),
         f"- machine: {fields['machine']}",
         "",
         results_table(rows, with_reference=model is None and allocation == "uniform"),
@@ -131,7 +141,8 @@ def rows_from_results(path: str, fields: dict, methods: list[str], targets: list
         row = json.loads(line)
         if all(row.get(key) == fields[key] for key in ("model", "calibration", "eval", "allocation")):
             latest[(row["method"], row["target"])] = row
-    keys = [("dense", "-")] + [(m, t) for t in targets for m in methods]
+    suffixes = {"no": [""], "only": ["+induce"], "both": ["", "+induce"]}[fields.get("induce", "no")]
+    keys = [("dense", "-")] + [(m + s, t) for t in targets for m in methods for s in suffixes]
     missing = [key for key in keys if key not in latest]
     if missing:
         raise SystemExit(f"{path} has no rows for {missing} with these settings")
@@ -174,17 +185,19 @@ def main(argv=None):
 
     for target in args.sparsities.split(","):
         for method in args.methods.split(","):
-            pruned = copy.deepcopy(model)  # every run starts from the dense weights
-            start = time.time()
-            report = sps.prune(pruned, method=method, calibration=calibration, allocation=args.allocation,
-                               **target_kwargs(target))
-            prune_seconds = time.time() - start
-            start = time.time()
-            ppl = perplexity(pruned, eval_ids, n_windows=args.eval_windows, seq_len=args.eval_seq_len)
-            rows.append(record({"method": method, "target": target, "ppl": ppl,
-                                "global_sparsity": report.global_sparsity, "prune_seconds": prune_seconds,
-                                "eval_seconds": time.time() - start}))
-            del pruned
+            for induce in {"no": [False], "only": [True], "both": [False, True]}[args.induce]:
+                pruned = copy.deepcopy(model)  # every run starts from the dense weights
+                start = time.time()
+                report = sps.prune(pruned, method=method, calibration=calibration, allocation=args.allocation,
+                                   induce={"alpha": args.induce_alpha} if induce else False, **target_kwargs(target))
+                prune_seconds = time.time() - start
+                start = time.time()
+                ppl = perplexity(pruned, eval_ids, n_windows=args.eval_windows, seq_len=args.eval_seq_len)
+                rows.append(record({"method": method + ("+induce" if induce else ""), "target": target, "ppl": ppl,
+                                    "global_sparsity": report.global_sparsity, "prune_seconds": prune_seconds,
+                                    "eval_seconds": time.time() - start,
+                                    **({"induce_alpha": args.induce_alpha} if induce else {})}))
+                del pruned
 
     return publish(rows, args, common_fields)
 
@@ -195,6 +208,7 @@ def settings_fields(args, command: str) -> dict:
         "calibration": f"{args.calib_samples} x {args.calib_seq_len} tokens of wiki.valid.tokens, seed {args.seed}",
         "eval": f"first {args.eval_windows} x {args.eval_seq_len} tokens of wiki.test.raw",
         "allocation": args.allocation,
+        "induce": args.induce,
         "machine": machine_info(),
         "command": command,
     }

@@ -11,7 +11,9 @@ from .io import export_dense, load_sparse, save_sparse
 from .evaluation import evaluate
 from .sparsity import (
     SparsityReport,
+    InductionReport,
     cubic_sparsity,
+    induce_sparsity,
     is_nm_sparse,
     mask_fingerprint,
     parse_pattern,
@@ -26,6 +28,7 @@ from .training.seft import SEFTCallback, seft_step
 from .tuners.spt import SPTConfig, SPTModel, spt_prompt_lengths
 from .training.gradual_pruning import GradualPruningCallback, gradual_prune_step, owl_layer_sparsities
 from .training.squarehead import SquareHeadLoss, SquareHeadTrainer, cache_teacher_hidden_states
+from .training.spectral import SpectralNormLoss, SpectralNormTrainer, spectral_compute_loss
 
 _register_all()
 
@@ -54,6 +57,11 @@ __all__ = [
     "SquareHeadLoss",
     "SquareHeadTrainer",
     "cache_teacher_hidden_states",
+    "InductionReport",
+    "induce_sparsity",
+    "SpectralNormLoss",
+    "SpectralNormTrainer",
+    "spectral_compute_loss",
     "is_nm_sparse",
     "mask_fingerprint",
     "merge_and_unload_sparse",

@@ -9,11 +9,14 @@ from .masks import (
     sparsity_of,
     weight_mask,
 )
+from .induction import InductionReport, induce_sparsity
 from .prune import prune
 from .report import SparsityReport, sparsity_report
 from .schedule import cubic_sparsity
 
 __all__ = [
+    "InductionReport",
+    "induce_sparsity",
     "SparsityReport",
     "cubic_sparsity",
     "prune",

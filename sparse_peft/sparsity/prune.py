@@ -79,6 +79,7 @@ def prune(
     blocksize: int = 128,
     percdamp: float = 0.01,
     show_progress: bool = True,
+    induce=False,
 ) -> SparsityReport:
     """Prune the linear layers of the decoder blocks in place; return the model's sparsity report.
 
@@ -105,6 +106,10 @@ def prune(
         percdamp: SparseGPT damping, a fraction of the mean diagonal of H added to its diagonal
             (raised x10 automatically if H is still singular).
         show_progress: tqdm bars over blocks (``TQDM_DISABLE=1`` also silences them).
+        induce: ``True`` (or a dict of ``induce_sparsity`` options, e.g. ``{"alpha": 0.5}``) first
+            folds Sparsity Induction's function-preserving scales into the model with the same
+            calibration (Llama-style models only; needs calibration, for magnitude too). Wanda's
+            masks do not change with it (see docs/induction.md); magnitude's do.
 
     Calibration is block-sequential: block k's statistics come from the outputs of the already
     pruned blocks 0..k-1, and only one block's activations are held at a time.
@@ -140,7 +145,9 @@ def prune(
     if sparsity == 0.0:
         return sparsity_report(model)
 
-    needs_calibration = method != "magnitude" or allocation == "owl"
+    if not isinstance(induce, (bool, dict)):
+        raise ValueError(f"induce must be True/False or a dict of induce_sparsity options, got {induce!r}")
+    needs_calibration = method != "magnitude" or allocation == "owl" or induce is not False
     groups = _prunable_linears(model, need_blocks=needs_calibration)
     if nm is not None:
         for group in groups:
@@ -148,9 +155,15 @@ def prune(
                 check_nm_divides(linear.in_features, nm[1], name)
     if needs_calibration:
         if calibration is None:
-            what = f"method={method!r}" if method != "magnitude" else "allocation='owl'"
+            what = (f"method={method!r}" if method != "magnitude" else "allocation='owl'" if allocation == "owl"
+                    else "induce")
             raise ValueError(f"{what} needs calibration data: calibration=[LongTensor [B, T], ...]")
         calibration = as_calibration_batches(calibration)  # a list: OWL goes over it twice
+    if induce is not False:
+        from .induction import induce_sparsity
+
+        options = {"show_progress": show_progress, **(induce if isinstance(induce, dict) else {})}
+        induce_sparsity(model, calibration, **options)
 
     if nm is not None:
         zero_counts = None

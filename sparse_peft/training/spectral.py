@@ -1,0 +1,149 @@
+"""Sparsity Induction, feature level (Jiang et al. 2026): a spectral-norm loss that pushes the
+features of every decoder layer toward low rank before pruning.
+
+For one sequence, the output of layer ``l`` is a matrix ``H`` (tokens x hidden, padding rows
+removed). Its stable rank ``||H||_F² / ||H||_2²`` lies in ``[1, rank H]`` and is 1 exactly when
+``H`` has rank one. The term is
+
+    L_spec = mean over layers l and sequences b of  log(||H_lb||_F² / ||H_lb||_2²)
+
+(``0`` for rank-one features). The log makes it blind to the features' scale, so the model cannot
+lower it by shrinking or inflating activations, and gives every layer the same weight whatever its
+rank. Why low rank helps pruning: a pruned linear's error on its inputs is ``||ΔW X||_F² =
+tr(ΔW X Xᵀ ΔWᵀ)``; when ``X Xᵀ`` is dominated by a few directions, the part of ``ΔW`` outside them
+costs nothing, and SparseGPT's compensation has fewer directions to repair.
+
+``||H||_2`` comes from a few power iterations on ``HᵀH`` run without gradient; the loss then
+evaluates ``||H v||`` with ``v`` held fixed, whose gradient ``u vᵀ`` is the spectral norm's own
+gradient once ``v`` has converged (the device ``torch.nn.utils.spectral_norm`` uses).
+
+Use ``SpectralNormLoss`` in a custom loop, ``spectral_compute_loss`` inside any ``compute_loss``,
+or ``SpectralNormTrainer`` (a ``transformers.Trainer`` adding the term to the CE).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+try:
+    from transformers import Trainer
+except ImportError:  # pragma: no cover - transformers is a dependency
+    Trainer = object
+
+
+@torch.no_grad()
+def _top_right_singular_vector(features: torch.Tensor, iterations: int) -> torch.Tensor:
+    """``[B, d]`` unit vectors near the top right singular vector of each ``[T, d]`` matrix."""
+    # Start from the largest-norm token of each sequence: never orthogonal to the top direction
+    # unless the matrix is zero, and close to it when one direction dominates (the usual case).
+    row_norms = features.norm(dim=-1)
+    start = features[torch.arange(features.shape[0], device=features.device), row_norms.argmax(dim=-1)]
+    vector = start / start.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    for _ in range(iterations):
+        projected = torch.einsum("btd,bd->bt", features, vector)
+        vector = torch.einsum("btd,bt->bd", features, projected)
+        vector = vector / vector.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    return vector
+
+
+def spectral_norm(features: torch.Tensor, iterations: int = 10) -> torch.Tensor:
+    """Largest singular value of each ``[T, d]`` matrix in ``features [B, T, d]`` (or one ``[T, d]``),
+    differentiable through the features."""
+    single = features.dim() == 2
+    batched = features.unsqueeze(0) if single else features
+    vector = _top_right_singular_vector(batched.detach(), iterations)
+    sigma = torch.einsum("btd,bd->bt", batched, vector).norm(dim=-1)
+    return sigma[0] if single else sigma
+
+
+class SpectralNormLoss(nn.Module):
+    """Mean log stable rank of the per-sequence feature matrices of the chosen layers.
+
+    Args:
+        iterations: power iterations per matrix (each costs two passes over the features).
+        layers: indices into ``hidden_states``; default ``None`` = every decoder layer's output
+            (``hidden_states[1:]``, the embeddings at index 0 are left alone).
+        eps: added to both squared norms (a zero feature matrix costs 0).
+    """
+
+    def __init__(self, iterations: int = 10, layers: Optional[Sequence[int]] = None, eps: float = 1e-12):
+        super().__init__()
+        if not (isinstance(iterations, int) and iterations > 0):
+            raise ValueError(f"SpectralNormLoss iterations must be a positive integer, got {iterations!r}")
+        if not eps > 0:
+            raise ValueError(f"SpectralNormLoss eps must be > 0, got {eps!r}")
+        self.iterations = iterations
+        self.layers = None if layers is None else list(layers)
+        self.eps = float(eps)
+
+    def per_layer(self, hidden_states: Sequence[torch.Tensor],
+                  attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One mean log stable rank per chosen layer (fp32 vector)."""
+        indices = self.layers if self.layers is not None else range(1, len(hidden_states))
+        values = []
+        for index in indices:
+            features = hidden_states[index].float()
+            if features.dim() != 3:
+                raise ValueError(f"SpectralNormLoss layer {index}: expected hidden states [batch, seq, hidden], "
+                                 f"got {tuple(features.shape)}")
+            if attention_mask is not None:
+                keep = attention_mask.to(features.device, torch.float32)
+                if keep.shape != features.shape[:2]:
+                    raise ValueError(f"SpectralNormLoss: attention_mask {tuple(keep.shape)} does not match the "
+                                     f"hidden states' (batch, seq) {tuple(features.shape[:2])}")
+                features = features * keep.unsqueeze(-1)  # a zero row changes no singular value
+            frobenius_sq = features.square().sum(dim=(1, 2))
+            spectral_sq = spectral_norm(features, self.iterations).square()
+            values.append((torch.log(frobenius_sq + self.eps) - torch.log(spectral_sq + self.eps)).mean())
+        if not values:
+            raise ValueError("SpectralNormLoss: no layers to measure (hidden_states has only the embeddings?)")
+        return torch.stack(values)
+
+    def forward(self, hidden_states, attention_mask=None) -> torch.Tensor:
+        return self.per_layer(hidden_states, attention_mask).mean()
+
+
+def spectral_compute_loss(model: nn.Module, inputs: dict, spectral_lambda: float,
+                          spectral_loss: Optional[SpectralNormLoss] = None, return_parts: bool = False):
+    """``CE + spectral_lambda · SpectralNormLoss`` for one batch (``inputs`` with ``labels``).
+    With ``return_parts`` also returns ``(outputs, {"ce": ..., "spectral": ...})``."""
+    spectral_loss = spectral_loss or SpectralNormLoss()
+    outputs = model(**inputs, output_hidden_states=True)
+    ce = outputs.loss
+    if ce is None:
+        raise ValueError("spectral_compute_loss: the model returned no loss; pass labels in inputs")
+    spectral = spectral_loss(outputs.hidden_states, inputs.get("attention_mask"))
+    loss = ce + spectral_lambda * spectral.to(ce.dtype)
+    if return_parts:
+        return loss, outputs, {"ce": float(ce.detach()), "spectral": float(spectral.detach())}
+    return loss
+
+
+class SpectralNormTrainer(Trainer):
+    """``transformers.Trainer`` whose loss is ``CE + spectral_lambda · SpectralNormLoss``: the
+    feature-level induction stage, run on the dense model before pruning.
+
+    Args:
+        spectral_lambda: weight of the term (``0`` gives plain CE).
+        spectral_loss: a configured ``SpectralNormLoss`` (default: every layer, 10 power iterations).
+
+    The CE and spectral parts of the last step are kept in ``self.last_loss_parts``.
+    """
+
+    def __init__(self, *args, spectral_lambda: float = 0.1, spectral_loss: Optional[SpectralNormLoss] = None,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        if spectral_lambda < 0:
+            raise ValueError(f"spectral_lambda must be >= 0, got {spectral_lambda!r}")
+        self.spectral_lambda = float(spectral_lambda)
+        self.spectral_loss = spectral_loss or SpectralNormLoss()
+        self.last_loss_parts: dict[str, float] = {}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs, parts = spectral_compute_loss(model, inputs, self.spectral_lambda, self.spectral_loss,
+                                                     return_parts=True)
+        self.last_loss_parts = parts
+        return (loss, outputs) if return_outputs else loss
