@@ -86,7 +86,8 @@ def _args(tmp_path, steps=8, lr=2e-2):
 
 
 @pytest.mark.parametrize("config, lr", [(sp.MaskedLoraConfig(r=4), 5e-3), (sp.SPPConfig(r=4), 5e-2),
-                                        (sp.SEFTConfig(density=0.05), 5e-3)], ids=["masked_lora", "spp", "seft"])
+                                        (sp.SEFTConfig(density=0.05), 5e-3), (sp.SPTConfig(base_prompt_length=4), 5e-2)],
+                         ids=["masked_lora", "spp", "seft", "spt"])
 def test_trainer_distills_toward_the_teacher(tmp_path, config, lr):
     teacher = make_tiny_model("llama")
     data = _Tokens()
