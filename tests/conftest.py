@@ -117,3 +117,22 @@ def logits(model, ids=IDS):
 def rel_err(a, b):
     """Largest absolute difference relative to the largest magnitude of the reference ``b``."""
     return ((a - b).abs().max() / b.abs().max()).item()
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """``n`` random token windows as Trainer items (labels = inputs), optionally with an all-ones mask."""
+
+    def __init__(self, n: int = 16, seq_len: int = 12, seed: int = 0, vocab: int = 128,
+                 with_attention_mask: bool = True):
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, vocab, (n, seq_len), generator=g)
+        self.with_attention_mask = with_attention_mask
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        item = {"input_ids": self.ids[i], "labels": self.ids[i]}
+        if self.with_attention_mask:
+            item["attention_mask"] = torch.ones_like(self.ids[i])
+        return item

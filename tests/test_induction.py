@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from conftest import calibration_batches, logits, make_tiny_model, rel_err
+from conftest import TokenDataset, calibration_batches, logits, make_tiny_model, rel_err
 from test_recovery_script import tiny_run  # noqa: F401 (fixture)
 
 import sparse_peft as sp
@@ -283,22 +283,10 @@ def test_spectral_loss_zero_for_rank_one_scale_free_and_ignores_padding():
         loss([embeddings, full], mask[:, :5])
 
 
-class _Tokens(torch.utils.data.Dataset):
-    def __init__(self, n=16, seq_len=16, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.ids = torch.randint(0, 128, (n, seq_len), generator=g)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.ids[i]}
-
-
 def test_trainer_with_the_term_lowers_feature_rank(tmp_path):
     from transformers import TrainingArguments
 
-    data = _Tokens()
+    data = TokenDataset(seq_len=16)
     probe = torch.stack([data[i]["input_ids"] for i in range(8)])
     measure = SpectralNormLoss(iterations=30)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import IDS, linear_masks, logits, make_tiny_model, pruned_tiny_model, rel_err
+from conftest import IDS, TokenDataset, linear_masks, logits, make_tiny_model, pruned_tiny_model, rel_err
 from peft import PeftModel, get_peft_model
 
 import sparse_peft as sp
@@ -258,18 +258,6 @@ def test_bf16_base_trains_and_merges_exactly():
         assert int((lin.weight != 0).sum()) == int(start[name].sum()), name
 
 
-class _Tokens(torch.utils.data.Dataset):
-    def __init__(self, n=24, seq_len=12, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.ids = torch.randint(0, 128, (n, seq_len), generator=g)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
-
 def test_seft_callback_under_trainer(tmp_path):
     from transformers import Trainer, TrainingArguments
 
@@ -280,7 +268,8 @@ def test_seft_callback_under_trainer(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=9, per_device_train_batch_size=2,
                              learning_rate=1e-2, report_to=[], save_strategy="no", logging_steps=3,
                              use_cpu=True, disable_tqdm=True)
-    Trainer(model=peft_model, args=args, train_dataset=_Tokens(), callbacks=[callback]).train()
+    data = TokenDataset(n=24, with_attention_mask=False)
+    Trainer(model=peft_model, args=args, train_dataset=data, callbacks=[callback]).train()
     assert [h["step"] for h in callback.history] == [3, 6]  # the fraction decays to 0 at max_steps
     assert sum(h["regrown"] for h in callback.history) > 0
     assert nonzero_counts(current_masks(peft_model)) == start

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import make_tiny_model, pruned_tiny_model
+from conftest import TokenDataset, make_tiny_model, pruned_tiny_model
 from peft import get_peft_model
 
 import sparse_peft as sp
@@ -65,18 +65,6 @@ def test_shape_mismatch_is_refused():
         SquareHeadLoss(reduction="max")
 
 
-class _Tokens(torch.utils.data.Dataset):
-    def __init__(self, n=16, seq_len=12, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.ids = torch.randint(0, 128, (n, seq_len), generator=g)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.ids[i]}
-
-
 def _args(tmp_path, steps=8, lr=2e-2):
     from transformers import TrainingArguments
 
@@ -90,7 +78,7 @@ def _args(tmp_path, steps=8, lr=2e-2):
                          ids=["masked_lora", "spp", "seft", "spt"])
 def test_trainer_distills_toward_the_teacher(tmp_path, config, lr):
     teacher = make_tiny_model("llama")
-    data = _Tokens()
+    data = TokenDataset()
     probe = torch.stack([data[i]["input_ids"] for i in range(8)])
     loss = SquareHeadLoss()
     teacher_before = [p.clone() for p in teacher.parameters()]
@@ -110,7 +98,7 @@ def test_trainer_distills_toward_the_teacher(tmp_path, config, lr):
 
 def test_cached_teacher_matches_live_teacher(tmp_path):
     teacher = make_tiny_model("llama")
-    data = _Tokens(n=4)
+    data = TokenDataset(n=4)
     cached = cache_teacher_hidden_states(teacher, data, dtype=torch.float32, show_progress=False)
     item = cached[1]
     live = teacher_hidden_states(teacher, {"input_ids": item["input_ids"][None]})
@@ -126,6 +114,6 @@ def test_cached_teacher_matches_live_teacher(tmp_path):
 
 def test_trainer_without_teacher_or_cache_refuses(tmp_path):
     student = get_peft_model(pruned_tiny_model("llama", 0.5), sp.MaskedLoraConfig(r=4))
-    trainer = SquareHeadTrainer(model=student, args=_args(tmp_path, steps=1), train_dataset=_Tokens(n=4))
+    trainer = SquareHeadTrainer(model=student, args=_args(tmp_path, steps=1), train_dataset=TokenDataset(n=4))
     with pytest.raises(ValueError, match="teacher_model"):
         trainer.train()
