@@ -60,6 +60,29 @@ def make_peft_config(method: str, args):
     raise ValueError(f"unknown --method {method!r}")
 
 
+def prune_cache_key(args) -> str:
+    """What determines the one-shot pruned weights: model, pruner, target, calibration, seed, induction."""
+    key = "-".join(str(v) for v in (Path(args.model or "smollm2").name, args.pruner, args.pattern or args.sparsity,
+                                     args.calib_samples, args.calib_seq_len, args.seed)).replace(":", "_")
+    if args.induce:  # induction also rescales norm weights and v/up biases: cache those too
+        key += f"-induce{args.induce_alpha:g}"
+    return key
+
+
+def before_cache_path(args) -> Path | None:
+    """JSON file for the measurements taken before fine-tuning (dense ppl, one-shot ppl, ARC before).
+
+    They depend only on the pruned weights and the evaluation settings, never on the method, so the
+    rows of one sweep at one target share them (an ARC-Easy pass over 500 questions takes minutes).
+    """
+    if not args.cache_dir:
+        return None
+    pruned = prune_cache_key(args) if (args.pattern or args.sparsity > 0) else f"{Path(args.model or 'smollm2').name}-dense"
+    arc_dir = Path(args.arc_dir).name if args.arc_dir else "arc"
+    return Path(args.cache_dir) / (f"before-{pruned}-ppl{args.eval_windows}x{args.eval_seq_len}"
+                                   f"-arc{args.arc_easy}{'' if arc_dir == 'arc' else '-' + arc_dir}.json")
+
+
 def prune_cached(model, train_ids, args) -> None:
     """Prune, or load the pruned linear weights of an identical earlier run from ``--cache-dir``.
 
@@ -68,11 +91,7 @@ def prune_cached(model, train_ids, args) -> None:
     """
     from safetensors.torch import load_file, save_file
 
-    key = "-".join(str(v) for v in (Path(args.model or "smollm2").name, args.pruner, args.pattern or args.sparsity,
-                                     args.calib_samples, args.calib_seq_len, args.seed)).replace(":", "_")
-    if args.induce:  # induction also rescales norm weights and v/up biases: cache those too
-        key += f"-induce{args.induce_alpha:g}"
-    path = Path(args.cache_dir) / f"pruned-{key}.safetensors" if args.cache_dir else None
+    path = Path(args.cache_dir) / f"pruned-{prune_cache_key(args)}.safetensors" if args.cache_dir else None
     linears = dict(sp.sparsity.named_linears(model))
     induced_params = ({name: p for name, p in model.named_parameters()
                        if name.endswith("norm.weight") or name.endswith(".bias")} if args.induce else {})
@@ -91,7 +110,9 @@ def prune_cached(model, train_ids, args) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {name: lin.weight.detach().contiguous() for name, lin in linears.items()}
         tensors.update({name: p.detach().contiguous() for name, p in induced_params.items()})
-        save_file(tensors, str(path))
+        partial = path.with_suffix(".partial")  # two concurrent runs may prune the same key: never read half a file
+        save_file(tensors, str(partial))
+        partial.replace(path)
 
 
 def peak_rss_mb() -> float:
@@ -199,7 +220,9 @@ def main(argv=None) -> dict:
     row = dict(method=args.method, pruner=args.pruner, sparsity=args.sparsity, pattern=args.pattern,
                steps=args.steps, tokens_seen=args.steps * args.batch_size * args.seq_len, lr=args.lr,
                seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed)
-    row["ppl_dense"] = ppl(model)
+    before_path = before_cache_path(args)
+    before = json.loads(before_path.read_text()) if before_path is not None and before_path.exists() else {}
+    row["ppl_dense"] = before["ppl_dense"] if "ppl_dense" in before else ppl(model)
     row["loss"] = args.loss
     loss_fn = None
     if args.loss == "squarehead":
@@ -237,10 +260,20 @@ def main(argv=None) -> dict:
 
     if args.pattern or args.sparsity > 0:
         prune_cached(model, train_ids, args)
-        row["ppl_pruned"] = ppl(model)
+        row["ppl_pruned"] = before["ppl_pruned"] if "ppl_pruned" in before else ppl(model)
     else:
         row["ppl_pruned"] = row["ppl_dense"]
-    arc_easy(model, "before")  # the one-shot pruned model (dense for the dense reference)
+    arc_keys = ("arc_easy_acc_before", "arc_easy_acc_norm_before", "arc_easy_questions")
+    if all(k in before for k in arc_keys):
+        row.update({k: before[k] for k in arc_keys})
+    else:
+        arc_easy(model, "before")  # the one-shot pruned model (dense for the dense reference)
+    row["before_from_cache"] = bool(before)
+    if before_path is not None:
+        measured = {k: row[k] for k in ("ppl_dense", "ppl_pruned", *arc_keys) if k in row}
+        partial = before_path.with_suffix(".partial")
+        partial.write_text(json.dumps(measured, indent=1))
+        partial.replace(before_path)
     if args.method == "spt":
         oneshot_masks = masks_of(model)
         with torch.no_grad():

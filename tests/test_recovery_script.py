@@ -83,3 +83,26 @@ def test_dense_reference_saved_as_a_teacher(tiny_run, tmp_path):
     assert row["sparsity_after_merge"] == 0.0
     saved = load_file(tmp_path / "teacher" / "model.safetensors")
     assert any("q_proj" in key for key in saved) and not any("lora" in key for key in saved)
+
+
+def test_second_run_reuses_pruned_weights_and_before_measurements(tiny_run, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    args = ("--sparsity", "0.5", "--arc-easy", "2", "--arc-dir", str(tmp_path / "arc"), "--cache-dir", str(cache))
+    first = tiny_run("--method", "masked_lora", *args)
+    assert first["before_from_cache"] is False
+    assert len(list(cache.glob("pruned-*.safetensors"))) == 1 and len(list(cache.glob("before-*.json"))) == 1
+
+    import sparse_peft.evaluation as evaluation
+
+    real_arc, calls = evaluation.arc_zero_shot, []  # recovery imports it at call time: the patch is what it runs
+    monkeypatch.setattr(evaluation, "arc_zero_shot", lambda *a, **k: calls.append(1) or real_arc(*a, **k))
+    second = tiny_run("--method", "spp", *args)
+    assert second["before_from_cache"] is True
+    assert len(calls) == 1  # only the after pass: the before pass came from the cache
+    for key in ("ppl_dense", "ppl_pruned", "arc_easy_acc_before", "arc_easy_acc_norm_before"):
+        assert second[key] == first[key]
+    assert second["sparsity_before"] == pytest.approx(0.5, abs=1e-9) and second["mask_identical"] is True
+
+    # another evaluation setting is another cache entry, measured afresh
+    third = tiny_run("--method", "spp", *args[:-2], "--eval-windows", "1", "--cache-dir", str(cache))
+    assert third["before_from_cache"] is False and len(list(cache.glob("before-*.json"))) == 2
