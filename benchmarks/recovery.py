@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 import sparse_peft as sp
+from sparse_peft._progress import progress
 from sparse_peft.data import (
     load_model_and_tokenizer,
     load_text,
@@ -123,7 +124,6 @@ def train(peft_model, batches, lr: float, show_progress: bool = True, after_step
     """AdamW + cosine over ``batches``; ``after_step(step, optimizer)`` runs after each optimizer step
     (SEFT's topology updates, SPT's pruning); ``loss_fn(model, batch)`` replaces plain CE (SquareHead).
     Returns the step times."""
-    from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
     params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -131,7 +131,7 @@ def train(peft_model, batches, lr: float, show_progress: bool = True, after_step
     scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=0, num_training_steps=len(batches))
     step_times = []
     peft_model.train()
-    bar = tqdm(batches, desc="training", disable=not show_progress)
+    bar = progress(batches, "training", show_progress)
     for batch in bar:
         t0 = time.perf_counter()
         loss = loss_fn(peft_model, batch) if loss_fn else peft_model(input_ids=batch, labels=batch).loss

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from ._progress import progress
 
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # A checkout of this repository sits beside ../shared in the development and CI machines.
@@ -114,7 +114,7 @@ def perplexity(model, ids: torch.Tensor, n_windows: int = 24, seq_len: int = 512
         raise ValueError(f"only {n_available} windows of {seq_len} tokens available, asked for {n_windows}")
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
-    for i in tqdm(range(n_windows), desc="perplexity", disable=not show_progress):
+    for i in progress(range(n_windows), "perplexity", show_progress):
         window = ids[i * seq_len : (i + 1) * seq_len].unsqueeze(0).to(device)
         logits = model(input_ids=window, use_cache=False).logits.float()
         total_nll += torch.nn.functional.cross_entropy(logits[0, :-1], window[0, 1:], reduction="sum").item()

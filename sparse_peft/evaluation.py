@@ -20,6 +20,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from ._progress import progress
+
 ARC_FILES = {"arc_easy": "arc_easy_official_test.jsonl", "arc_challenge": "arc_challenge_official_test.jsonl"}
 TASKS = ("wikitext",) + tuple(ARC_FILES)
 
@@ -86,14 +88,11 @@ def choice_log_likelihoods(model, tokenizer, context: str, continuations: Sequen
 def arc_zero_shot(model, tokenizer, path: str | Path, limit: Optional[int] = None,
                   show_progress: bool = True) -> dict:
     """Zero-shot accuracy on an ARC file: ``{"questions", "acc", "acc_norm"}``."""
-    from tqdm.auto import tqdm
-
     items = load_arc(path, limit)
     was_training = model.training
     model.eval()
     correct = correct_norm = 0
-    quiet = {} if show_progress else {"disable": True}  # otherwise TQDM_DISABLE decides
-    for item in tqdm(items, desc=f"zero-shot {Path(path).stem}", **quiet):
+    for item in progress(items, f"zero-shot {Path(path).stem}", show_progress):
         scores = choice_log_likelihoods(model, tokenizer, f"Question: {item['stem']}\nAnswer:",
                                         [f" {text}" for text in item["texts"]])
         per_byte = [s / max(1, len(f" {t}".encode("utf-8"))) for s, t in zip(scores, item["texts"])]

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from ._progress import progress
 
 from .sparsity.bitmask import PackedBitmask, pack_bitmask, row_offsets_from_bits, unpack_bitmask, validate_packed
 from .sparsity.masks import is_nm_sparse, named_linears, parse_pattern
@@ -99,11 +99,6 @@ class BitmaskLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, nnz={p.nnz}, sparsity={p.sparsity:.4f}"
 
 
-def _quiet_unless(show_progress: bool) -> dict:
-    """tqdm kwargs: silent when asked; otherwise leave ``disable`` unset so ``TQDM_DISABLE=1`` wins."""
-    return {} if show_progress else {"disable": True}
-
-
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
@@ -175,7 +170,7 @@ def save_sparse(model: nn.Module, save_directory: str | os.PathLike, tokenizer=N
     aliases: dict[str, str] = {}
     first_name_of: dict[tuple, str] = {}
     packable = _packed_layers(model)
-    for name in tqdm(list(packable), desc="packing sparse weights", **_quiet_unless(show_progress)):
+    for name in progress(list(packable), "packing sparse weights", show_progress):
         source = packable[name]
         if isinstance(source, PackedBitmask):
             packed, weight = source, None
@@ -346,7 +341,7 @@ def load_sparse(directory: str | os.PathLike, packed: bool = False, device=None,
     expected = model.state_dict()
 
     packed_layers: dict[str, PackedBitmask] = {}
-    for name, info in tqdm(record["layers"].items(), desc="unpacking sparse weights", **_quiet_unless(show_progress)):
+    for name, info in progress(record["layers"].items(), "unpacking sparse weights", show_progress):
         packed_layers[name] = _unpacked_layer(name, info, tensors, expected.get(name), where)
 
     state: dict[str, torch.Tensor] = {}

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
-from tqdm.auto import tqdm
+from ._progress import progress
 
 from .sparsity.masks import restore_mask, weight_mask
 
@@ -58,7 +58,7 @@ def merge_and_unload_sparse(peft_model: nn.Module, adapter_names: list[str] | No
         raise TypeError(f"merge_and_unload_sparse needs a peft model, got {type(peft_model).__name__}")
     report = MergeReport()
     layers = [(name, m) for name, m in tuner.model.named_modules() if isinstance(m, BaseTunerLayer)]
-    for name, layer in tqdm(layers, desc="merging (sparse)", disable=not progressbar):
+    for name, layer in progress(layers, "merging (sparse)", progressbar):
         base = layer.get_base_layer()
         weight = getattr(base, "weight", None)
         if weight is None:

@@ -20,15 +20,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from .._progress import progress
 
 from .masks import named_linears
-
-
-def progress(iterable, desc: str, show: bool = True):
-    """tqdm bar; ``show=False`` silences it, otherwise tqdm's own defaults (and the TQDM_DISABLE
-    environment variable, which an explicit ``disable=False`` would override) decide."""
-    return tqdm(iterable, desc=desc) if show else tqdm(iterable, desc=desc, disable=True)
 
 
 class _StopForward(Exception):

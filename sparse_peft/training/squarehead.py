@@ -22,6 +22,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from .._progress import progress
+
 try:
     from transformers import Trainer
 except ImportError:  # pragma: no cover - transformers is a dependency
@@ -97,12 +99,11 @@ class CachedTeacherDataset(torch.utils.data.Dataset):
     (stacked to one ``(layers + 1, seq, hidden)`` tensor, in ``dtype``), computed once up front."""
 
     def __init__(self, dataset, teacher: nn.Module, dtype: torch.dtype = torch.bfloat16, show_progress: bool = True):
-        from tqdm.auto import tqdm
 
         self.dataset = dataset
         self.hidden = []
         teacher.eval()
-        for i in tqdm(range(len(dataset)), desc="teacher hidden states", disable=not show_progress):
+        for i in progress(range(len(dataset)), "teacher hidden states", show_progress):
             item = dataset[i]
             batch = {k: v.unsqueeze(0) for k, v in item.items()
                      if k in ("input_ids", "attention_mask") and torch.is_tensor(v)}
