@@ -104,8 +104,33 @@ def row_key(row: dict) -> RowKey:
         calibration=(None if target == DENSE else
                      (int(row.get("calib_samples", defaults["calib_samples"])),
                       int(row.get("calib_seq_len", defaults["calib_seq_len"])))),
-        extra_args=row.get("extra_args") or "",
+        extra_args=without_evaluation_only_flags(row.get("extra_args") or ""),
     )
+
+
+EVALUATION_ONLY_FLAGS = ("--arc-easy", "--arc-dir")  # extra measurements: they change no ppl, no training
+
+
+def without_evaluation_only_flags(extra_args: str) -> str:
+    """``extra_args`` minus the flags that only add measurements (``--arc-easy 500``, ``--arc-easy=500``):
+    a row run with ``--extra-args=--arc-easy=500`` is the same experiment as one run with ``--arc-easy 500``."""
+    words, kept = shlex.split(extra_args), []
+    i = 0
+    while i < len(words):
+        flag = words[i].split("=", 1)[0]
+        if flag in EVALUATION_ONLY_FLAGS:
+            i += 1 if "=" in words[i] else 2
+            continue
+        kept.append(words[i])
+        i += 1
+    return shlex.join(kept)
+
+
+def has_arc(row: dict, questions: int) -> bool:
+    """The row holds ARC-Easy before and after on ``questions`` questions (any number when negative: all)."""
+    if row.get("arc_easy_acc_before") is None or row.get("arc_easy_acc_after") is None:
+        return False
+    return questions < 0 or row.get("arc_easy_questions") == questions
 
 
 @dataclass(frozen=True)
@@ -155,6 +180,8 @@ class Job:
                             ("--cache-dir", settings.cache_dir), ("--threads", settings.threads)):
             if value is not None:
                 argv += [flag, str(value)]
+        if settings.arc_easy:
+            argv += ["--arc-easy", str(settings.arc_easy)]
         return argv + shlex.split(settings.extra_args)
 
 
@@ -249,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--extra-args", default="",
                    help="more recovery.py flags for every row, one string, e.g. \"--spp-r 32\"")
     r = p.add_argument_group("passed to recovery.py, not part of the key")
+    r.add_argument("--arc-easy", type=int, default=0,
+                   help="zero-shot ARC-Easy before and after on this many questions (-1: all). Not part of the "
+                        "key, but a finished row without these ARC figures is run again")
     r.add_argument("--model", default=None)
     r.add_argument("--data", default=None)
     r.add_argument("--cache-dir", default=None)
@@ -387,7 +417,8 @@ def log_name(job: Job) -> str:
 def run_sweep(args) -> int:
     jobs, skipped = plan(args)
     done = latest_rows_by_key(read_rows(args.results))
-    missing = [job for job in jobs if row_key(job.as_row(args)) not in done]
+    missing = [job for job in jobs if row_key(job.as_row(args)) not in done
+               or (args.arc_easy and not has_arc(done[row_key(job.as_row(args))], args.arc_easy))]
     print(f"{len(jobs)} rows planned: {len(jobs) - len(missing)} done in {args.results}, {len(missing)} to run; "
           f"{len(skipped)} not applicable")
     for job, reason in skipped:
@@ -466,7 +497,10 @@ def render_markdown(args) -> str:
         f"wiki.test.raw. lr per method: " + ", ".join(f"{m} {args.lrs[m]:g}" for m in args.methods)
         + (f". SquareHead: λ={args.squarehead_lambda:g}, teacher {args.teacher or RECOVERY_DEFAULTS['teacher']}"
            if "squarehead" in args.losses else "")
-        + (f". Extra recovery.py flags: `{args.extra_args}`" if args.extra_args else "") + ".",
+        + (f". Extra recovery.py flags: `{args.extra_args}`" if args.extra_args else "")
+        + (f". ARC-Easy: zero-shot, {'all' if args.arc_easy < 0 else f'the first {args.arc_easy}'} questions of "
+           "the test set, before (one-shot pruned) and after (merged), acc_norm = lm-eval-harness's "
+           "length-normalised accuracy" if args.arc_easy else "") + ".",
     ]
     dense = [found[j] for j in jobs if j.target == DENSE and found[j]]
     if dense:
@@ -487,6 +521,10 @@ def render_markdown(args) -> str:
     missing = [job for job in jobs if found[job] is None]
     if missing:
         out += ["", "### Not run yet", ""] + [f"- {job.label}" for job in missing]
+    no_arc = [job for job in jobs if args.arc_easy and found[job] is not None and not has_arc(found[job], args.arc_easy)]
+    if no_arc:
+        out += ["", "### ARC-Easy not measured yet (rows from before the ARC pass; the next sweep reruns them)", ""]
+        out += [f"- {job.label}" for job in no_arc]
     return "\n".join(out) + "\n"
 
 

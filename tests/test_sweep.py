@@ -25,7 +25,8 @@ TRAINABLE = {"masked_lora": 2_442_240, "spp": 2_551_680, "seft": 1_000_000, "spt
 
 
 def flags(argv: list[str]) -> dict[str, str]:
-    """recovery.py flags the sweep passes, all of them ``--flag value``."""
+    """recovery.py flags the sweep passes, all of them ``--flag value`` (or ``--flag=value``)."""
+    argv = [part for word in argv for part in (word.split("=", 1) if word.startswith("--") else [word])]
     assert len(argv) % 2 == 0 and all(a.startswith("--") for a in argv[::2]), argv
     return {a[2:].replace("-", "_"): v for a, v in zip(argv[::2], argv[1::2])}
 
@@ -347,3 +348,43 @@ def test_exact_means_the_fraction_and_for_n_m_the_kept_mask():
     assert not sweep.is_exact({"sparsity_after_merge": 0.6998}, "0.7")
     assert sweep.is_exact({"sparsity_after_merge": 0.5, "mask_identical": True}, "2:4")
     assert not sweep.is_exact({"sparsity_after_merge": 0.5, "mask_identical": False}, "2:4")
+
+
+def with_arc_figures(argv):
+    """A fake row that holds ARC-Easy figures when the sweep asked for them."""
+    row, f = fake_row(argv), flags(argv)
+    if "arc_easy" in f:
+        row.update(arc_easy_acc_before=0.3, arc_easy_acc_after=0.35, arc_easy_questions=int(f["arc_easy"]))
+    return row
+
+
+def test_arc_easy_is_not_part_of_the_key_but_rows_without_it_run_again(fake_sweep):
+    common = ("--targets", "0.5", "--losses", "ce", "--no-dense")
+    fake_sweep("--methods", "spp,masked_lora", *common, runner=with_arc_figures)  # no ARC: the old rows
+    # a row run by hand with the flag among the extra args is the same experiment as one with --arc-easy
+    status, calls = fake_sweep("--methods", "seft", *common, "--extra-args=--arc-easy=8", runner=with_arc_figures)
+    assert status == 0 and len(calls) == 1
+    assert sweep.without_evaluation_only_flags("--spp-r 4 --arc-easy 8 --arc-dir=x") == "--spp-r 4"
+
+    status, calls = fake_sweep("--methods", "spp,masked_lora,seft", *common, "--arc-easy", "8",
+                               runner=with_arc_figures)
+    assert status == 0
+    assert sorted(flags(c)["method"] for c in calls) == ["masked_lora", "spp"]  # seft already has ARC on 8
+    assert all(flags(c)["arc_easy"] == "8" for c in calls)
+    status, calls = fake_sweep("--methods", "spp,masked_lora,seft", *common, "--arc-easy", "8",
+                               runner=with_arc_figures)
+    assert calls == []  # resumable: every row now has it
+    # other question counts are other measurements: asked for, they run again
+    assert len(fake_sweep("--methods", "seft", *common, "--arc-easy", "16", runner=with_arc_figures)[1]) == 1
+
+
+def test_markdown_lists_rows_still_without_arc(fake_sweep):
+    common = ("--targets", "0.5", "--losses", "ce", "--no-dense")
+    fake_sweep("--methods", "spp", *common, runner=with_arc_figures)
+    fake_sweep("--methods", "seft", *common, "--arc-easy", "8", runner=with_arc_figures)
+    md = sweep.render_markdown(sweep.parse_args(["--results", str(fake_sweep.results), "--methods", "spp,seft",
+                                                 *common, "--arc-easy", "8"]))
+    assert "the first 8 questions" in md
+    no_arc = md.split("### ARC-Easy not measured yet")[1]
+    assert "- spp 50% CE" in no_arc and "seft" not in no_arc
+    assert "### Not run yet" not in md  # both rows are in the table, one without its ARC columns
