@@ -60,6 +60,8 @@ def parse_args(argv=None):
     parser.add_argument("--induce", nargs="?", const="both", default="no", choices=["no", "only", "both"],
                         help="Sparsity Induction before pruning: rows '<method>+induce' (bare flag: both)")
     parser.add_argument("--induce-alpha", type=float, default=1.0, help="induce_sparsity alpha")
+    parser.add_argument("--induce-pairs", default="qkv,gate_up,vo,down",
+                        help="induce_sparsity folds, comma-separated (a subset of qkv,gate_up,vo,down)")
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--calib-seq-len", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=24)
@@ -141,7 +143,8 @@ def rows_from_results(path: str, fields: dict, methods: list[str], targets: list
         row = json.loads(line)
         if all(row.get(key) == fields[key] for key in ("model", "calibration", "eval", "allocation")):
             latest[(row["method"], row["target"])] = row
-    suffixes = {"no": [""], "only": ["+induce"], "both": ["", "+induce"]}[fields.get("induce", "no")]
+    label = fields.get("induce_label", "+induce")
+    suffixes = {"no": [""], "only": [label], "both": ["", label]}[fields.get("induce", "no")]
     keys = [("dense", "-")] + [(m + s, t) for t in targets for m in methods for s in suffixes]
     missing = [key for key in keys if key not in latest]
     if missing:
@@ -189,17 +192,31 @@ def main(argv=None):
                 pruned = copy.deepcopy(model)  # every run starts from the dense weights
                 start = time.time()
                 report = sps.prune(pruned, method=method, calibration=calibration, allocation=args.allocation,
-                                   induce={"alpha": args.induce_alpha} if induce else False, **target_kwargs(target))
+                                   induce=induce_options(args) if induce else False, **target_kwargs(target))
                 prune_seconds = time.time() - start
                 start = time.time()
                 ppl = perplexity(pruned, eval_ids, n_windows=args.eval_windows, seq_len=args.eval_seq_len)
-                rows.append(record({"method": method + ("+induce" if induce else ""), "target": target, "ppl": ppl,
+                rows.append(record({"method": method + (induce_label(args) if induce else ""), "target": target,
+                                    "ppl": ppl,
                                     "global_sparsity": report.global_sparsity, "prune_seconds": prune_seconds,
                                     "eval_seconds": time.time() - start,
-                                    **({"induce_alpha": args.induce_alpha} if induce else {})}))
+                                    **({"induce_alpha": args.induce_alpha, "induce_pairs": args.induce_pairs}
+                                       if induce else {})}))
                 del pruned
 
     return publish(rows, args, common_fields)
+
+
+ALL_PAIRS = "qkv,gate_up,vo,down"
+
+
+def induce_options(args) -> dict:
+    return {"alpha": args.induce_alpha, "pairs": tuple(args.induce_pairs.split(","))}
+
+
+def induce_label(args) -> str:
+    """'+induce', or '+induce(qkv,gate_up)' when only some folds are applied."""
+    return "+induce" if args.induce_pairs == ALL_PAIRS else f"+induce({args.induce_pairs})"
 
 
 def settings_fields(args, command: str) -> dict:
@@ -209,6 +226,7 @@ def settings_fields(args, command: str) -> dict:
         "eval": f"first {args.eval_windows} x {args.eval_seq_len} tokens of wiki.test.raw",
         "allocation": args.allocation,
         "induce": args.induce,
+        "induce_label": induce_label(args),
         "machine": machine_info(),
         "command": command,
     }

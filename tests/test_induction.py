@@ -2,6 +2,7 @@
 and the spectral-norm feature loss."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -315,11 +316,49 @@ def test_recovery_script_induce_caches_norms_and_leaves_wanda_unchanged(tiny_run
     cache = str(tmp_path / "cache")
     plain = tiny_run("--method", "none", "--pruner", "wanda", "--sparsity", "0.5", "--cache-dir", cache)
     induced = tiny_run("--method", "none", "--pruner", "wanda", "--sparsity", "0.5", "--cache-dir", cache, "--induce")
+    for measured in (tmp_path / "cache").glob("before-*.json"):
+        measured.unlink()  # so the third run measures its ppl on the weights the cache restores
     cached = tiny_run("--method", "none", "--pruner", "wanda", "--sparsity", "0.5", "--cache-dir", cache, "--induce")
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [
+    assert cached["before_from_cache"] is False
+    assert sorted(p.name for p in (tmp_path / "cache").glob("pruned-*")) == [
         "pruned-smollm2-wanda-0.5-2-16-0-induce1.safetensors", "pruned-smollm2-wanda-0.5-2-16-0.safetensors"]
     assert induced["induce"] == 1.0 and plain["induce"] is None
     assert cached["ppl_pruned"] == induced["ppl_pruned"]  # the cache restored the folded norms too
     assert induced["ppl_pruned"] == pytest.approx(plain["ppl_pruned"], rel=1e-4)  # Wanda: same masks
     with pytest.raises(SystemExit):
         tiny_run("--method", "spt", "--induce")  # SPT restores dense linears after pruning: refused
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)], ids=["70%", "2:4"])
+def test_sparsegpt_prunes_down_scaled_rows_hardest(nm):
+    """The vo/down folds divide a producer's rows by the scales of the channels they feed. Unstructured
+    SparseGPT compares saliencies across rows, so rows divided by large scales (feeding active channels)
+    lose most; N:M keeps N of every M in every row whatever the row scale."""
+    g = torch.Generator().manual_seed(0)
+    rows, cols = 64, 128
+    weight = torch.randn(rows, cols, generator=g)
+    stat = HessianStat(cols)
+    stat.add(torch.randn(2048, cols, generator=g))
+    row_scale = torch.linspace(-2, 2, rows).exp()  # s_i of the channel row i feeds
+    n_zeros = None if nm else round(0.7 * rows * cols)
+    keep_plain, _ = sparsegpt_prune(weight, stat, n_zeros, nm)
+    keep_folded, _ = sparsegpt_prune(weight / row_scale[:, None], stat, n_zeros, nm)
+    active = row_scale >= row_scale.quantile(0.9)
+    sparsity_plain = float((~keep_plain[active]).float().mean())
+    sparsity_folded = float((~keep_folded[active]).float().mean())
+    if nm:
+        assert sparsity_plain == sparsity_folded == 0.5
+        assert torch.equal(keep_plain, keep_folded)  # the row scale multiplies every saliency of the row
+    else:
+        assert sparsity_plain < 0.8 and sparsity_folded > 0.99
+
+
+def test_prune_warns_for_sparsegpt_with_row_folds_only():
+    calibration = _calibration()
+    with pytest.warns(RuntimeWarning, match="rows feeding the most active channels"):
+        prune(_model("llama"), "sparsegpt", sparsity=0.5, calibration=calibration, induce=True, show_progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        prune(_model("llama"), "sparsegpt", sparsity=0.5, calibration=calibration,
+              induce={"pairs": ("qkv", "gate_up")}, show_progress=False)
+        prune(_model("llama"), "sparsegpt", pattern="2:4", calibration=calibration, induce=True, show_progress=False)

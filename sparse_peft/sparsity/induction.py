@@ -38,6 +38,7 @@ from .wanda import InputNormStat
 INDUCTION_MODEL_TYPES = ("llama", "qwen2", "mistral")
 OBJECTIVES = ("activation",)
 PAIRS = ("qkv", "gate_up", "vo", "down")
+ROW_SCALED_PAIRS = ("vo", "down")  # their producers are linears (v_proj, up_proj) whose rows are divided
 
 
 @dataclass

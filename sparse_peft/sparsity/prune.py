@@ -162,14 +162,21 @@ def prune(
             raise ValueError(f"{what} needs calibration data: calibration=[LongTensor [B, T], ...]")
         calibration = as_calibration_batches(calibration)  # a list: OWL goes over it twice
     if induce is not False:
-        from .induction import induce_sparsity
+        from .induction import PAIRS, ROW_SCALED_PAIRS, induce_sparsity
 
-        if method == "sparsegpt":
-            # Measured on the SmolLM2-135M (docs/benchmarks.md): SparseGPT after induction diverged
-            # (ppl ~1.2e7 at 70% against 258 without). Not understood yet; say so loudly.
-            warnings.warn("prune(method='sparsegpt', induce=...): on the SmolLM2-135M this combination gave a "
-                          "diverged model (ppl ~1.2e7 at 70% vs 258 without induction); check the result before "
-                          "using it (docs/induction.md)", RuntimeWarning, stacklevel=2)
+        pairs = induce.get("pairs", PAIRS) if isinstance(induce, dict) else PAIRS
+        pairs = (pairs,) if isinstance(pairs, str) else tuple(pairs)
+        row_folds = [pair for pair in pairs if pair in ROW_SCALED_PAIRS]
+        if method == "sparsegpt" and nm is None and row_folds:
+            # Unstructured SparseGPT picks each column block's zeros across rows. The vo/down folds divide
+            # the rows of v_proj/up_proj by the scales of the channels they feed, so the rows feeding the
+            # most active channels look least salient and are pruned hardest (87-99% instead of 70% in
+            # SmolLM2's up_proj, benchmarks/induction_damping.py); at 70% the model diverged.
+            warnings.warn(f"prune(method='sparsegpt', induce=...) with the {row_folds} folds: they scale rows of "
+                          "v_proj/up_proj, and unstructured SparseGPT compares saliencies across rows, so it prunes "
+                          "the rows feeding the most active channels hardest (on the SmolLM2-135M at 70%: ppl "
+                          "1.2e7 against 258 without induction). Use induce={'pairs': ('qkv', 'gate_up')} "
+                          "(docs/induction.md)", RuntimeWarning, stacklevel=2)
 
         options = {"show_progress": show_progress, **(induce if isinstance(induce, dict) else {})}
         induce_sparsity(model, calibration, **options)
