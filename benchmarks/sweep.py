@@ -141,18 +141,26 @@ class Job:
     target: str
     loss: str
     lr: float
+    squarehead_lambda: Optional[float] = None  # SquareHead rows only
+
+    @property
+    def loss_label(self) -> str:
+        if self.loss == "squarehead":
+            return f"{LOSS_LABELS[self.loss]} λ={self.squarehead_lambda:g}"
+        return LOSS_LABELS[self.loss]
 
     @property
     def label(self) -> str:
         target = "dense reference" if self.target == DENSE else target_label(self.target)
-        return f"{self.method} {target} {LOSS_LABELS[self.loss]} lr={self.lr:g}"
+        return f"{self.method} {target} {self.loss_label} lr={self.lr:g}"
 
     def as_row(self, settings) -> dict:
         """The fields of the row this job will produce that ``row_key`` reads, plus what the sweep adds."""
         sparsity = 0.0 if self.target == DENSE else (0.5 if ":" in self.target else float(self.target))
         return dict(method=self.method, pruner=settings.pruner, sparsity=sparsity,
                     pattern=self.target if ":" in self.target else None, loss=self.loss,
-                    squarehead_lambda=settings.squarehead_lambda,
+                    squarehead_lambda=(self.squarehead_lambda if self.squarehead_lambda is not None
+                                       else RECOVERY_DEFAULTS["squarehead_lambda"]),
                     teacher=settings.teacher or RECOVERY_DEFAULTS["teacher"],
                     steps=settings.steps, seq_len=settings.seq_len, batch_size=settings.batch_size, lr=self.lr,
                     seed=settings.seed, eval_windows=settings.eval_windows, eval_seq_len=settings.eval_seq_len,
@@ -173,7 +181,7 @@ class Job:
                  "--eval-seq-len", str(settings.eval_seq_len), "--calib-samples", str(settings.calib_samples),
                  "--calib-seq-len", str(settings.calib_seq_len)]
         if self.loss == "squarehead":
-            argv += ["--squarehead-lambda", f"{settings.squarehead_lambda:g}"]
+            argv += ["--squarehead-lambda", f"{self.squarehead_lambda:g}"]
             if settings.teacher:
                 argv += ["--teacher", settings.teacher]
         for flag, value in (("--model", settings.model), ("--data", settings.data),
@@ -271,7 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--eval-seq-len", type=int, default=RECOVERY_DEFAULTS["eval_seq_len"])
     b.add_argument("--calib-samples", type=int, default=RECOVERY_DEFAULTS["calib_samples"])
     b.add_argument("--calib-seq-len", type=int, default=RECOVERY_DEFAULTS["calib_seq_len"])
-    b.add_argument("--squarehead-lambda", type=float, default=RECOVERY_DEFAULTS["squarehead_lambda"])
+    b.add_argument("--squarehead-lambda", dest="squarehead_lambdas", type=comma_list(convert=float),
+                   default=[RECOVERY_DEFAULTS["squarehead_lambda"]],
+                   help="SquareHead's λ; comma-separated for one row per value, e.g. 1,0.1")
     b.add_argument("--teacher", default=None, help="SquareHead teacher model (default: the dense model, untuned)")
     b.add_argument("--extra-args", default="",
                    help="more recovery.py flags for every row, one string, e.g. \"--spp-r 32\"")
@@ -323,8 +333,8 @@ def plan(args) -> tuple[list[Job], list[tuple[Job, str]]]:
     if "ce" in args.losses:
         candidates += [Job(m, t, "ce", args.lrs[m]) for t in args.targets for m in args.methods]
     if "squarehead" in args.losses:
-        candidates += [Job(m, t, "squarehead", args.lrs[m]) for t in args.squarehead_targets
-                       for m in args.methods if m in args.squarehead_methods]
+        candidates += [Job(m, t, "squarehead", args.lrs[m], lam) for lam in args.squarehead_lambdas
+                       for t in args.squarehead_targets for m in args.methods if m in args.squarehead_methods]
     jobs, skipped, seen = [], [], set()
     for job in candidates:
         if job in seen:
@@ -411,7 +421,8 @@ def record(row: dict, job: Job, args) -> dict:
 
 
 def log_name(job: Job) -> str:
-    return f"{job.method}-{job.target.replace(':', '_')}-{job.loss}-lr{job.lr:g}.log"
+    loss = job.loss if job.loss != "squarehead" else f"squarehead{job.squarehead_lambda:g}"
+    return f"{job.method}-{job.target.replace(':', '_')}-{loss}-lr{job.lr:g}.log"
 
 
 def run_sweep(args) -> int:
@@ -422,7 +433,7 @@ def run_sweep(args) -> int:
     print(f"{len(jobs)} rows planned: {len(jobs) - len(missing)} done in {args.results}, {len(missing)} to run; "
           f"{len(skipped)} not applicable")
     for job, reason in skipped:
-        print(f"  not applicable: {job.method} at {target_label(job.target)} ({LOSS_LABELS[job.loss]}): {reason}")
+        print(f"  not applicable: {job.method} at {target_label(job.target)} ({job.loss_label}): {reason}")
     if args.dry_run:
         for job in jobs:
             state = "run " if job in missing else "done"
@@ -495,7 +506,8 @@ def render_markdown(args) -> str:
         f"seed {args.seed}; pruner {args.pruner} with {args.calib_samples} calibration windows of "
         f"{args.calib_seq_len} tokens; ppl on {args.eval_windows} windows of {args.eval_seq_len} tokens of "
         f"wiki.test.raw. lr per method: " + ", ".join(f"{m} {args.lrs[m]:g}" for m in args.methods)
-        + (f". SquareHead: λ={args.squarehead_lambda:g}, teacher {args.teacher or RECOVERY_DEFAULTS['teacher']}"
+        + (f". SquareHead: λ={', '.join(f'{lam:g}' for lam in args.squarehead_lambdas)}, teacher "
+           f"{args.teacher or RECOVERY_DEFAULTS['teacher']}"
            if "squarehead" in args.losses else "")
         + (f". Extra recovery.py flags: `{args.extra_args}`" if args.extra_args else "")
         + (f". ARC-Easy: zero-shot, {'all' if args.arc_easy < 0 else f'the first {args.arc_easy}'} questions of "
@@ -516,7 +528,7 @@ def render_markdown(args) -> str:
         out += ["", "### SquareHead vs CE (ppl after merge, same tokens)", "", *comparison]
     if skipped:
         out += ["", "### Not applicable", ""]
-        out += [f"- {job.method} at {target_label(job.target)} ({LOSS_LABELS[job.loss]}): {reason}"
+        out += [f"- {job.method} at {target_label(job.target)} ({job.loss_label}): {reason}"
                 for job, reason in skipped]
     missing = [job for job in jobs if found[job] is None]
     if missing:
@@ -528,6 +540,12 @@ def render_markdown(args) -> str:
     return "\n".join(out) + "\n"
 
 
+def loss_label_of(row: dict) -> str:
+    loss = row.get("loss") or "ce"
+    label = LOSS_LABELS.get(loss, loss)
+    return f"{label} λ={float(row.get('squarehead_lambda', 1.0)):g}" if loss == "squarehead" else label
+
+
 def best_recipe_lines(rows: list[dict], target: str) -> list[str]:
     """The best sparse method that is exactly at the target after merge, against plain LoRA re-masked."""
     candidates = [r for r in rows if r["method"] != "lora" and r.get("ppl_after") is not None
@@ -536,7 +554,7 @@ def best_recipe_lines(rows: list[dict], target: str) -> list[str]:
         return []
     best = min(candidates, key=lambda r: r["ppl_after"])
     line = (f"- Best recipe exactly at {target_label(target)} after merge: {best['method']} "
-            f"({LOSS_LABELS.get(best.get('loss') or 'ce', best.get('loss'))}), ppl {best['ppl_after']:.1f}")
+            f"({loss_label_of(best)}), ppl {best['ppl_after']:.1f}")
     lora = [r for r in rows if r["method"] == "lora" and (r.get("loss") or "ce") == "ce"]
     if lora and lora[0].get("ppl_after"):
         line += (f" = {best['ppl_after'] / lora[0]['ppl_after']:.2f}x plain LoRA merged-then-re-masked "
@@ -554,11 +572,11 @@ def squarehead_vs_ce(jobs: list[Job], found: dict) -> list[str]:
         if ce is None:
             continue
         sh = found[job]
-        lines.append(f"| {job.method} | {target_label(job.target)} | {ce['ppl_after']:.1f} | {sh['ppl_after']:.1f} "
-                     f"| {sh['ppl_after'] / ce['ppl_after']:.2f} |")
+        lines.append(f"| {job.method} | {target_label(job.target)} | {job.squarehead_lambda:g} | {ce['ppl_after']:.1f} "
+                     f"| {sh['ppl_after']:.1f} | {sh['ppl_after'] / ce['ppl_after']:.2f} |")
     if not lines:
         return []
-    return ["| method | target | CE | SquareHead | SquareHead / CE |", "|---|---|---:|---:|---:|", *lines]
+    return ["| method | target | λ | CE | SquareHead | SquareHead / CE |", "|---|---|---:|---:|---:|---:|", *lines]
 
 
 def render_png(args, path) -> Optional[Path]:
@@ -587,12 +605,15 @@ def render_png(args, path) -> Optional[Path]:
     fig, (ax_ppl, ax_params) = plt.subplots(1, 2, figsize=(12, 4.5))
     colors = {m: f"C{i}" for i, m in enumerate(METHODS)}
     for method in args.methods:
-        for loss, linestyle, marker in (("ce", "-", "o"), ("squarehead", "--", "s")):
+        variants = [("ce", None, "-", "o")] + [("squarehead", lam, linestyle, marker) for lam, linestyle, marker
+                                               in zip(args.squarehead_lambdas, ("--", "-.", ":"), ("s", "^", "v"))]
+        for loss, lam, linestyle, marker in variants:
             points = {t: found[j]["ppl_after"] for j in found for t in targets
-                      if (j.method, j.target, j.loss) == (method, t, loss)}
+                      if (j.method, j.target, j.loss, j.squarehead_lambda) == (method, t, loss, lam)}
             if not points:
                 continue
-            label = method + (" re-masked" if method == "lora" else "") + ("" if loss == "ce" else " SquareHead")
+            label = (method + (" re-masked" if method == "lora" else "")
+                     + ("" if loss == "ce" else f" SquareHead λ={lam:g}"))
             line = [(i, points[t]) for i, t in enumerate(targets) if t in points and ":" not in t]
             lone = [(i, points[t]) for i, t in enumerate(targets) if t in points and ":" in t]
             if line:

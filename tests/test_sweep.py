@@ -286,9 +286,9 @@ def test_markdown_has_a_table_per_target_and_the_comparisons(fake_sweep):
     assert sum(line.startswith("|") for line in seventy.splitlines()) == 2 + 5 + 4  # header, rule, 5 CE, 4 SquareHead
     assert "| wall (min) |" in seventy and "ARC" not in md  # no ARC fields in these rows
     # best exactly-70% recipe: SPP with SquareHead, 100 x 0.8 x 0.8 = 64, against LoRA re-masked's 100
-    assert ("Best recipe exactly at 70% after merge: spp (SquareHead), ppl 64.0 = 0.64x plain LoRA "
+    assert ("Best recipe exactly at 70% after merge: spp (SquareHead λ=1), ppl 64.0 = 0.64x plain LoRA "
             "merged-then-re-masked (100.0)") in md
-    assert "| spt | 70% | 120.0 | 96.0 | 0.80 |" in md
+    assert "| spt | 70% | 1 | 120.0 | 96.0 | 0.80 |" in md
     assert "- seft at 2:4 (CE): SEFT refuses N:M" in md and "- spt at 2:4 (CE): SPT prunes" in md
     assert "Not run yet" not in md
 
@@ -306,7 +306,7 @@ def test_markdown_lists_missing_rows_and_skips_inexact_best(fake_sweep):
     md = sweep.render_markdown(args)
     assert "Best recipe exactly at 70% after merge: masked_lora (CE), ppl 90.0 = 0.90x" in md
     missing = md.split("### Not run yet")[1]
-    assert "- lora dense reference CE lr=0.001" in missing and "- spt 70% SquareHead lr=0.01" in missing
+    assert "- lora dense reference CE lr=0.001" in missing and "- spt 70% SquareHead λ=1 lr=0.01" in missing
     assert "spp 70% CE" not in missing
 
 
@@ -388,3 +388,20 @@ def test_markdown_lists_rows_still_without_arc(fake_sweep):
     no_arc = md.split("### ARC-Easy not measured yet")[1]
     assert "- spp 50% CE" in no_arc and "seft" not in no_arc
     assert "### Not run yet" not in md  # both rows are in the table, one without its ARC columns
+
+
+def test_several_squarehead_lambdas_are_separate_rows(fake_sweep):
+    argv = ("--targets", "0.7", "--no-dense", "--methods", "masked_lora,spp", "--squarehead-lambda", "1,0.1")
+    assert planned(*argv) == [("masked_lora", "0.7", "ce"), ("spp", "0.7", "ce")] + [
+        (m, "0.7", "squarehead") for _ in range(2) for m in ("masked_lora", "spp")]
+    status, calls = fake_sweep(*argv)
+    assert status == 0 and sorted(flags(c).get("squarehead_lambda") for c in calls
+                                  if flags(c)["loss"] == "squarehead") == ["0.1", "0.1", "1", "1"]
+    assert fake_sweep(*argv)[1] == []  # both λ rows count as done
+    md = sweep.render_markdown(sweep.parse_args(["--results", str(fake_sweep.results), *argv]))
+    assert "| masked_lora | 70% | 1 | 90.0 | 72.0 | 0.80 |" in md
+    assert "| masked_lora | 70% | 0.1 | 90.0 | 72.0 | 0.80 |" in md
+    assert "SquareHead: λ=1, 0.1" in md
+    # only λ=0.1 asked for: the λ=1 rows are not part of that table
+    md = sweep.render_markdown(sweep.parse_args(["--results", str(fake_sweep.results), *argv[:-1], "0.1"]))
+    assert "| masked_lora | 70% | 1 |" not in md and "| masked_lora | 70% | 0.1 |" in md
