@@ -60,8 +60,9 @@ def parse_args(argv=None):
     parser.add_argument("--induce", nargs="?", const="both", default="no", choices=["no", "only", "both"],
                         help="Sparsity Induction before pruning: rows '<method>+induce' (bare flag: both)")
     parser.add_argument("--induce-alpha", type=float, default=1.0, help="induce_sparsity alpha")
-    parser.add_argument("--induce-pairs", default="qkv,gate_up,vo,down",
-                        help="induce_sparsity folds, comma-separated (a subset of qkv,gate_up,vo,down)")
+    parser.add_argument("--induce-pairs", default=None,
+                        help="induce_sparsity folds, comma-separated (a subset of qkv,gate_up,vo,down); default: "
+                             "prune's (all four; the column folds qkv,gate_up for unstructured sparsegpt)")
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--calib-seq-len", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=24)
@@ -207,16 +208,16 @@ def main(argv=None):
     return publish(rows, args, common_fields)
 
 
-ALL_PAIRS = "qkv,gate_up,vo,down"
-
-
 def induce_options(args) -> dict:
-    return {"alpha": args.induce_alpha, "pairs": tuple(args.induce_pairs.split(","))}
+    options = {"alpha": args.induce_alpha}
+    if args.induce_pairs:
+        options["pairs"] = tuple(args.induce_pairs.split(","))
+    return options
 
 
 def induce_label(args) -> str:
-    """'+induce', or '+induce(qkv,gate_up)' when only some folds are applied."""
-    return "+induce" if args.induce_pairs == ALL_PAIRS else f"+induce({args.induce_pairs})"
+    """'+induce' with prune's default folds, '+induce(qkv,gate_up)' with the folds named."""
+    return f"+induce({args.induce_pairs})" if args.induce_pairs else "+induce"
 
 
 def settings_fields(args, command: str) -> dict:

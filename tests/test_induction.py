@@ -353,12 +353,20 @@ def test_sparsegpt_prunes_down_scaled_rows_hardest(nm):
         assert sparsity_plain < 0.8 and sparsity_folded > 0.99
 
 
-def test_prune_warns_for_sparsegpt_with_row_folds_only():
-    calibration = _calibration()
-    with pytest.warns(RuntimeWarning, match="rows feeding the most active channels"):
-        prune(_model("llama"), "sparsegpt", sparsity=0.5, calibration=calibration, induce=True, show_progress=False)
+def test_unstructured_sparsegpt_induces_with_column_folds_and_warns_for_row_folds(monkeypatch):
+    import sparse_peft.sparsity.induction as induction
+
+    calibration, folds = _calibration(), []
+    real = induction.induce_sparsity
+    monkeypatch.setattr(induction, "induce_sparsity",
+                        lambda model, calib, **options: folds.append(options.get("pairs")) or real(model, calib, **options))
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        prune(_model("llama"), "sparsegpt", sparsity=0.5, calibration=calibration,
-              induce={"pairs": ("qkv", "gate_up")}, show_progress=False)
+        prune(_model("llama"), "sparsegpt", sparsity=0.5, calibration=calibration, induce=True, show_progress=False)
         prune(_model("llama"), "sparsegpt", pattern="2:4", calibration=calibration, induce=True, show_progress=False)
+        prune(_model("llama"), "wanda", sparsity=0.5, calibration=calibration, induce=True, show_progress=False)
+    assert folds == [("qkv", "gate_up"), None, None]  # None: induce_sparsity's default, all four
+    with pytest.warns(RuntimeWarning, match="rows feeding the most active channels"):
+        prune(_model("llama"), "sparsegpt", sparsity=0.5, calibration=calibration,
+              induce={"pairs": ("qkv", "down")}, show_progress=False)
+    assert folds[-1] == ("qkv", "down")  # what the user named is what runs

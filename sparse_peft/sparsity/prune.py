@@ -111,7 +111,9 @@ def prune(
         induce: ``True`` (or a dict of ``induce_sparsity`` options, e.g. ``{"alpha": 0.5}``) first
             folds Sparsity Induction's function-preserving scales into the model with the same
             calibration (Llama-style models only; needs calibration, for magnitude too). Wanda's
-            masks do not change with it (see docs/induction.md); magnitude's do.
+            masks do not change with it (see docs/induction.md); magnitude's do. For unstructured
+            SparseGPT the default folds are the column ones only (``("qkv", "gate_up")``): the row
+            folds make it prune the rows feeding the most active channels hardest; naming them warns.
 
     Calibration is block-sequential: block k's statistics come from the outputs of the already
     pruned blocks 0..k-1, and only one block's activations are held at a time.
@@ -164,21 +166,24 @@ def prune(
     if induce is not False:
         from .induction import PAIRS, ROW_SCALED_PAIRS, induce_sparsity
 
-        pairs = induce.get("pairs", PAIRS) if isinstance(induce, dict) else PAIRS
-        pairs = (pairs,) if isinstance(pairs, str) else tuple(pairs)
+        options = {"show_progress": show_progress, **(induce if isinstance(induce, dict) else {})}
+        # Unstructured SparseGPT picks each column block's zeros across rows. The vo/down folds divide the
+        # rows of v_proj/up_proj by the scales of the channels they feed, so the rows feeding the most
+        # active channels look least salient and are pruned hardest (87-99% instead of 70% in SmolLM2's
+        # up_proj, benchmarks/induction_damping.py; the model diverged at 70%). Its default is therefore
+        # the column folds only (229.8 vs 258.4 without induction at 70%); N:M picks per row, immune.
+        row_sensitive = method == "sparsegpt" and nm is None
+        if row_sensitive and "pairs" not in options:
+            options["pairs"] = tuple(pair for pair in PAIRS if pair not in ROW_SCALED_PAIRS)
+        pairs = (options["pairs"],) if isinstance(options.get("pairs"), str) else tuple(options.get("pairs", PAIRS))
         row_folds = [pair for pair in pairs if pair in ROW_SCALED_PAIRS]
-        if method == "sparsegpt" and nm is None and row_folds:
-            # Unstructured SparseGPT picks each column block's zeros across rows. The vo/down folds divide
-            # the rows of v_proj/up_proj by the scales of the channels they feed, so the rows feeding the
-            # most active channels look least salient and are pruned hardest (87-99% instead of 70% in
-            # SmolLM2's up_proj, benchmarks/induction_damping.py); at 70% the model diverged.
+        if row_sensitive and row_folds:
             warnings.warn(f"prune(method='sparsegpt', induce=...) with the {row_folds} folds: they scale rows of "
                           "v_proj/up_proj, and unstructured SparseGPT compares saliencies across rows, so it prunes "
                           "the rows feeding the most active channels hardest (on the SmolLM2-135M at 70%: ppl "
-                          "1.2e7 against 258 without induction). Use induce={'pairs': ('qkv', 'gate_up')} "
+                          "1.2e7 against 258 without induction). Leave 'pairs' unset (column folds only) "
                           "(docs/induction.md)", RuntimeWarning, stacklevel=2)
 
-        options = {"show_progress": show_progress, **(induce if isinstance(induce, dict) else {})}
         induce_sparsity(model, calibration, **options)
 
     if nm is not None:
