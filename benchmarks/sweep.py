@@ -471,10 +471,11 @@ def fmt_acc(value) -> str:
 def extra_columns(rows: list[dict]) -> list:
     columns = []
     for prefix, name in (("arc_easy", "ARC-E"), ("arc_challenge", "ARC-C")):
-        for when in ("before", "after"):
-            key = f"{prefix}_acc_{when}"
-            if any(key in r for r in rows):
-                columns.append((f"{name} acc {when} (%)", "---:", lambda r, key=key: fmt_acc(r.get(key))))
+        for measure in ("acc", "acc_norm"):  # acc_norm: lm-eval-harness's length-normalised accuracy
+            for when in ("before", "after"):
+                key = f"{prefix}_{measure}_{when}"
+                if any(key in r for r in rows):
+                    columns.append((f"{name} {measure} {when} (%)", "---:", lambda r, key=key: fmt_acc(r.get(key))))
     columns.append(("wall (min)", "---:",
                     lambda r: "–" if r.get("wall_s") is None else f"{r['wall_s'] / 60:.0f}"))
     return columns
