@@ -312,15 +312,17 @@ def test_markdown_lists_missing_rows_and_skips_inexact_best(fake_sweep):
 
 def test_markdown_adds_arc_columns_when_rows_have_them(fake_sweep):
     def with_arc(argv):
-        return {**fake_row(argv), "arc_easy_acc_before": 0.43, "arc_easy_acc_after": 0.5125}
+        return {**fake_row(argv), "arc_easy_acc_before": 0.43, "arc_easy_acc_after": 0.5125,
+                "arc_easy_acc_norm_before": 0.41, "arc_easy_acc_norm_after": 0.47}
 
     fake_sweep("--targets", "0.5", "--losses", "ce", "--no-dense", "--methods", "spp", runner=with_arc)
     md = sweep.render_markdown(sweep.parse_args(["--results", str(fake_sweep.results), "--targets", "0.5",
                                                  "--methods", "spp", "--losses", "ce"]))
     header = next(line for line in md.splitlines() if line.startswith("| method |"))
-    assert "| ARC-E acc before (%) | ARC-E acc after (%) | wall (min) | notes |" in header
+    assert ("| ARC-E acc before (%) | ARC-E acc after (%) | ARC-E acc_norm before (%) | ARC-E acc_norm after (%) "
+            "| wall (min) | notes |") in header
     assert "ARC-C" not in header
-    assert "| 43.0 | 51.2 | 10 |" in md
+    assert "| 43.0 | 51.2 | 41.0 | 47.0 | 10 |" in md
 
 
 def test_render_only_writes_markdown_and_png(fake_sweep, tmp_path):
