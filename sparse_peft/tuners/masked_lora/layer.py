@@ -118,8 +118,8 @@ class Linear(nn.Module, MaskedLoraLayer):
         """``W + Σ ΔW`` when one GEMM with it computes exactly what the two-branch forward means, else None.
 
         ``x (W + ΔW)ᵀ`` costs one GEMM forward and two backward (dX, and dΔW, which the adapter needs
-        anyway); ``x Wᵀ + x ΔWᵀ`` costs two forward and three backward: 2.4x LoRA's step time on the CPU
-        instead of 1.5x. The fused weight is exactly zero where W is pruned (ΔW is masked). Only for a
+        anyway); ``x Wᵀ + x ΔWᵀ`` costs two forward and three backward (its training step took 2.4x
+        LoRA's on SmolLM2 on the CPU; the fused one is 1.45x faster than it). The fused weight is exactly zero where W is pruned (ΔW is masked). Only for a
         plain fp32 nn.Linear base without hooks and adapters without dropout (dropout applies to the
         adapter's input alone); otherwise the two branches run as written.
         """
