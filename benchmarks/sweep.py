@@ -428,8 +428,8 @@ def log_name(job: Job) -> str:
 def run_sweep(args) -> int:
     jobs, skipped = plan(args)
     done = latest_rows_by_key(read_rows(args.results))
-    missing = [job for job in jobs if row_key(job.as_row(args)) not in done
-               or (args.arc_easy and not has_arc(done[row_key(job.as_row(args))], args.arc_easy))]
+    found = {job: done.get(row_key(job.as_row(args))) for job in jobs}
+    missing = [job for job in jobs if found[job] is None or (args.arc_easy and not has_arc(found[job], args.arc_easy))]
     print(f"{len(jobs)} rows planned: {len(jobs) - len(missing)} done in {args.results}, {len(missing)} to run; "
           f"{len(skipped)} not applicable")
     for job, reason in skipped:

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 import torch
+
 from ._progress import progress
 
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

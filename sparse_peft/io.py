@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from ._progress import progress
 
+from ._progress import progress
 from .sparsity.bitmask import PackedBitmask, pack_bitmask, row_offsets_from_bits, unpack_bitmask, validate_packed
 from .sparsity.masks import is_nm_sparse, named_linears, parse_pattern
 from .sparsity.report import layer_sparsity

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
-from ._progress import progress
 
+from ._progress import progress
 from .sparsity.masks import restore_mask, weight_mask
 
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from .._progress import progress
 
+from .._progress import progress
 from .masks import named_linears
 
 

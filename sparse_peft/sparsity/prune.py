@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import warnings
-
 import numbers
+import warnings
 
 import torch
 from torch import nn
@@ -175,8 +174,8 @@ def prune(
         row_sensitive = method == "sparsegpt" and nm is None
         if row_sensitive and "pairs" not in options:
             options["pairs"] = tuple(pair for pair in PAIRS if pair not in ROW_SCALED_PAIRS)
-        pairs = (options["pairs"],) if isinstance(options.get("pairs"), str) else tuple(options.get("pairs", PAIRS))
-        row_folds = [pair for pair in pairs if pair in ROW_SCALED_PAIRS]
+        pairs = options.get("pairs", PAIRS)  # induce_sparsity validates it; a lone str is one pair there too
+        row_folds = [pair for pair in ((pairs,) if isinstance(pairs, str) else pairs) if pair in ROW_SCALED_PAIRS]
         if row_sensitive and row_folds:
             warnings.warn(f"prune(method='sparsegpt', induce=...) with the {row_folds} folds: they scale rows of "
                           "v_proj/up_proj, and unstructured SparseGPT compares saliencies across rows, so it prunes "

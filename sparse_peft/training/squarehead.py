@@ -99,7 +99,6 @@ class CachedTeacherDataset(torch.utils.data.Dataset):
     (stacked to one ``(layers + 1, seq, hidden)`` tensor, in ``dtype``), computed once up front."""
 
     def __init__(self, dataset, teacher: nn.Module, dtype: torch.dtype = torch.bfloat16, show_progress: bool = True):
-
         self.dataset = dataset
         self.hidden = []
         teacher.eval()

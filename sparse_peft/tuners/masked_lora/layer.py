@@ -119,9 +119,10 @@ class Linear(nn.Module, MaskedLoraLayer):
 
         ``x (W + ΔW)ᵀ`` costs one GEMM forward and two backward (dX, and dΔW, which the adapter needs
         anyway); ``x Wᵀ + x ΔWᵀ`` costs two forward and three backward (its training step took 2.4x
-        LoRA's on SmolLM2 on the CPU; the fused one is 1.45x faster than it). The fused weight is exactly zero where W is pruned (ΔW is masked). Only for a
-        plain fp32 nn.Linear base without hooks and adapters without dropout (dropout applies to the
-        adapter's input alone); otherwise the two branches run as written.
+        LoRA's on SmolLM2 on the CPU; the fused one is 1.45x faster than it). The fused weight is exactly
+        zero where W is pruned (ΔW is masked). Only for a plain fp32 nn.Linear base without hooks and
+        adapters without dropout (dropout applies to the adapter's input alone); otherwise the two
+        branches run as written.
         """
         base = self.base_layer
         active = [name for name in self.active_adapters if name in self.masked_lora_A]
