@@ -13,7 +13,13 @@ import sparse_peft as sp
 from sparse_peft.sparsity import named_linears, prune
 from sparse_peft.sparsity.induction import INDUCTION_MODEL_TYPES, induce_sparsity
 from sparse_peft.sparsity.sparsegpt import HessianStat, sparsegpt_prune
-from sparse_peft.training.spectral import SpectralNormLoss, SpectralNormTrainer, spectral_norm
+from sparse_peft.training.spectral import (
+    SpectralNormLoss,
+    SpectralNormTrainer,
+    capture_linear_inputs,
+    spectral_features,
+    spectral_norm,
+)
 
 LLAMA_STYLE = ["llama", "qwen2", "mistral"]
 
@@ -284,16 +290,48 @@ def test_spectral_loss_zero_for_rank_one_scale_free_and_ignores_padding():
         loss([embeddings, full], mask[:, :5])
 
 
-def test_trainer_with_the_term_lowers_feature_rank(tmp_path):
+def test_linear_inputs_are_what_each_linear_multiplies_once_per_shared_input():
+    model = make_tiny_model("llama", layers=2)
+    block = model.model.layers[0]
+    seen = {}
+    hooks = [getattr(block.self_attn, name).register_forward_pre_hook(
+        lambda module, args, name=name: seen.setdefault(name, args[0])) for name in ("q_proj", "k_proj", "o_proj")]
+    hooks += [getattr(block.mlp, name).register_forward_pre_hook(
+        lambda module, args, name=name: seen.setdefault(name, args[0])) for name in ("gate_proj", "down_proj")]
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, features = spectral_features(model, {"input_ids": ids}, "linear_inputs")
+    for hook in hooks:
+        hook.remove()
+    # q/k/v share the normed stream and gate/up theirs: 4 matrices per block, in call order
+    assert len(features) == 4 * 2
+    assert seen["q_proj"] is seen["k_proj"]
+    for index, name in enumerate(("q_proj", "o_proj", "gate_proj", "down_proj")):
+        assert features[index] is seen[name]
+    assert features[3].shape == (2, 12, 128)  # down_proj's input is the intermediate size
+    with capture_linear_inputs(model):
+        pass
+    assert all(not lin._forward_pre_hooks for _, lin in named_linears(model))  # hooks removed on exit
+    # with linear inputs no index is skipped: a rank-one first matrix counts
+    rank_one = torch.randn(2, 10, 1) * torch.randn(1, 1, 16)
+    full = torch.randn(2, 10, 16)
+    assert SpectralNormLoss(features="linear_inputs").per_layer([rank_one, full]).shape == (2,)
+    assert SpectralNormLoss(features="hidden_states").per_layer([rank_one, full]).shape == (1,)
+    with pytest.raises(ValueError, match="features"):
+        SpectralNormLoss(features="attention")
+
+
+@pytest.mark.parametrize("features", ["hidden_states", "linear_inputs"])
+def test_trainer_with_the_term_lowers_feature_rank(tmp_path, features):
     from transformers import TrainingArguments
 
     data = TokenDataset(seq_len=16)
     probe = torch.stack([data[i]["input_ids"] for i in range(8)])
-    measure = SpectralNormLoss(iterations=30)
+    measure = SpectralNormLoss(iterations=30, features=features)
 
     def stable_rank(model):
         with torch.no_grad():
-            return measure(model(input_ids=probe, output_hidden_states=True).hidden_states).item()
+            return measure(spectral_features(model, {"input_ids": probe}, features)[1]).item()
 
     measured = {}
     for lam in (0.0, 1.0):  # the same run (same seed, data, order) with CE only and with the term
@@ -302,7 +340,8 @@ def test_trainer_with_the_term_lowers_feature_rank(tmp_path):
         args = TrainingArguments(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=4,
                                  learning_rate=3e-3, report_to=[], save_strategy="no", use_cpu=True,
                                  disable_tqdm=True, seed=0)
-        trainer = SpectralNormTrainer(model=model, args=args, train_dataset=data, spectral_lambda=lam)
+        trainer = SpectralNormTrainer(model=model, args=args, train_dataset=data, spectral_lambda=lam,
+                                      spectral_loss=SpectralNormLoss(features=features))
         trainer.train()
         assert set(trainer.last_loss_parts) == {"ce", "spectral"}
         measured[lam] = stable_rank(model)
@@ -370,3 +409,36 @@ def test_unstructured_sparsegpt_induces_with_column_folds_and_warns_for_row_fold
         prune(_model("llama"), "sparsegpt", sparsity=0.5, calibration=calibration,
               induce={"pairs": ("qkv", "down")}, show_progress=False)
     assert folds[-1] == ("qkv", "down")  # what the user named is what runs
+
+
+def test_induction_spectral_script_same_batches_per_arm_and_exact_sparsity(tmp_path, monkeypatch):
+    """benchmarks/induction_spectral.py on a tiny model: the λ=0 control and a λ>0 arm tune from the same
+    weights on the same batches, only the term differs, and every pruned row is exactly at target."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from test_cli import char_tokenizer
+    from test_recovery_script import TEXT
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import induction_spectral
+
+    (tmp_path / "wiki.test.raw").write_text(TEXT)
+    (tmp_path / "wiki.valid.tokens").write_text(TEXT)
+    monkeypatch.setattr(induction_spectral, "load_model_and_tokenizer",
+                        lambda path=None: (make_tiny_model("llama"), char_tokenizer()))
+    out = tmp_path / "rows.jsonl"
+    rows = induction_spectral.main([
+        "--data", str(tmp_path), "--lambdas", "0,5", "--untuned", "--targets", "0.5,2:4", "--steps", "6",
+        "--seq-len", "16", "--batch-size", "2", "--lr", "3e-3", "--calib-samples", "2", "--calib-seq-len", "16",
+        "--eval-windows", "2", "--eval-seq-len", "16", "--rank-windows", "2", "--out", str(out)])
+    assert [(r["lambda"], r["target"]) for r in rows] == [
+        (None, "0.5"), (None, "2:4"), (0.0, "0.5"), (0.0, "2:4"), (5.0, "0.5"), (5.0, "2:4")]
+    assert [json.loads(line) for line in out.read_text().splitlines()] == rows
+    assert all(r["sparsity"] == pytest.approx(0.5, abs=1e-9) for r in rows)
+    untuned, control, spectral = rows[0], rows[2], rows[4]
+    assert "train_ce_last10" not in untuned and untuned["ppl_tuned"] != control["ppl_tuned"]
+    # same start and first batch: the term is what differs, so the first spectral reading is shared
+    assert control["train_spectral_first"] == spectral["train_spectral_first"]
+    assert spectral["heldout_log_stable_rank_linear_inputs"] < control["heldout_log_stable_rank_linear_inputs"]

@@ -17,21 +17,34 @@ costs nothing, and SparseGPT's compensation has fewer directions to repair.
 evaluates ``||H v||`` with ``v`` held fixed, whose gradient ``u vᵀ`` is the spectral norm's own
 gradient once ``v`` has converged (the device ``torch.nn.utils.spectral_norm`` uses).
 
+Which features: ``features="hidden_states"`` (default) reads every decoder layer's output, the
+residual stream. On real LLMs that stream is dominated by a few massive-activation channels, so its
+stable rank is already close to 1 (SmolLM2-135M: mean log stable rank 0.25, several layers below
+0.01) and the term has almost nothing to push. ``features="linear_inputs"`` reads what the pruned
+linears multiply instead: the distinct inputs of the model's prunable linears (the normed stream
+for q/k/v and for gate/up, the attention output for o, ``act(gate) * up`` for down), one feature
+matrix each, captured with forward pre-hooks.
+
 Use ``SpectralNormLoss`` in a custom loop, ``spectral_compute_loss`` inside any ``compute_loss``,
 or ``SpectralNormTrainer`` (a ``transformers.Trainer`` adding the term to the CE).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
+from ..sparsity.masks import named_linears
+
 try:
     from transformers import Trainer
 except ImportError:  # pragma: no cover - transformers is a dependency
     Trainer = object
+
+FEATURES = ("hidden_states", "linear_inputs")  # what SpectralNormLoss reads (module docstring)
 
 
 @torch.no_grad()
@@ -67,10 +80,17 @@ class SpectralNormLoss(nn.Module):
         layers: indices into ``hidden_states``; default ``None`` = every decoder layer's output
             (``hidden_states[1:]``, the embeddings at index 0 are left alone).
         eps: added to both squared norms (a zero feature matrix costs 0).
+        features: ``"hidden_states"`` (every decoder layer's output) or ``"linear_inputs"`` (the
+            distinct inputs of the prunable linears, see the module docstring); with
+            ``"linear_inputs"`` ``layers`` indexes that list and nothing is skipped.
     """
 
-    def __init__(self, iterations: int = 10, layers: Optional[Sequence[int]] = None, eps: float = 1e-12):
+    def __init__(self, iterations: int = 10, layers: Optional[Sequence[int]] = None, eps: float = 1e-12,
+                 features: str = "hidden_states"):
         super().__init__()
+        if features not in FEATURES:
+            raise ValueError(f"SpectralNormLoss features must be one of {FEATURES}, got {features!r}")
+        self.features = features
         if not (isinstance(iterations, int) and iterations > 0):
             raise ValueError(f"SpectralNormLoss iterations must be a positive integer, got {iterations!r}")
         if not eps > 0:
@@ -82,7 +102,8 @@ class SpectralNormLoss(nn.Module):
     def per_layer(self, hidden_states: Sequence[torch.Tensor],
                   attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """One mean log stable rank per chosen layer (fp32 vector)."""
-        indices = self.layers if self.layers is not None else range(1, len(hidden_states))
+        first = 1 if self.features == "hidden_states" else 0  # the embeddings are not a layer's output
+        indices = self.layers if self.layers is not None else range(first, len(hidden_states))
         values = []
         for index in indices:
             features = hidden_states[index].float()
@@ -106,16 +127,55 @@ class SpectralNormLoss(nn.Module):
         return self.per_layer(hidden_states, attention_mask).mean()
 
 
+@contextmanager
+def capture_linear_inputs(model: nn.Module):
+    """Collect, during the forwards run inside the block, the distinct input tensors of the model's
+    prunable linears (``sparse_peft.sparsity.named_linears``) in call order.
+
+    Linears fed the same tensor (q/k/v, gate/up) give one entry: deduplicated by identity, which is
+    safe because every captured tensor stays alive in the list. Meant for the dense model before
+    pruning; on a peft-wrapped model the adapters' own linears would be captured too.
+    """
+    captured: list[torch.Tensor] = []
+    seen: set[int] = set()
+
+    def keep_input(module, args):
+        if args and isinstance(args[0], torch.Tensor) and id(args[0]) not in seen:
+            seen.add(id(args[0]))
+            captured.append(args[0])
+
+    handles = [linear.register_forward_pre_hook(keep_input) for _, linear in named_linears(model)]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def spectral_features(model: nn.Module, inputs: dict, features: str = "hidden_states"):
+    """Run ``model(**inputs)`` and return ``(outputs, feature tensors)`` for ``SpectralNormLoss``."""
+    if features == "linear_inputs":
+        with capture_linear_inputs(model) as captured:
+            outputs = model(**inputs)
+        if not captured:
+            raise ValueError("spectral features='linear_inputs': the model ran no prunable nn.Linear")
+        return outputs, captured
+    if features != "hidden_states":
+        raise ValueError(f"spectral features must be one of {FEATURES}, got {features!r}")
+    outputs = model(**inputs, output_hidden_states=True)
+    return outputs, outputs.hidden_states
+
+
 def spectral_compute_loss(model: nn.Module, inputs: dict, spectral_lambda: float,
                           spectral_loss: Optional[SpectralNormLoss] = None, return_parts: bool = False):
     """``CE + spectral_lambda · SpectralNormLoss`` for one batch (``inputs`` with ``labels``).
     With ``return_parts`` also returns ``(outputs, {"ce": ..., "spectral": ...})``."""
     spectral_loss = spectral_loss or SpectralNormLoss()
-    outputs = model(**inputs, output_hidden_states=True)
+    outputs, features = spectral_features(model, inputs, spectral_loss.features)
     ce = outputs.loss
     if ce is None:
         raise ValueError("spectral_compute_loss: the model returned no loss; pass labels in inputs")
-    spectral = spectral_loss(outputs.hidden_states, inputs.get("attention_mask"))
+    spectral = spectral_loss(features, inputs.get("attention_mask"))
     loss = ce + spectral_lambda * spectral.to(ce.dtype)
     if return_parts:
         return loss, outputs, {"ce": float(ce.detach()), "spectral": float(spectral.detach())}
@@ -128,7 +188,8 @@ class SpectralNormTrainer(Trainer):
 
     Args:
         spectral_lambda: weight of the term (``0`` gives plain CE).
-        spectral_loss: a configured ``SpectralNormLoss`` (default: every layer, 10 power iterations).
+        spectral_loss: a configured ``SpectralNormLoss`` (default: every layer's output, 10 power
+            iterations; ``SpectralNormLoss(features="linear_inputs")`` for the linears' inputs).
 
     The CE and spectral parts of the last step are kept in ``self.last_loss_parts``.
     """
