@@ -39,7 +39,12 @@ from common import DEFAULT_DATA_DIR, load_model_and_tokenizer, load_text, machin
 import sparse_peft as sp  # noqa: E402
 from sparse_peft._progress import progress  # noqa: E402
 from sparse_peft.data import random_windows, token_ids  # noqa: E402
-from sparse_peft.training.spectral import FEATURES, SpectralNormLoss, spectral_compute_loss, spectral_features  # noqa: E402,E501
+from sparse_peft.training.spectral import (  # noqa: E402
+    FEATURES,
+    SpectralNormLoss,
+    spectral_compute_loss,
+    spectral_features,
+)
 
 
 def parse_args(argv=None):
@@ -132,14 +137,16 @@ def heldout_stable_rank(model, windows, iterations: int) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"| tuning | λ | target | dense ppl after tuning | held-out log stable rank ({rows[0]['features'] if rows else ''}) | "
-             f"{rows[0]['pruner'] if rows else ''} ppl after pruning | sparsity |",
+    features, pruner = (rows[0]["features"], rows[0]["pruner"]) if rows else ("", "")
+    lines = [f"| tuning | λ | target | dense ppl after tuning | held-out log stable rank ({features}) | "
+             f"{pruner} ppl after pruning | sparsity |",
              "|---|---:|---|---:|---:|---:|---:|"]
     for r in rows:
         tuning = "none" if r["lambda"] is None else ("CE" if r["lambda"] == 0 else "CE + λ·spectral")
         lam = "-" if r["lambda"] is None else f"{r['lambda']:g}"
         lines.append(f"| {tuning} | {lam} | {r['target']} | {r['ppl_tuned']:.2f} | "
-                     f"{r['heldout_log_stable_rank_' + r['features']]:.3f} | {r['ppl_pruned']:.1f} | {100 * r['sparsity']:.2f}% |")
+                     f"{r['heldout_log_stable_rank_' + r['features']]:.3f} | {r['ppl_pruned']:.1f} | "
+                     f"{100 * r['sparsity']:.2f}% |")
     return "\n".join(lines)
 
 
@@ -176,7 +183,8 @@ def main(argv=None):
             t1 = time.time()
             sp.prune(pruned, method=args.pruner, calibration=calibration, **parse_target(target))
             prune_s = time.time() - t1
-            row = {"lambda": spectral_lambda, "pruner": args.pruner, "target": target, "features": args.features, "steps": args.steps,
+            row = {"lambda": spectral_lambda, "pruner": args.pruner, "target": target, "features": args.features,
+                   "steps": args.steps,
                    "seq_len": args.seq_len, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
                    **tuning, **measured, "tune_s": tune_s, "prune_s": prune_s,
                    "ppl_pruned": perplexity(pruned, test_ids, n_windows=args.eval_windows,

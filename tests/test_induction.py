@@ -297,7 +297,8 @@ def test_linear_inputs_are_what_each_linear_multiplies_once_per_shared_input():
     hooks = [getattr(block.self_attn, name).register_forward_pre_hook(
         lambda module, args, name=name: seen.setdefault(name, args[0])) for name in ("q_proj", "k_proj", "o_proj")]
     hooks += [getattr(block.mlp, name).register_forward_pre_hook(
-        lambda module, args, name=name: seen.setdefault(name, args[0])) for name in ("gate_proj", "down_proj")]
+        lambda module, args, name=name: seen.setdefault(name, args[0]))
+        for name in ("gate_proj", "down_proj")]
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         _, features = spectral_features(model, {"input_ids": ids}, "linear_inputs")
