@@ -603,7 +603,7 @@ def render_png(args, path) -> Optional[Path]:
     # markers (a line from 50% through 2:4 to 70% would read as a trend through one axis)
     unstructured = sorted((t for t in args.targets if ":" not in t), key=float)
     targets = unstructured + [t for t in args.targets if ":" in t]
-    fig, (ax_ppl, ax_params) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax_ppl, ax_params) = plt.subplots(1, 2, figsize=(14, 4.5), width_ratios=(1.6, 1))
     colors = {m: f"C{i}" for i, m in enumerate(METHODS)}
     for method in args.methods:
         variants = [("ce", None, "-", "o")] + [("squarehead", lam, linestyle, marker) for lam, linestyle, marker
@@ -633,7 +633,8 @@ def render_png(args, path) -> Optional[Path]:
     ax_ppl.set_xlabel("sparsity")
     ax_ppl.set_ylabel("wikitext ppl after merge (log)")
     ax_ppl.set_title(f"ppl after merge ({args.steps} steps x {args.batch_size} x {args.seq_len} tokens)")
-    ax_ppl.legend(fontsize=7, ncol=2)
+    # beside the axes, not on them: inside, it covered the low-ppl lines and the reference lines
+    ax_ppl.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     # one bar per method: its CE row at the first target it has (the count barely moves with the target)
     params = {}
     for job, row in found.items():
