@@ -194,6 +194,9 @@ def main(argv=None) -> dict:
     p.add_argument("--loss", default="ce", choices=["ce", "squarehead"],
                    help="squarehead: CE + lambda x SquareHead distillation from the dense teacher")
     p.add_argument("--squarehead-lambda", type=float, default=1.0)
+    p.add_argument("--logit-lambda", type=float, default=0.0,
+                   help="with --loss squarehead: add this weight x KL(teacher || student) of the next-token "
+                        "distributions (sp.logit_distillation_loss); 0 = off")
     p.add_argument("--save-merged", default=None,
                    help="save the merged model (+ tokenizer) here, e.g. the dense reference as a SquareHead teacher")
     p.add_argument("--teacher", default=None,
@@ -204,6 +207,8 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.data is None:
         p.error("--data is required when ../shared is not beside the checkout")
+    if args.logit_lambda < 0 or (args.logit_lambda and args.loss != "squarehead"):
+        p.error(f"--logit-lambda {args.logit_lambda}: needs --loss squarehead (the teacher) and a value >= 0")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -228,17 +233,22 @@ def main(argv=None) -> dict:
     if args.loss == "squarehead":
         import copy
 
-        from sparse_peft.training.squarehead import SquareHeadLoss, teacher_hidden_states
+        from sparse_peft.training.squarehead import SquareHeadLoss, logit_distillation_loss, teacher_outputs
 
         teacher = load_model_and_tokenizer(args.teacher)[0] if args.teacher else copy.deepcopy(model)
         teacher.eval().requires_grad_(False)
         squarehead = SquareHeadLoss()
         row["squarehead_lambda"], row["teacher"] = args.squarehead_lambda, args.teacher or "dense (untuned)"
+        if args.logit_lambda:
+            row["logit_lambda"] = args.logit_lambda
 
         def loss_fn(student, batch):
             outputs = student(input_ids=batch, labels=batch, output_hidden_states=True)
-            teacher_hidden = teacher_hidden_states(teacher, {"input_ids": batch})
-            return outputs.loss + args.squarehead_lambda * squarehead(outputs.hidden_states, teacher_hidden)
+            teacher_out = teacher_outputs(teacher, {"input_ids": batch})
+            loss = outputs.loss + args.squarehead_lambda * squarehead(outputs.hidden_states, teacher_out.hidden_states)
+            if args.logit_lambda:
+                loss = loss + args.logit_lambda * logit_distillation_loss(outputs.logits, teacher_out.logits)
+            return loss
     if args.induce and (args.method == "spt" or not (args.pattern or args.sparsity > 0)):
         p.error("--induce runs before one-shot pruning: it needs --sparsity > 0 or --pattern, and not --method spt")
     row["induce"] = args.induce_alpha if args.induce else None

@@ -27,7 +27,12 @@ from .tuners.seft import SEFTConfig, SEFTModel
 from .training.seft import SEFTCallback, seft_step
 from .tuners.spt import SPTConfig, SPTModel, spt_prompt_lengths
 from .training.gradual_pruning import GradualPruningCallback, gradual_prune_step, owl_layer_sparsities
-from .training.squarehead import SquareHeadLoss, SquareHeadTrainer, cache_teacher_hidden_states
+from .training.squarehead import (
+    SquareHeadLoss,
+    SquareHeadTrainer,
+    cache_teacher_hidden_states,
+    logit_distillation_loss,
+)
 from .training.spectral import SpectralNormLoss, SpectralNormTrainer, spectral_compute_loss
 
 _register_all()
@@ -56,6 +61,7 @@ __all__ = [
     "spt_prompt_lengths",
     "SquareHeadLoss",
     "SquareHeadTrainer",
+    "logit_distillation_loss",
     "cache_teacher_hidden_states",
     "InductionReport",
     "induce_sparsity",

@@ -74,6 +74,13 @@ def test_arc_easy_before_and_after(tiny_run, tmp_path):
 def test_squarehead_loss_row(tiny_run):
     row = tiny_run("--method", "masked_lora", "--sparsity", "0.5", "--lr", "1e-2", "--loss", "squarehead")
     assert row["loss"] == "squarehead" and row["mask_identical"] is True
+    assert "logit_lambda" not in row
+    with_logits = tiny_run("--method", "masked_lora", "--sparsity", "0.5", "--lr", "1e-2", "--loss", "squarehead",
+                           "--logit-lambda", "1")
+    assert with_logits["logit_lambda"] == 1.0 and with_logits["mask_identical"] is True
+    assert with_logits["ppl_after"] != row["ppl_after"]  # the term reached the training loss
+    with pytest.raises(SystemExit):
+        tiny_run("--method", "masked_lora", "--sparsity", "0.5", "--logit-lambda", "1")  # CE: no teacher
 
 
 def test_dense_reference_saved_as_a_teacher(tiny_run, tmp_path):

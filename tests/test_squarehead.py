@@ -12,6 +12,7 @@ from sparse_peft.training.squarehead import (
     SquareHeadLoss,
     SquareHeadTrainer,
     cache_teacher_hidden_states,
+    logit_distillation_loss,
     teacher_hidden_states,
 )
 
@@ -89,7 +90,7 @@ def test_trainer_distills_toward_the_teacher(tmp_path, config, lr):
         trainer = SquareHeadTrainer(model=student, args=_args(tmp_path, lr=lr), train_dataset=data,
                                     teacher_model=teacher, squarehead_lambda=lam)
         trainer.train()
-        assert set(trainer.last_loss_parts) == {"ce", "squarehead"}
+        assert set(trainer.last_loss_parts) == {"ce", "squarehead", "logit_kd"}
         distance[lam] = loss(hidden(student, probe), hidden(teacher, probe)).item()
     assert distance[10.0] < before
     assert distance[10.0] < distance[0.0]
@@ -117,3 +118,56 @@ def test_trainer_without_teacher_or_cache_refuses(tmp_path):
     trainer = SquareHeadTrainer(model=student, args=_args(tmp_path, steps=1), train_dataset=TokenDataset(n=4))
     with pytest.raises(ValueError, match="teacher_model"):
         trainer.train()
+
+
+def test_logit_distillation_is_the_forward_kl_over_real_tokens():
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 5, 11, generator=g), torch.randn(2, 5, 11, generator=g)
+    assert logit_distillation_loss(teacher, teacher).item() == pytest.approx(0.0, abs=1e-6)
+    # KL(teacher || student) per token, as torch computes it, averaged over tokens
+    reference = torch.nn.functional.kl_div(torch.log_softmax(student, -1), torch.log_softmax(teacher, -1),
+                                           log_target=True, reduction="none").sum(-1).mean()
+    torch.testing.assert_close(logit_distillation_loss(student, teacher), reference)
+    assert logit_distillation_loss(student, teacher).item() != pytest.approx(
+        logit_distillation_loss(teacher, student).item(), rel=1e-3)  # direction matters: teacher first
+    # padding excluded: garbage at masked positions changes nothing
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[1, :2] = 0
+    garbage = student.clone()
+    garbage[1, :2] = 100.0
+    torch.testing.assert_close(logit_distillation_loss(garbage, teacher, mask),
+                               logit_distillation_loss(student, teacher, mask))
+    # temperature: T² · KL of the softened distributions
+    soft = torch.nn.functional.kl_div(torch.log_softmax(student / 2, -1), torch.log_softmax(teacher / 2, -1),
+                                      log_target=True, reduction="none").sum(-1).mean() * 4
+    torch.testing.assert_close(logit_distillation_loss(student, teacher, temperature=2.0), soft)
+    with pytest.raises(ValueError, match="vocabulary"):
+        logit_distillation_loss(student, teacher[..., :7])
+    with pytest.raises(ValueError, match="temperature"):
+        logit_distillation_loss(student, teacher, temperature=0.0)
+
+
+def test_trainer_logit_term_pulls_the_student_distribution_toward_the_teacher(tmp_path):
+    teacher = make_tiny_model("llama", seed=1)
+    with torch.no_grad():  # a peaked teacher, far from the student: random tiny models are near uniform
+        teacher.lm_head.weight.mul_(20.0)
+    data = TokenDataset()
+    probe = torch.stack([data[i]["input_ids"] for i in range(8)])
+
+    def kl_to_teacher(model):
+        with torch.no_grad():
+            return logit_distillation_loss(model(input_ids=probe).logits, teacher(input_ids=probe).logits).item()
+
+    measured = {}
+    for lam in (0.0, 10.0):  # SquareHead off; the same run without and with the logit term
+        student = get_peft_model(pruned_tiny_model("llama", 0.5), sp.MaskedLoraConfig(r=4))
+        before = kl_to_teacher(student)
+        trainer = SquareHeadTrainer(model=student, args=_args(tmp_path, lr=3e-2), train_dataset=data,
+                                    teacher_model=teacher, squarehead_lambda=0.0, logit_lambda=lam)
+        trainer.train()
+        assert (trainer.last_loss_parts["logit_kd"] > 0) == (lam > 0)
+        assert trainer.last_loss_parts["squarehead"] == 0.0
+        measured[lam] = kl_to_teacher(student)
+    assert measured[10.0] < before and measured[10.0] < measured[0.0]
+    with pytest.raises(ValueError, match="teacher_model"):  # the logits are not cached: refused up front
+        SquareHeadTrainer(model=student, args=_args(tmp_path), train_dataset=data, logit_lambda=1.0)

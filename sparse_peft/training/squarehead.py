@@ -10,6 +10,9 @@ Three ways to use it:
 - ``SquareHeadLoss`` on two tuples of hidden states (custom loops);
 - ``SquareHeadTrainer``, a drop-in ``transformers.Trainer`` that holds the frozen teacher (on any
   device, in any dtype) and adds the term to the student's CE;
+- ``logit_distillation_loss`` adds the logit term of the same paper's recipe, ``KL(teacher ‖ student)``
+  of the next-token distributions (``SquareHeadTrainer(logit_lambda=...)``, recovery.py
+  ``--logit-lambda``); it needs the teacher at training time (its logits are not cached);
 - ``cache_teacher_hidden_states`` precomputes the teacher's hidden states for a fixed dataset, so
   training needs no teacher forward (memory: examples x layers x seq_len x hidden x bytes per
   value; for the SmolLM2-135M, 30 x 128 x 576 x 2 bytes = 4.4 MB per 128-token example in bf16).
@@ -85,13 +88,47 @@ class SquareHeadLoss(nn.Module):
         return per_layer.sum() if self.reduction == "sum" else per_layer.mean()
 
 
+def logit_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                            attention_mask: Optional[torch.Tensor] = None, temperature: float = 1.0) -> torch.Tensor:
+    """``T² · KL(softmax(teacher / T) ‖ softmax(student / T))`` per token, averaged over the real
+    tokens (``attention_mask`` 1), in fp32.
+
+    The forward KL (teacher first) is the usual distillation term: it is the cross-entropy against the
+    teacher's whole next-token distribution minus the teacher's entropy, so it is 0 exactly when the
+    distributions agree and its gradient is ``softmax(student) - softmax(teacher)``, CE's with soft
+    targets. ``T²`` keeps the gradient's size independent of ``T`` (Hinton et al.).
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"logit distillation: student logits {tuple(student_logits.shape)} vs teacher "
+                         f"{tuple(teacher_logits.shape)}; the teacher needs the same vocabulary")
+    if not temperature > 0:
+        raise ValueError(f"logit distillation temperature must be > 0, got {temperature!r}")
+    student_log_probs = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    teacher_log_probs = torch.log_softmax(teacher_logits.to(student_logits.device, torch.float32).detach()
+                                          / temperature, dim=-1)
+    per_token = (teacher_log_probs.exp() * (teacher_log_probs - student_log_probs)).sum(dim=-1)
+    if attention_mask is None:
+        return per_token.mean() * temperature ** 2
+    keep = attention_mask.to(per_token.device, torch.float32)
+    if keep.shape != per_token.shape:
+        raise ValueError(f"logit distillation: attention_mask {tuple(keep.shape)} does not match the logits' "
+                         f"(batch, seq) {tuple(per_token.shape)}")
+    return (per_token * keep).sum() / keep.sum().clamp_min(1.0) * temperature ** 2
+
+
 @torch.no_grad()
-def teacher_hidden_states(teacher: nn.Module, inputs: dict) -> tuple[torch.Tensor, ...]:
-    """The frozen teacher's hidden states for ``inputs`` (moved to the teacher's device)."""
+def teacher_outputs(teacher: nn.Module, inputs: dict):
+    """The frozen teacher's outputs (``hidden_states`` and ``logits``) for ``inputs``, moved to the
+    teacher's device."""
     device = next(teacher.parameters()).device
     teacher_inputs = {k: v.to(device) for k, v in inputs.items()
                       if k in ("input_ids", "attention_mask", "position_ids") and torch.is_tensor(v)}
-    return teacher(**teacher_inputs, output_hidden_states=True, use_cache=False).hidden_states
+    return teacher(**teacher_inputs, output_hidden_states=True, use_cache=False)
+
+
+def teacher_hidden_states(teacher: nn.Module, inputs: dict) -> tuple[torch.Tensor, ...]:
+    """The frozen teacher's hidden states for ``inputs`` (moved to the teacher's device)."""
+    return teacher_outputs(teacher, inputs).hidden_states
 
 
 class CachedTeacherDataset(torch.utils.data.Dataset):
@@ -124,7 +161,8 @@ def cache_teacher_hidden_states(teacher: nn.Module, dataset, dtype: torch.dtype 
 
 
 class SquareHeadTrainer(Trainer):
-    """``transformers.Trainer`` whose loss is ``CE + squarehead_lambda · SquareHead``.
+    """``transformers.Trainer`` whose loss is ``CE + squarehead_lambda · SquareHead
+    + logit_lambda · KL(teacher ‖ student)``.
 
     Args:
         teacher_model: the dense teacher (frozen here: ``eval()``, no gradients). Put it on another
@@ -132,15 +170,26 @@ class SquareHeadTrainer(Trainer):
             the dataset comes from ``cache_teacher_hidden_states``.
         squarehead_lambda: weight of the distillation term (``0`` gives plain CE).
         squarehead_loss: a configured ``SquareHeadLoss`` (default: every layer, summed).
+        logit_lambda: weight of ``logit_distillation_loss`` (default 0: off). Needs ``teacher_model``.
+        temperature: the logit term's temperature.
 
     The CE and distillation parts of the last step are kept in ``self.last_loss_parts``.
     """
 
     def __init__(self, *args, teacher_model: Optional[nn.Module] = None, squarehead_lambda: float = 1.0,
-                 squarehead_loss: Optional[SquareHeadLoss] = None, **kwargs):
+                 squarehead_loss: Optional[SquareHeadLoss] = None, logit_lambda: float = 0.0,
+                 temperature: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
         if squarehead_lambda < 0:
             raise ValueError(f"squarehead_lambda must be >= 0, got {squarehead_lambda!r}")
+        if logit_lambda < 0:
+            raise ValueError(f"logit_lambda must be >= 0, got {logit_lambda!r}")
+        if logit_lambda > 0 and teacher_model is None:
+            raise ValueError("SquareHeadTrainer(logit_lambda > 0) needs teacher_model=...: the teacher's logits "
+                             "are computed during training, not cached")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        self.logit_lambda, self.temperature = float(logit_lambda), float(temperature)
         self.teacher_model = teacher_model
         if teacher_model is not None:
             teacher_model.eval()
@@ -159,17 +208,22 @@ class SquareHeadTrainer(Trainer):
         cached = inputs.pop("teacher_hidden_states", None)
         outputs = model(**inputs, output_hidden_states=True)
         ce = outputs.loss
-        if self.squarehead_lambda == 0:
-            loss, distill = ce, torch.zeros((), device=ce.device)
-        else:
-            if cached is not None:
-                teacher_hidden = cached.unbind(dim=1)  # (batch, layers + 1, seq, hidden) -> per layer
-            elif self.teacher_model is not None:
-                teacher_hidden = teacher_hidden_states(self.teacher_model, inputs)
-            else:
+        zero = torch.zeros((), device=ce.device)
+        teacher = None
+        if self.logit_lambda > 0 or (self.squarehead_lambda > 0 and cached is None):
+            if self.teacher_model is None:
                 raise ValueError("SquareHeadTrainer needs teacher_model=..., or a dataset from "
                                  "cache_teacher_hidden_states")
+            teacher = teacher_outputs(self.teacher_model, inputs)
+        distill, logit = zero, zero
+        if self.squarehead_lambda > 0:
+            # (batch, layers + 1, seq, hidden) -> per layer when cached
+            teacher_hidden = cached.unbind(dim=1) if cached is not None else teacher.hidden_states
             distill = self.squarehead_loss(outputs.hidden_states, teacher_hidden, inputs.get("attention_mask"))
-            loss = ce + self.squarehead_lambda * distill.to(ce.dtype)
-        self.last_loss_parts = {"ce": float(ce.detach()), "squarehead": float(distill.detach())}
+        if self.logit_lambda > 0:
+            logit = logit_distillation_loss(outputs.logits, teacher.logits, inputs.get("attention_mask"),
+                                            self.temperature)
+        loss = ce + self.squarehead_lambda * distill.to(ce.dtype) + self.logit_lambda * logit.to(ce.dtype)
+        self.last_loss_parts = {"ce": float(ce.detach()), "squarehead": float(distill.detach()),
+                                "logit_kd": float(logit.detach())}
         return (loss, outputs) if return_outputs else loss
