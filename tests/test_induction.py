@@ -335,7 +335,7 @@ def test_trainer_with_the_term_lowers_feature_rank(tmp_path, features):
             return measure(spectral_features(model, {"input_ids": probe}, features)[1]).item()
 
     measured = {}
-    for lam in (0.0, 1.0):  # the same run (same seed, data, order) with CE only and with the term
+    for lam in (0.0, 1.0, -1.0):  # the same run (same seed, data, order): CE only, lowering, raising
         model = make_tiny_model("llama")
         before = stable_rank(model)
         args = TrainingArguments(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=4,
@@ -348,6 +348,9 @@ def test_trainer_with_the_term_lowers_feature_rank(tmp_path, features):
         measured[lam] = stable_rank(model)
     assert measured[1.0] < before
     assert measured[1.0] < measured[0.0] - 0.1
+    assert measured[-1.0] > measured[0.0] + 0.3  # a negative weight raises the rank
+    with pytest.raises(ValueError, match="finite"):
+        SpectralNormTrainer(model=model, args=args, train_dataset=data, spectral_lambda=float("nan"))
 
 
 # ----------------------------------------------------------------------------- benchmarks/recovery.py --induce

@@ -31,6 +31,7 @@ or ``SpectralNormTrainer`` (a ``transformers.Trainer`` adding the term to the CE
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from typing import Optional, Sequence
 
@@ -187,7 +188,10 @@ class SpectralNormTrainer(Trainer):
     feature-level induction stage, run on the dense model before pruning.
 
     Args:
-        spectral_lambda: weight of the term (``0`` gives plain CE).
+        spectral_lambda: weight of the term (``0`` gives plain CE). Positive lowers the features'
+            stable rank (the paper's direction); negative raises it, which is what measured better
+            before Wanda on SmolLM2-135M (docs/induction.md). The term is bounded both ways: the log
+            stable rank lies in ``[0, log min(tokens, features)]``.
         spectral_loss: a configured ``SpectralNormLoss`` (default: every layer's output, 10 power
             iterations; ``SpectralNormLoss(features="linear_inputs")`` for the linears' inputs).
 
@@ -197,8 +201,8 @@ class SpectralNormTrainer(Trainer):
     def __init__(self, *args, spectral_lambda: float = 0.1, spectral_loss: Optional[SpectralNormLoss] = None,
                  **kwargs):
         super().__init__(*args, **kwargs)
-        if spectral_lambda < 0:
-            raise ValueError(f"spectral_lambda must be >= 0, got {spectral_lambda!r}")
+        if not math.isfinite(spectral_lambda):
+            raise ValueError(f"spectral_lambda must be a finite number, got {spectral_lambda!r}")
         self.spectral_lambda = float(spectral_lambda)
         self.spectral_loss = spectral_loss or SpectralNormLoss()
         self.last_loss_parts: dict[str, float] = {}
