@@ -10,6 +10,10 @@ mean log stable rank of every layer's features on held-out windows of wiki.test)
 fresh copy of the tuned model with ``--pruner`` for every target (the same calibration windows)
 and measures the ppl again.
 
+λ > 0 lowers the features' stable rank (the paper's direction), λ < 0 raises it; write negative
+values with ``=`` (``--lambdas=-1``) so argparse does not read them as flags. On SmolLM2 at Wanda
+70% the second direction helped and the first hurt (docs/benchmarks.md).
+
 **λ = 0 is the control, not the untuned model.** Tuning on in-domain text lowers the ppl by itself,
 before and after pruning; the effect of the spectral term is the λ > 0 row against the λ = 0 row at
 the same steps, lr and data. ``--untuned`` adds the rows of the model as loaded (no tuning).
