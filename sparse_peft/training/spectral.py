@@ -11,7 +11,9 @@ removed). Its stable rank ``||H||_F² / ||H||_2²`` lies in ``[1, rank H]`` and 
 lower it by shrinking or inflating activations, and gives every layer the same weight whatever its
 rank. Why low rank helps pruning: a pruned linear's error on its inputs is ``||ΔW X||_F² =
 tr(ΔW X Xᵀ ΔWᵀ)``; when ``X Xᵀ`` is dominated by a few directions, the part of ``ΔW`` outside them
-costs nothing, and SparseGPT's compensation has fewer directions to repair.
+costs nothing, and SparseGPT's compensation has fewer directions to repair. That is the paper's argument;
+measured on SmolLM2-135M before Wanda, the opposite sign (a negative weight, raising the rank) is
+what helped, lowering it hurt (docs/induction.md).
 
 ``||H||_2`` comes from a few power iterations on ``HᵀH`` run without gradient; the loss then
 evaluates ``||H v||`` with ``v`` held fixed, whose gradient ``u vᵀ`` is the spectral norm's own
