@@ -46,8 +46,8 @@ from sparse_peft.data import random_windows, token_ids  # noqa: E402
 from sparse_peft.training.spectral import (  # noqa: E402
     FEATURES,
     SpectralNormLoss,
+    capture_linear_inputs,
     spectral_compute_loss,
-    spectral_features,
 )
 
 
@@ -129,12 +129,18 @@ def tune(model, batches, lr: float, spectral_lambda: float, spectral_loss: Spect
 
 @torch.no_grad()
 def heldout_stable_rank(model, windows, iterations: int) -> dict:
-    """Mean log stable rank on held-out windows, of both feature kinds (the one trained and the other)."""
+    """Mean log stable rank on held-out windows, of both feature kinds (the one trained and the other),
+    from one forward per window."""
+    per_window = {features: [] for features in FEATURES}
+    losses = {features: SpectralNormLoss(iterations=iterations, features=features) for features in FEATURES}
+    for window in windows:
+        with capture_linear_inputs(model) as linear_inputs:
+            hidden_states = model(input_ids=window, output_hidden_states=True).hidden_states
+        for features, matrices in (("hidden_states", hidden_states), ("linear_inputs", linear_inputs)):
+            per_window[features].append(losses[features].per_layer(matrices))
     measured = {}
-    for features in FEATURES:
-        loss = SpectralNormLoss(iterations=iterations, features=features)
-        per_matrix = torch.stack([loss.per_layer(spectral_features(model, {"input_ids": window}, features)[1])
-                                  for window in windows]).mean(dim=0)
+    for features, values in per_window.items():
+        per_matrix = torch.stack(values).mean(dim=0)
         measured[f"heldout_log_stable_rank_{features}"] = float(per_matrix.mean())
         measured[f"heldout_log_stable_rank_{features}_max"] = float(per_matrix.max())
     return measured

@@ -233,7 +233,7 @@ def main(argv=None) -> dict:
     if args.loss == "squarehead":
         import copy
 
-        from sparse_peft.training.squarehead import SquareHeadLoss, logit_distillation_loss, teacher_outputs
+        from sparse_peft.training.squarehead import SquareHeadLoss, distillation_loss, teacher_outputs
 
         teacher = load_model_and_tokenizer(args.teacher)[0] if args.teacher else copy.deepcopy(model)
         teacher.eval().requires_grad_(False)
@@ -245,10 +245,9 @@ def main(argv=None) -> dict:
         def loss_fn(student, batch):
             outputs = student(input_ids=batch, labels=batch, output_hidden_states=True)
             teacher_out = teacher_outputs(teacher, {"input_ids": batch})
-            loss = outputs.loss + args.squarehead_lambda * squarehead(outputs.hidden_states, teacher_out.hidden_states)
-            if args.logit_lambda:
-                loss = loss + args.logit_lambda * logit_distillation_loss(outputs.logits, teacher_out.logits)
-            return loss
+            return distillation_loss(outputs, teacher_out.hidden_states, teacher_out.logits,
+                                     squarehead_lambda=args.squarehead_lambda, logit_lambda=args.logit_lambda,
+                                     squarehead_loss=squarehead)[0]
     if args.induce and (args.method == "spt" or not (args.pattern or args.sparsity > 0)):
         p.error("--induce runs before one-shot pruning: it needs --sparsity > 0 or --pattern, and not --method spt")
     row["induce"] = args.induce_alpha if args.induce else None

@@ -116,6 +116,22 @@ def logit_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.
     return (per_token * keep).sum() / keep.sum().clamp_min(1.0) * temperature ** 2
 
 
+def distillation_loss(student_outputs, teacher_hidden, teacher_logits=None, *, squarehead_lambda: float,
+                      logit_lambda: float = 0.0, squarehead_loss: Optional[SquareHeadLoss] = None,
+                      attention_mask: Optional[torch.Tensor] = None, temperature: float = 1.0):
+    """``(CE + squarehead_lambda · SquareHead + logit_lambda · KL, parts)`` for one batch: the loss of
+    ``SquareHeadTrainer`` and of custom loops. ``student_outputs`` needs ``loss`` (labels given) and
+    ``hidden_states``; a term whose weight is 0 is not computed (its teacher input may be None)."""
+    ce = student_outputs.loss
+    distill = logit = torch.zeros((), device=ce.device)
+    if squarehead_lambda > 0:
+        distill = (squarehead_loss or SquareHeadLoss())(student_outputs.hidden_states, teacher_hidden, attention_mask)
+    if logit_lambda > 0:
+        logit = logit_distillation_loss(student_outputs.logits, teacher_logits, attention_mask, temperature)
+    loss = ce + squarehead_lambda * distill.to(ce.dtype) + logit_lambda * logit.to(ce.dtype)
+    return loss, {"ce": float(ce.detach()), "squarehead": float(distill.detach()), "logit_kd": float(logit.detach())}
+
+
 @torch.no_grad()
 def teacher_outputs(teacher: nn.Module, inputs: dict):
     """The frozen teacher's outputs (``hidden_states`` and ``logits``) for ``inputs``, moved to the
@@ -207,23 +223,16 @@ class SquareHeadTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         cached = inputs.pop("teacher_hidden_states", None)
         outputs = model(**inputs, output_hidden_states=True)
-        ce = outputs.loss
-        zero = torch.zeros((), device=ce.device)
         teacher = None
         if self.logit_lambda > 0 or (self.squarehead_lambda > 0 and cached is None):
             if self.teacher_model is None:
                 raise ValueError("SquareHeadTrainer needs teacher_model=..., or a dataset from "
                                  "cache_teacher_hidden_states")
             teacher = teacher_outputs(self.teacher_model, inputs)
-        distill, logit = zero, zero
-        if self.squarehead_lambda > 0:
-            # (batch, layers + 1, seq, hidden) -> per layer when cached
-            teacher_hidden = cached.unbind(dim=1) if cached is not None else teacher.hidden_states
-            distill = self.squarehead_loss(outputs.hidden_states, teacher_hidden, inputs.get("attention_mask"))
-        if self.logit_lambda > 0:
-            logit = logit_distillation_loss(outputs.logits, teacher.logits, inputs.get("attention_mask"),
-                                            self.temperature)
-        loss = ce + self.squarehead_lambda * distill.to(ce.dtype) + self.logit_lambda * logit.to(ce.dtype)
-        self.last_loss_parts = {"ce": float(ce.detach()), "squarehead": float(distill.detach()),
-                                "logit_kd": float(logit.detach())}
+        # cached: (batch, layers + 1, seq, hidden) -> per layer
+        teacher_hidden = cached.unbind(dim=1) if cached is not None else getattr(teacher, "hidden_states", None)
+        loss, self.last_loss_parts = distillation_loss(
+            outputs, teacher_hidden, getattr(teacher, "logits", None), squarehead_lambda=self.squarehead_lambda,
+            logit_lambda=self.logit_lambda, squarehead_loss=self.squarehead_loss,
+            attention_mask=inputs.get("attention_mask"), temperature=self.temperature)
         return (loss, outputs) if return_outputs else loss
