@@ -280,6 +280,7 @@ def main(argv=None) -> dict:
     row["before_from_cache"] = bool(before)
     if before_path is not None:
         measured = {k: row[k] for k in ("ppl_dense", "ppl_pruned", *arc_keys) if k in row}
+        before_path.parent.mkdir(parents=True, exist_ok=True)  # a dense-only run never made the prune cache
         partial = before_path.with_suffix(".partial")
         partial.write_text(json.dumps(measured, indent=1))
         partial.replace(before_path)
