@@ -17,7 +17,10 @@ def notes(r: dict) -> str:
     """What a method adds to its row (SEFT's moved positions, SPT's gradual pruning, the loss)."""
     out = []
     if r.get("loss", "ce") != "ce":
-        out.append(f"{r['loss']} λ={r.get('squarehead_lambda', 1):g}")
+        out.append(f"{r['loss']} λ={r.get('squarehead_lambda', 1):g}"
+                   + (f" + logit KL λ={r['logit_lambda']:g}" if r.get("logit_lambda") else ""))
+    if r.get("extra_args"):  # the sweep's --extra-args: what else this row ran with
+        out.append(f"recovery.py flags `{r['extra_args']}`")
     if r["method"] == "seft":
         out.append(f"regrown {r['seft_regrown']:,}, moved {r['positions_moved']:,}, counts kept: {r['counts_identical']}")
     if r["method"] == "spt":

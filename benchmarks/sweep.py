@@ -36,7 +36,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import recovery_table  # noqa: E402
@@ -518,15 +518,31 @@ def render_markdown(args) -> str:
     dense = [found[j] for j in jobs if j.target == DENSE and found[j]]
     if dense:
         out += ["", "### Dense reference (plain LoRA, nothing pruned)", "", render_table(dense)]
+    others = other_rows(args, jobs, done)
     for target in args.targets:
         rows = [found[j] for j in jobs if j.target == target and found[j]]
         if not rows:
             continue
         out += ["", f"### {target_label(target)}", "", render_table(rows)]
-        out += best_recipe_lines(rows, target)
+        out += best_recipe_lines(rows, target, [r for r in others if target_of(r) == target])
     comparison = squarehead_vs_ce(jobs, found)
     if comparison:
         out += ["", "### SquareHead vs CE (ppl after merge, same tokens)", "", *comparison]
+    if others:
+        out += ["", "### Other recipes at the same budget", "",
+                "Rows of the results file with the same tokens, schedule, seed and evaluation that this plan does "
+                "not name: another pruner, lr, SquareHead λ or recovery.py flags (in the notes). They count for the "
+                "best-recipe lines above."]
+        planned_targets = list(args.targets)
+        extra_targets = sorted({target_of(r) for r in others} - set(planned_targets))
+        for target in planned_targets + extra_targets:
+            rows = sorted((r for r in others if target_of(r) == target), key=lambda r: (r["pruner"], r["method"]))
+            if rows:
+                out += ["", f"#### {target_label(target)}", "", render_table(rows)]
+        comparison = other_squarehead_vs_ce(others, [row for row in found.values() if row])
+        if comparison:
+            out += ["", "SquareHead rows among them against their CE row (same method, target, pruner, lr and "
+                        "flags):", "", *comparison]
     if skipped:
         out += ["", "### Not applicable", ""]
         out += [f"- {job.method} at {target_label(job.target)} ({job.loss_label}): {reason}"
@@ -544,23 +560,97 @@ def render_markdown(args) -> str:
 def loss_label_of(row: dict) -> str:
     loss = row.get("loss") or "ce"
     label = LOSS_LABELS.get(loss, loss)
-    return f"{label} λ={float(row.get('squarehead_lambda', 1.0)):g}" if loss == "squarehead" else label
+    if loss != "squarehead":
+        return label
+    logit = float(row.get("logit_lambda") or 0.0)
+    return f"{label} λ={float(row.get('squarehead_lambda', 1.0)):g}" + (f" + logit KL λ={logit:g}" if logit else "")
 
 
-def best_recipe_lines(rows: list[dict], target: str) -> list[str]:
-    """The best sparse method that is exactly at the target after merge, against plain LoRA re-masked."""
-    candidates = [r for r in rows if r["method"] != "lora" and r.get("ppl_after") is not None
+def recipe_label(row: dict, in_plan: bool = True) -> str:
+    """``method (loss)``; a row from outside the plan also names its pruner, lr and recovery.py flags."""
+    label = f"{row['method']} ({loss_label_of(row)}"
+    if not in_plan:
+        flags = without_evaluation_only_flags(row.get("extra_args") or "")
+        label += f"; {row['pruner']}, lr {float(row['lr']):g}" + (f", `{flags}`" if flags else "")
+    return label + ")"
+
+
+def best_recipe_lines(rows: list[dict], target: str, others: Sequence[dict] = ()) -> list[str]:
+    """The best sparse method that is exactly at the target after merge, against plain LoRA re-masked.
+
+    ``rows``: the plan's rows at ``target`` (the reference is its plain LoRA CE row); ``others``: rows
+    at the same target and budget from outside the plan (another pruner, lr or flags), also candidates.
+    A best recipe from outside the plan is also set against plain LoRA re-masked on its own pruned
+    model (same pruner, lr and flags) when that row exists: the pruner's share of the gain is then
+    visible apart from the method's."""
+    candidates = [r for r in (*rows, *others) if r["method"] != "lora" and r.get("ppl_after") is not None
                   and is_exact(r, target)]
     if not candidates:
         return []
     best = min(candidates, key=lambda r: r["ppl_after"])
-    line = (f"- Best recipe exactly at {target_label(target)} after merge: {best['method']} "
-            f"({loss_label_of(best)}), ppl {best['ppl_after']:.1f}")
+    in_plan = any(best is r for r in rows)
+    line = (f"- Best recipe exactly at {target_label(target)} after merge: {recipe_label(best, in_plan)}, "
+            f"ppl {best['ppl_after']:.1f}")
     lora = [r for r in rows if r["method"] == "lora" and (r.get("loss") or "ce") == "ce"]
     if lora and lora[0].get("ppl_after"):
         line += (f" = {best['ppl_after'] / lora[0]['ppl_after']:.2f}x plain LoRA merged-then-re-masked "
                  f"({lora[0]['ppl_after']:.1f})")
+    if not in_plan:
+        same_model = [r for r in others if r["method"] == "lora" and (r.get("loss") or "ce") == "ce"
+                      and r.get("ppl_after") and r["pruner"] == best["pruner"] and float(r["lr"]) == float(best["lr"])
+                      and without_evaluation_only_flags(r.get("extra_args") or "")
+                      == without_evaluation_only_flags(best.get("extra_args") or "")]
+        if same_model:
+            ref = same_model[0]["ppl_after"]
+            line += f"; {best['ppl_after'] / ref:.2f}x plain LoRA re-masked on the same pruned model and lr ({ref:.1f})"
     return ["", line + "."]
+
+
+def other_rows(args, jobs: list[Job], done: dict[RowKey, dict]) -> list[dict]:
+    """Rows of the results file at this sweep's budget (tokens, schedule, seed, evaluation) that its plan
+    does not name: another pruner, lr, SquareHead λ or recovery.py flags, e.g. recipes tried by hand."""
+    planned = {row_key(job.as_row(args)) for job in jobs}
+    budget = (args.steps, args.seq_len, args.batch_size, args.seed, args.eval_windows, args.eval_seq_len)
+    return [row for key, row in done.items() if key not in planned
+            and (key.steps, key.seq_len, key.batch_size, key.seed, key.eval_windows, key.eval_seq_len) == budget]
+
+
+def without_logit_flag(extra_args: str) -> str:
+    """``extra_args`` minus ``--logit-lambda X``: a SquareHead row with the logit term is compared with
+    the CE row that has the rest of its flags."""
+    words = shlex.split(without_evaluation_only_flags(extra_args))
+    kept, i = [], 0
+    while i < len(words):
+        if words[i].split("=", 1)[0] == "--logit-lambda":
+            i += 1 if "=" in words[i] else 2
+            continue
+        kept.append(words[i])
+        i += 1
+    return shlex.join(kept)
+
+
+def other_squarehead_vs_ce(others: list[dict], planned_rows: list[dict]) -> list[str]:
+    """For each SquareHead row from outside the plan, the CE row with the same method, target, pruner,
+    lr and flags (the logit term's flag aside), from the plan or not."""
+    lines = []
+    pool = [*planned_rows, *others]
+    for sh in others:
+        if (sh.get("loss") or "ce") != "squarehead" or sh.get("ppl_after") is None:
+            continue
+        flags = without_logit_flag(sh.get("extra_args") or "")
+        ce = next((r for r in pool if (r.get("loss") or "ce") == "ce" and r.get("ppl_after") is not None
+                   and (r["method"], target_of(r), r["pruner"], float(r["lr"])) ==
+                   (sh["method"], target_of(sh), sh["pruner"], float(sh["lr"]))
+                   and without_logit_flag(r.get("extra_args") or "") == flags), None)
+        if ce is None:
+            continue
+        lines.append(f"| {sh['method']} | {target_label(target_of(sh))} | {sh['pruner']} | {float(sh['lr']):g} "
+                     f"| {loss_label_of(sh)}{f', `{flags}`' if flags else ''} | {ce['ppl_after']:.1f} "
+                     f"| {sh['ppl_after']:.1f} | {sh['ppl_after'] / ce['ppl_after']:.2f} |")
+    if not lines:
+        return []
+    return ["| method | target | pruner | lr | SquareHead recipe | CE | SquareHead | SquareHead / CE |",
+            "|---|---|---|---:|---|---:|---:|---:|", *lines]
 
 
 def squarehead_vs_ce(jobs: list[Job], found: dict) -> list[str]:

@@ -407,3 +407,37 @@ def test_several_squarehead_lambdas_are_separate_rows(fake_sweep):
     # only λ=0.1 asked for: the λ=1 rows are not part of that table
     md = sweep.render_markdown(sweep.parse_args(["--results", str(fake_sweep.results), *argv[:-1], "0.1"]))
     assert "| masked_lora | 70% | 1 |" not in md and "| masked_lora | 70% | 0.1 |" in md
+
+
+def test_rows_outside_the_plan_at_the_same_budget_are_shown_and_compete_for_best(fake_sweep):
+    def by_pruner_and_logit(argv):
+        f, row = flags(argv), fake_row(argv)
+        if f["pruner"] == "sparsegpt":
+            row["ppl_after"] *= 0.7
+        if f.get("logit_lambda"):
+            row.update(ppl_after=row["ppl_after"] * 0.9, logit_lambda=float(f["logit_lambda"]))
+        return row
+
+    common = ("--targets", "0.7", "--no-dense")
+    fake_sweep(*common, "--losses", "ce", "--methods", "masked_lora,lora", runner=by_pruner_and_logit)
+    fake_sweep(*common, "--losses", "ce", "--methods", "masked_lora,lora", "--pruner", "sparsegpt",
+               "--extra-args=--r 16", runner=by_pruner_and_logit)
+    fake_sweep(*common, "--losses", "squarehead", "--methods", "masked_lora", "--squarehead-lambda", "0.1",
+               "--extra-args=--logit-lambda 1", runner=by_pruner_and_logit)
+    fake_sweep(*common, "--losses", "ce", "--methods", "spp", "--steps", "100", runner=by_pruner_and_logit)
+    md = sweep.render_markdown(sweep.parse_args(["--results", str(fake_sweep.results), *common,
+                                                 "--losses", "ce", "--methods", "masked_lora,lora"]))
+    # the plan's 70% table holds only its own two rows; the others get their own section
+    seventy = md.split("### 70%")[1].split("###")[0]
+    assert sum(line.startswith("| masked_lora") or line.startswith("| lora") for line in seventy.splitlines()) == 2
+    other = md.split("### Other recipes at the same budget")[1]
+    table = [line for line in other.split("#### 70%")[1].split("\n\n")[1].splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + 3  # header and the sparsegpt masked_lora, sparsegpt lora and logit rows
+    assert "| spp" not in md  # 100 steps: another budget, not shown
+    assert "recovery.py flags `--r 16`" in other and "squarehead λ=0.1 + logit KL λ=1" in other
+    # best: SparseGPT masked LoRA, 90 x 0.7 = 63, against the plan's LoRA (100) and its own pruner's (70)
+    assert ("Best recipe exactly at 70% after merge: masked_lora (CE; sparsegpt, lr 0.001, `--r 16`), ppl 63.0 "
+            "= 0.63x plain LoRA merged-then-re-masked (100.0); 0.90x plain LoRA re-masked on the same pruned "
+            "model and lr (70.0).") in md
+    # the logit row against the plan's CE row: 90 x 0.8 x 0.9 = 64.8
+    assert "| masked_lora | 70% | wanda | 0.001 | SquareHead λ=0.1 + logit KL λ=1 | 90.0 | 64.8 | 0.72 |" in other
