@@ -54,6 +54,7 @@ DENSE = "dense"
 RECOVERY_DEFAULTS = dict(eval_windows=24, eval_seq_len=512, calib_samples=128, calib_seq_len=512,
                          squarehead_lambda=1.0, teacher="dense (untuned)")
 LOSS_LABELS = {"ce": "CE", "squarehead": "SquareHead"}
+DEFAULT_SQUAREHEAD_TARGET = "0.7"  # issue 7: SquareHead for every method at 70%
 
 
 class RowKey(NamedTuple):
@@ -259,9 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--methods", type=comma_list(METHODS), default=list(METHODS))
     g.add_argument("--targets", type=comma_list(convert=parse_target), default=["0.5", "0.7", "2:4"],
                    help="sparsities (0.5 or 50%%) and N:M patterns, comma-separated")
-    g.add_argument("--losses", type=comma_list(tuple(LOSS_LABELS)), default=["ce", "squarehead"])
-    g.add_argument("--squarehead-targets", default="0.7",
-                   help="targets of the SquareHead rows, comma-separated, or 'all' for every --targets")
+    g.add_argument("--losses", type=comma_list(tuple(LOSS_LABELS)), default=None,
+                   help="comma-separated (default: ce,squarehead)")
+    g.add_argument("--squarehead-targets", default=None,
+                   help="targets of the SquareHead rows, comma-separated and among --targets, or 'all' for every "
+                        f"--targets (default: {DEFAULT_SQUAREHEAD_TARGET} when it is among --targets)")
     g.add_argument("--squarehead-methods", type=comma_list(METHODS), default=list(SPARSE_METHODS),
                    help="methods with SquareHead rows (intersected with --methods)")
     g.add_argument("--no-dense", dest="dense", action="store_false",
@@ -312,13 +315,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.lrs = dict(DEFAULT_LR)
     for override in args.lr:
         args.lrs.update(override)
-    if args.squarehead_targets.strip() == "all":
+    losses_given = args.losses is not None
+    if not losses_given:
+        args.losses = list(LOSS_LABELS)
+    if args.squarehead_targets is None:  # the issue's SquareHead rows are at 70%, when the sweep has it
+        args.squarehead_targets = [t for t in (DEFAULT_SQUAREHEAD_TARGET,) if t in args.targets]
+    elif args.squarehead_targets.strip() == "all":
         args.squarehead_targets = list(args.targets)
     else:
         try:
             args.squarehead_targets = comma_list(convert=parse_target)(args.squarehead_targets)
         except (argparse.ArgumentTypeError, ValueError) as e:
             p.error(f"--squarehead-targets: {e}")
+        outside = [t for t in args.squarehead_targets if t not in args.targets]
+        if outside:  # a SquareHead row at a target the sweep was not asked for would run unnoticed
+            p.error(f"--squarehead-targets {','.join(outside)} not among --targets {','.join(args.targets)}: "
+                    "add it to --targets, or name SquareHead targets among them (or 'all')")
+    if losses_given and "squarehead" in args.losses and not args.squarehead_targets:
+        p.error(f"--losses squarehead: no SquareHead target among --targets {','.join(args.targets)} (the default "
+                f"SquareHead target is {target_label(DEFAULT_SQUAREHEAD_TARGET)}); pass --squarehead-targets "
+                f"{args.targets[0]} or --squarehead-targets all")
     if args.dry_run and args.render_only:
         p.error("--dry-run and --render-only exclude each other")
     return args

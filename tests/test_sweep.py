@@ -117,6 +117,20 @@ def test_bad_options_are_refused(argv, capsys):
     assert "error" in capsys.readouterr().err
 
 
+def test_squarehead_targets_stay_among_the_sweep_targets(capsys):
+    # asked for SquareHead at 50% only: the default SquareHead target (70%) is not silently run instead
+    with pytest.raises(SystemExit):
+        sweep.parse_args(["--targets", "0.5", "--losses", "squarehead"])
+    assert "--losses squarehead: no SquareHead target among --targets 0.5" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sweep.parse_args(["--targets", "0.5", "--squarehead-targets", "0.7"])
+    assert "--squarehead-targets 0.7 not among --targets 0.5" in capsys.readouterr().err
+    assert planned("--methods", "spp", "--targets", "0.5", "--losses", "squarehead", "--squarehead-targets", "0.5",
+                   "--no-dense") == [("spp", "0.5", "squarehead")]
+    # with the default losses, a sweep without 70% simply has no SquareHead rows
+    assert planned("--methods", "spp", "--targets", "2:4", "--no-dense") == [("spp", "2:4", "ce")]
+
+
 def test_spt_with_sparsegpt_is_not_applicable():
     jobs, skipped = sweep.plan(sweep.parse_args(["--pruner", "sparsegpt", "--targets", "0.5"]))
     assert ("spt", "0.5") in {(j.method, j.target) for j, _ in skipped}
