@@ -112,19 +112,23 @@ def row_key(row: dict) -> RowKey:
 EVALUATION_ONLY_FLAGS = ("--arc-easy", "--arc-dir")  # extra measurements: they change no ppl, no training
 
 
-def without_evaluation_only_flags(extra_args: str) -> str:
-    """``extra_args`` minus the flags that only add measurements (``--arc-easy 500``, ``--arc-easy=500``):
-    a row run with ``--extra-args=--arc-easy=500`` is the same experiment as one run with ``--arc-easy 500``."""
+def without_flags(extra_args: str, names: Sequence[str]) -> str:
+    """``extra_args`` minus the flags ``names`` with their values (``--flag value`` or ``--flag=value``)."""
     words, kept = shlex.split(extra_args), []
     i = 0
     while i < len(words):
-        flag = words[i].split("=", 1)[0]
-        if flag in EVALUATION_ONLY_FLAGS:
+        if words[i].split("=", 1)[0] in names:
             i += 1 if "=" in words[i] else 2
             continue
         kept.append(words[i])
         i += 1
     return shlex.join(kept)
+
+
+def without_evaluation_only_flags(extra_args: str) -> str:
+    """``extra_args`` minus the flags that only add measurements (``--arc-easy 500``, ``--arc-easy=500``):
+    a row run with ``--extra-args=--arc-easy=500`` is the same experiment as one run with ``--arc-easy 500``."""
+    return without_flags(extra_args, EVALUATION_ONLY_FLAGS)
 
 
 def has_arc(row: dict, questions: int) -> bool:
@@ -632,17 +636,9 @@ def other_rows(args, jobs: list[Job], done: dict[RowKey, dict]) -> list[dict]:
 
 
 def without_logit_flag(extra_args: str) -> str:
-    """``extra_args`` minus ``--logit-lambda X``: a SquareHead row with the logit term is compared with
-    the CE row that has the rest of its flags."""
-    words = shlex.split(without_evaluation_only_flags(extra_args))
-    kept, i = [], 0
-    while i < len(words):
-        if words[i].split("=", 1)[0] == "--logit-lambda":
-            i += 1 if "=" in words[i] else 2
-            continue
-        kept.append(words[i])
-        i += 1
-    return shlex.join(kept)
+    """``extra_args`` minus ``--logit-lambda X`` (and the evaluation-only flags): a SquareHead row with the
+    logit term is compared with the CE row that has the rest of its flags."""
+    return without_flags(extra_args, (*EVALUATION_ONLY_FLAGS, "--logit-lambda"))
 
 
 def other_squarehead_vs_ce(others: list[dict], planned_rows: list[dict]) -> list[str]:
