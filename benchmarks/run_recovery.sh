@@ -24,3 +24,11 @@ S="python benchmarks/sweep.py --no-dense --teacher runs/teacher-dense-lora --arc
 $S --methods masked_lora,spp --targets 0.7 --losses squarehead --squarehead-lambda 1,0.1
 $S --methods masked_lora,spp,lora --targets 2:4 --losses ce
 python benchmarks/sweep.py --teacher runs/teacher-dense-lora --arc-easy 500 --squarehead-lambda 1,0.1 --threads ${THREADS:-1}
+
+# 2026-11-30: SquareHead λ=0.1 + logit KL λ=1 for every method at Wanda 70%, and on the best 50% recipe;
+# the 50% probes (lr 4e-3, rank 32) of SparseGPT with induction + masked LoRA.
+$S --methods masked_lora,seft,spp,spt --targets 0.7 --losses squarehead --squarehead-lambda 0.1 --extra-args="--logit-lambda 1"
+$S --pruner sparsegpt --methods masked_lora --targets 0.5 --losses squarehead --squarehead-targets 0.5 \
+   --squarehead-lambda 0.1 --lr masked_lora=2e-3 --extra-args="--induce --logit-lambda 1"
+$S --pruner sparsegpt --methods masked_lora --targets 0.5 --losses ce --lr masked_lora=4e-3 --extra-args=--induce
+$S --pruner sparsegpt --methods masked_lora --targets 0.5 --losses ce --lr masked_lora=2e-3 --extra-args="--induce --r 32"
