@@ -29,6 +29,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -440,9 +441,13 @@ def record(row: dict, job: Job, args) -> dict:
     return row
 
 
-def log_name(job: Job) -> str:
+def log_name(job: Job, args) -> str:
+    """One log per row: the pruner and the flags are part of the name, so a row with ``--extra-args``
+    (or another pruner) does not overwrite the log of the row without them."""
     loss = job.loss if job.loss != "squarehead" else f"squarehead{job.squarehead_lambda:g}"
-    return f"{job.method}-{job.target.replace(':', '_')}-{loss}-lr{job.lr:g}.log"
+    flags = re.sub(r"[^A-Za-z0-9.]+", "_", without_evaluation_only_flags(args.extra_args)).strip("_")
+    return (f"{job.method}-{job.target.replace(':', '_')}-{args.pruner}-{loss}-lr{job.lr:g}"
+            + (f"-{flags}" if flags else "") + ".log")
 
 
 def run_sweep(args) -> int:
@@ -466,7 +471,7 @@ def run_sweep(args) -> int:
         print(f"[{i}/{len(missing)}] {job.label} ...", flush=True)
         t0 = time.time()
         try:
-            row = record(run_recovery(job.recovery_argv(args), Path(args.log_dir) / log_name(job)), job, args)
+            row = record(run_recovery(job.recovery_argv(args), Path(args.log_dir) / log_name(job, args)), job, args)
         except RecoveryFailed as e:
             failed.append(job)
             print(f"[{i}/{len(missing)}] FAILED {job.label}: {e}", file=sys.stderr, flush=True)

@@ -455,3 +455,16 @@ def test_rows_outside_the_plan_at_the_same_budget_are_shown_and_compete_for_best
             "model and lr (70.0).") in md
     # the logit row against the plan's CE row: 90 x 0.8 x 0.9 = 64.8
     assert "| masked_lora | 70% | wanda | 0.001 | SquareHead λ=0.1 + logit KL λ=1 | 90.0 | 64.8 | 0.72 |" in other
+
+
+def test_log_names_differ_by_pruner_and_flags():
+    names = set()
+    for argv in ([], ["--pruner", "sparsegpt"], ["--extra-args=--logit-lambda 1"],
+                 ["--extra-args=--induce --r 32"], ["--extra-args=--arc-easy 500"]):
+        args = sweep.parse_args(["--methods", "masked_lora", "--targets", "0.7", "--losses", "ce", "--no-dense", *argv])
+        jobs, _ = sweep.plan(args)
+        names.add(sweep.log_name(jobs[0], args))
+    # the evaluation-only flag makes the same experiment, so the same log as the plain row
+    assert names == {"masked_lora-0.7-wanda-ce-lr0.001.log", "masked_lora-0.7-sparsegpt-ce-lr0.001.log",
+                     "masked_lora-0.7-wanda-ce-lr0.001-logit_lambda_1.log",
+                     "masked_lora-0.7-wanda-ce-lr0.001-induce_r_32.log"}
