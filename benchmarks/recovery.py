@@ -360,6 +360,10 @@ def main(argv=None) -> dict:
                                       for name, lin in sp.sparsity.named_linears(merged))
         row["positions_moved"] = sum(int((masks[name] & (lin.weight == 0)).sum())
                                      for name, lin in sp.sparsity.named_linears(merged))
+    if args.pattern:  # N:M is a pattern, not only a count: check every group (SEFT moves positions)
+        n, m = (int(v) for v in args.pattern.split(":"))
+        row["pattern_kept"] = all(sp.sparsity.is_nm_sparse(lin.weight, n, m)
+                                  for _, lin in sp.sparsity.named_linears(merged))
     row["trainable_params"] = trainable
     row["step_time_s"] = statistics.median(step_times) if step_times else 0.0
     row["peak_mem_mb"] = peak_rss_mb()

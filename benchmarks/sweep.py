@@ -214,9 +214,6 @@ def target_sparsity(target: str) -> float:
 
 def not_applicable(method: str, target: str, pruner: str) -> Optional[str]:
     """Why recovery.py cannot run ``method`` at ``target`` with ``pruner``, or None."""
-    if method == "seft" and ":" in target:
-        return ("SEFT refuses N:M layers: its drop-and-grow moves nonzeros across the groups "
-                "(sparse_peft/tuners/seft/layer.py)")
     if method == "spt" and ":" in target:
         return "SPT prunes gradually to unstructured sparsity only (recovery.py refuses --pattern)"
     if method == "spt" and pruner == "sparsegpt" and target != DENSE:

@@ -57,6 +57,13 @@ def test_seft_row_moves_positions_keeps_counts(tiny_run):
     assert row["sparsity_after_merge"] == pytest.approx(0.5, abs=1e-9)
 
 
+def test_seft_row_at_2_4_keeps_the_pattern(tiny_run):
+    row = tiny_run("--method", "seft", "--pattern", "2:4", "--lr", "5e-2", "--seft-interval", "2",
+                   "--seft-density", "0.1", "--seft-drop-fraction", "0.5")
+    assert row["seft_regrown"] > 0 and row["positions_moved"] > 0  # positions moved, inside their groups
+    assert row["pattern_kept"] is True and row["counts_identical"] is True
+
+
 def test_spt_row_prunes_gradually_to_the_target(tiny_run):
     row = tiny_run("--method", "spt", "--sparsity", "0.5", "--lr", "1e-2", "--spt-prompt-length", "2",
                    "--spt-prune-steps", "2")

@@ -14,6 +14,7 @@ from peft import PeftModel, get_peft_model
 import sparse_peft as sp
 from sparse_peft.training.seft import drop_fraction_at, seft_summary
 from sparse_peft.tuners.seft import SEFTLayer, SparseDeltaLinear, effective_weight
+from sparse_peft.tuners.seft.functional import grow_within_groups, smallest_per_group
 
 
 def seft_layers(model):
@@ -301,11 +302,48 @@ def test_density_above_layer_nonzeros_is_refused_naming_the_layer():
         get_peft_model(model, sp.SEFTConfig(density=0.2))
 
 
-def test_n_m_sparse_model_refused():
+def test_n_m_sparse_model_keeps_its_pattern_through_updates_and_merge():
     model = make_tiny_model("llama")
     sp.prune(model, method="magnitude", pattern="2:4", show_progress=False)
-    with pytest.raises(ValueError, match=r"layer '.*'.*cannot keep this layer's 2:4 pattern"):
-        get_peft_model(model, sp.SEFTConfig(density=0.02))
+    start_masks = linear_masks(model)
+    peft_model = get_peft_model(model, sp.SEFTConfig(density=0.1, update_interval=4, drop_fraction=0.5,
+                                                     drop_decay="constant"))
+    assert {layer.nm_pattern for layer in seft_layers(peft_model).values()} == {(2, 4)}
+    updates, _ = train_seft(peft_model, steps=12, lr=5e-2)
+    assert sum(seft_summary(changes)["regrown"] for _, changes in updates) > 0
+    masks_now = current_masks(peft_model)
+    assert any(not torch.equal(masks_now[n], start_masks[n]) for n in start_masks), "the topology never moved"
+    for name, mask in masks_now.items():
+        # Exactly 2 of every 4: the count per group, not only per layer.
+        assert torch.equal(mask.view(-1, 4).sum(dim=1), torch.full((mask.numel() // 4,), 2)), name
+    merged = peft_model.merge_and_unload()
+    for name, lin in sp.sparsity.named_linears(merged):
+        assert torch.equal(lin.weight != 0, masks_now[name]), name
+        assert sp.sparsity.is_nm_sparse(lin.weight, 2, 4), name
+
+
+def test_n_m_sparse_model_refuses_density_above_half_the_nonzeros():
+    model = make_tiny_model("llama")
+    sp.prune(model, method="magnitude", pattern="2:4", show_progress=False)
+    with pytest.raises(ValueError, match=r"layer '.*'.*density=0.3.*2:4.*density <= 0.25"):
+        get_peft_model(model, sp.SEFTConfig(density=0.3))
+
+
+def test_grow_within_groups_leaves_every_regrown_position_a_partner():
+    # Two groups of 4; active positions 0, 1 | 4, 5; position 0 stays in A, 1 was just dropped.
+    active = torch.tensor([1, 1, 0, 0, 1, 1, 0, 0], dtype=torch.bool)
+    staying = torch.tensor([0])
+    score = torch.tensor([float("-inf"), 0.5, 10.0, 9.0, 0.1, 0.2, 5.0, 0.3])
+    # Greedy would grow 2 and 3, but group 0 has one partner (position 1): 3 gives way to 6.
+    grown = grow_within_groups(score, active, staying, 2, 4)
+    assert grown.tolist() == [2, 6]
+    # Growing the active position 1 uses group 0's only partner: 2 can no longer come back.
+    score[1] = 9.5
+    grown = grow_within_groups(score, active, staying, 2, 4)
+    assert sorted(grown.tolist()) == [1, 6]
+    # The partners are then each group's lowest-scoring active positions outside A.
+    need = torch.tensor([0, 1])
+    assert smallest_per_group(torch.tensor([9.0, 9, 9, 9, 3.0, 1.0, 9, 9]), need, 4).tolist() == [5]
 
 
 def test_two_active_adapters_refused():

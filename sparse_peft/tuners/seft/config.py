@@ -37,6 +37,10 @@ class SEFTConfig(PeftConfig):
         W_eff = (W + F + Δ) ⊙ M        (F: frozen deltas of positions that left A)
         merge:  W ← (W + F + Δ) ⊙ M_final
 
+    On an N:M-sparse layer (2:4 or 4:8, read from the base's mask) every change stays inside one
+    group of M, so the pattern holds after every update and after merge; there ``density`` must be at
+    most half the layer's fraction of nonzeros.
+
     Topology updates are driven by ``sp.seft_step(peft_model, optimizer, step)`` after each
     ``optimizer.step()``, or by ``sp.SEFTCallback()`` under ``transformers.Trainer``.
 

@@ -120,3 +120,58 @@ def smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 def largest(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.argsort(scores, descending=True, stable=True)[:k]
+
+
+# --- N:M layers: every change of the topology stays inside one group ---------------------------------
+# A flat position p lies in group p // m (rows are a multiple of m long, so groups never straddle rows).
+
+
+def grow_within_groups(grow_score: torch.Tensor, active: torch.Tensor, staying: torch.Tensor, k: int,
+                       m: int) -> torch.Tensor:
+    """The ``k`` positions with the largest ``grow_score`` such that every group can give up one active
+    position for each pruned position grown in it (so its count of nonzeros, N, is kept).
+
+    ``grow_score`` is ``-inf`` where growing is not allowed (the old ``A``); ``active`` is the current
+    topology (bool, flat); ``staying`` the positions that stay in ``A``. A group's partners are its
+    active positions outside the new ``A``: active, not ``staying`` and not grown this time (so a
+    just-dropped position may be switched off, as in the unstructured case). Returned in descending
+    score. Needs at least ``k`` active positions outside ``A`` (the layer makes sure: ``|A| <= nnz/2``).
+    """
+    score = grow_score.clone()
+    groups = active.numel() // m
+    free = active.clone()
+    free[staying] = False
+    free_per_group = free.view(groups, m).sum(dim=1)
+    while True:
+        grown = largest(score, k)
+        grown = grown[score[grown] > float("-inf")]
+        is_regrown = ~active[grown]
+        group = grown // m
+        regrown_per_group = torch.bincount(group[is_regrown], minlength=groups)
+        partners = free_per_group - torch.bincount(group[~is_regrown], minlength=groups)
+        allowed = partners.clamp(min=0)
+        if bool((regrown_per_group <= allowed).all()):
+            break
+        # Keep the best `allowed` re-grown positions of each over-full group; rule the rest out and
+        # choose again (each round removes at least one candidate, so this ends).
+        candidates, candidate_group = grown[is_regrown], group[is_regrown]
+        order = torch.argsort(candidate_group, stable=True)  # grown is by descending score already
+        sorted_group = candidate_group[order]
+        first_of_group = torch.searchsorted(sorted_group, sorted_group, side="left")
+        rank_in_group = torch.arange(order.numel(), device=order.device) - first_of_group
+        excess = rank_in_group >= allowed[sorted_group]
+        score[candidates[order[excess]]] = float("-inf")
+    if grown.numel() != k:
+        raise RuntimeError(f"SEFT N:M update: only {grown.numel()} of {k} slots found a position that keeps the "
+                           f"pattern (fewer than {k} active positions outside A)")
+    return grown
+
+
+def smallest_per_group(scores: torch.Tensor, count_per_group: torch.Tensor, m: int) -> torch.Tensor:
+    """For every group ``g``, the positions of its ``count_per_group[g]`` smallest scores (stable)."""
+    needy = count_per_group.nonzero().squeeze(-1)
+    if needy.numel() == 0:
+        return needy
+    in_group = torch.argsort(scores.view(-1, m)[needy], dim=1, stable=True)
+    take = torch.arange(m, device=scores.device)[None, :] < count_per_group[needy][:, None]
+    return (needy[:, None] * m + in_group)[take]

@@ -21,7 +21,8 @@ from torch import nn
 
 from ...sparsity.masks import is_nm_sparse, mask_fingerprint, restore_mask
 from .._shared import attach_sparsity_mask
-from .functional import coalesce, effective_weight, largest, smallest, sparse_delta_linear, without
+from .functional import (coalesce, effective_weight, grow_within_groups, largest, smallest, smallest_per_group,
+                         sparse_delta_linear, without)
 
 # Buffers whose length changes as the topology evolves; loading resizes them to the saved length.
 VARIABLE_BUFFERS = ("seft_frozen_index", "seft_frozen_delta", "seft_added", "seft_removed")
@@ -48,6 +49,8 @@ class SEFTLayer(BaseTunerLayer):
         # Dense gradient accumulated during the steps before a topology update (None otherwise).
         self.grad_accum: Optional[torch.Tensor] = None
         self.collecting = False
+        # (n, m) when the base layer is exactly N:M sparse: topology updates stay inside groups.
+        self.nm_pattern: Optional[tuple[int, int]] = None
         attach_sparsity_mask(self, "SEFT")
         self.kwargs = kwargs
 
@@ -62,11 +65,17 @@ class SEFTLayer(BaseTunerLayer):
             raise ValueError(f"SEFT density={density} asks for {size} trainable positions in a layer with only {nnz} "
                              f"nonzeros of {numel} (sparsity {1 - nnz / numel:.3f}); A starts on nonzeros, so use "
                              f"density <= {nnz / numel:.4f}")
-        for n, m in ((2, 4), (4, 8)):
-            # Drop-and-grow moves nonzeros across N:M groups; refuse rather than break the pattern.
-            if nnz * m == numel * n and is_nm_sparse(mask, n, m):
-                raise ValueError(f"SEFT cannot keep this layer's {n}:{m} pattern (its topology updates move "
-                                 f"nonzeros across groups); use SPP or masked LoRA for N:M-sparse models")
+        # An N:M-sparse base keeps its pattern: every re-grown position then switches off a partner
+        # in its own group of m (2:4 is checked first: a 2:4 layer is 4:8 too, and 2:4 is stricter).
+        self.nm_pattern = next(((n, m) for n, m in ((2, 4), (4, 8))
+                                if nnz * m == numel * n and is_nm_sparse(mask, n, m)), None)
+        if self.nm_pattern is not None and 2 * size > nnz:
+            # With |A| <= nnz / 2 the active positions outside A alone can fill every grown slot, so
+            # an update always finds positions that keep each group at N nonzeros.
+            n, m = self.nm_pattern
+            raise ValueError(f"SEFT density={density} asks for {size} trainable positions in a {n}:{m}-sparse layer "
+                             f"with {nnz} nonzeros; keeping the pattern needs at most half of them trainable, "
+                             f"so use density <= {nnz / 2 / numel:.4f}")
         weight = self.get_base_layer().weight
         device = weight.device
         nonzero = mask.view(-1).nonzero().squeeze(-1)
@@ -190,8 +199,13 @@ class SEFTLayer(BaseTunerLayer):
 
         # 2. grow at the largest |gradient| outside A (the just-dropped included in A: no flip-flop).
         grow_score = grad.abs().clone()
-        grow_score[index] = -1.0
-        grown = largest(grow_score, n_drop)
+        if self.nm_pattern is None:
+            grow_score[index] = -1.0
+            grown = largest(grow_score, n_drop)
+        else:
+            grow_score[index] = float("-inf")
+            staying = index[torch.ones_like(index, dtype=torch.bool).index_fill_(0, drop_slots, False)]
+            grown = grow_within_groups(grow_score, mask, staying, n_drop, self.nm_pattern[1])
         regrown = grown[~mask[grown]]  # pruned positions coming back
 
         # 3. keep the count: prune one active weight outside the new A per re-grown position.
@@ -209,8 +223,17 @@ class SEFTLayer(BaseTunerLayer):
             sensitivity = sensitivity.clone()
             sensitivity[~mask] = float("inf")
             sensitivity[new_index] = float("inf")
-            # |A| <= nnz, so at least as many active positions lie outside the new A as were re-grown.
-            pruned = smallest(sensitivity, regrown.numel())
+            if self.nm_pattern is None:
+                # |A| <= nnz, so at least as many active positions lie outside the new A as were re-grown.
+                pruned = smallest(sensitivity, regrown.numel())
+            else:
+                # The partners are in the re-grown positions' own groups (grow_within_groups made room).
+                m = self.nm_pattern[1]
+                need = torch.bincount(regrown // m, minlength=mask.numel() // m)
+                pruned = smallest_per_group(sensitivity, need, m)
+                if not bool(torch.isfinite(sensitivity[pruned]).all()):
+                    raise RuntimeError(f"SEFT {self.nm_pattern[0]}:{m} update found no partner to switch off "
+                                       f"in a group (a bug: grow_within_groups guarantees one)")
             # A re-grown position starts at exactly 0: cancel whatever W + F holds there.
             frozen_index, frozen_delta = without(frozen_index, frozen_delta, torch.cat([regrown, pruned]))
             original = self._original_weight().detach().view(-1)
