@@ -51,7 +51,8 @@ def make_peft_config(method: str, args):
     if method == "spt":
         # Gradual pruning from the model's state at creation (dense here) to --sparsity over the first
         # part of training, with the same pruner as the one-shot rows (wanda or magnitude).
-        return sp.SPTConfig(base_prompt_length=args.spt_prompt_length, target_sparsity=args.sparsity,
+        return sp.SPTConfig(base_prompt_length=args.spt_prompt_length,
+                            target_sparsity=None if args.pattern else args.sparsity, target_pattern=args.pattern,
                             initial_sparsity=args.spt_initial_sparsity, pruner=args.pruner,
                             prune_end_step=args.spt_prune_end or max(1, args.steps // 2),
                             num_prune_steps=args.spt_prune_steps)
@@ -251,8 +252,8 @@ def main(argv=None) -> dict:
     if args.induce and (args.method == "spt" or not (args.pattern or args.sparsity > 0)):
         p.error("--induce runs before one-shot pruning: it needs --sparsity > 0 or --pattern, and not --method spt")
     row["induce"] = args.induce_alpha if args.induce else None
-    if args.method == "spt" and (args.pattern or args.pruner == "sparsegpt" or not args.sparsity > 0):
-        p.error("--method spt prunes gradually to an unstructured --sparsity > 0 with --pruner wanda or magnitude")
+    if args.method == "spt" and (args.pruner == "sparsegpt" or not (args.pattern or args.sparsity > 0)):
+        p.error("--method spt prunes gradually to --sparsity > 0 or --pattern with --pruner wanda or magnitude")
     if args.method == "spt":  # one-shot ppl_pruned for comparison, then SPT starts again from the dense weights
         dense_weights = {name: lin.weight.detach().clone() for name, lin in sp.sparsity.named_linears(model)}
     def arc_easy(m, when):
@@ -350,7 +351,8 @@ def main(argv=None) -> dict:
     row["mask_identical"] = same_masks(merged, masks)
     if args.method == "spt":  # SPT sets the mask while it tunes: check every layer's count, compare with one-shot
         row["mask_identical"] = None
-        row["layers_at_target"] = all(int((lin.weight == 0).sum()) == round(args.sparsity * lin.weight.numel())
+        final_sparsity = sp.SPTConfig(target_pattern=args.pattern).target_sparsity if args.pattern else args.sparsity
+        row["layers_at_target"] = all(int((lin.weight == 0).sum()) == round(final_sparsity * lin.weight.numel())
                                       for _, lin in sp.sparsity.named_linears(merged))
         row["zeros_shared_with_oneshot"] = (sum(int((~oneshot_masks[n] & (lin.weight == 0)).sum())
                                                 for n, lin in sp.sparsity.named_linears(merged))

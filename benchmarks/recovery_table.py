@@ -23,10 +23,10 @@ def notes(r: dict) -> str:
         out.append(f"recovery.py flags `{r['extra_args']}`")
     if r["method"] == "seft":
         out.append(f"regrown {r['seft_regrown']:,}, moved {r['positions_moved']:,}, counts kept: {r['counts_identical']}")
-    if r["method"] == "seft" and "pattern_kept" in r:  # the one method whose mask moves at N:M
+    if r["method"] in ("seft", "spt") and "pattern_kept" in r:  # the methods that set the mask themselves
         out.append(f"{r['pattern']} in every layer: {r['pattern_kept']}")
     if r["method"] == "spt":
-        out.append(f"pruned 0→{r['sparsity']:.0%} while tuning; without prompts {fmt(r.get('ppl_after_without_prompts'))}; "
+        out.append(f"pruned 0→{r.get('pattern') or format(r['sparsity'], '.0%')} while tuning; without prompts {fmt(r.get('ppl_after_without_prompts'))}; "
                    f"{r['zeros_shared_with_oneshot']:.0%} of one-shot zeros shared")
     return "; ".join(out)
 

@@ -214,8 +214,6 @@ def target_sparsity(target: str) -> float:
 
 def not_applicable(method: str, target: str, pruner: str) -> Optional[str]:
     """Why recovery.py cannot run ``method`` at ``target`` with ``pruner``, or None."""
-    if method == "spt" and ":" in target:
-        return "SPT prunes gradually to unstructured sparsity only (recovery.py refuses --pattern)"
     if method == "spt" and pruner == "sparsegpt" and target != DENSE:
         return "SPT's gradual pruning uses wanda or magnitude, not sparsegpt"
     return None

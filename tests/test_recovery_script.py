@@ -71,6 +71,13 @@ def test_spt_row_prunes_gradually_to_the_target(tiny_run):
     assert row["sparsity_after_merge"] == pytest.approx(0.5, abs=1e-3)
 
 
+def test_spt_row_prunes_gradually_to_2_4(tiny_run):
+    row = tiny_run("--method", "spt", "--pattern", "2:4", "--lr", "1e-2", "--spt-prompt-length", "2",
+                   "--spt-prune-steps", "2")
+    assert row["layers_at_target"] is True and row["pattern_kept"] is True
+    assert row["sparsity_after_merge"] == pytest.approx(0.5, abs=1e-3)
+
+
 def test_arc_easy_before_and_after(tiny_run, tmp_path):
     row = tiny_run("--method", "spp", "--sparsity", "0.5", "--arc-easy", "2", "--arc-dir", str(tmp_path / "arc"))
     assert row["arc_easy_questions"] == 2

@@ -9,7 +9,7 @@ from peft import PeftModel, get_peft_model
 
 import sparse_peft as sp
 from sparse_peft.sparsity.selection import rowwise_keep_mask
-from sparse_peft.training.gradual_pruning import grow_keep_mask
+from sparse_peft.training.gradual_pruning import grow_keep_mask, grow_keep_mask_nm
 from sparse_peft.tuners.spt import SPTAttention
 
 SPT_ARCHS = ["llama", "qwen2", "mistral"]
@@ -264,6 +264,49 @@ def test_gradual_pruning_reaches_the_target_exactly_with_nested_masks(pruner, us
     assert peft_model.base_model.running_norms == {}  # statistics stop once the target is reached
 
 
+@pytest.mark.parametrize("pruner", ["magnitude", "wanda"])
+def test_gradual_pruning_to_2_4_follows_the_schedule_and_ends_exactly_2_4(pruner):
+    model = make_tiny_model("llama")
+    config = sp.SPTConfig(base_prompt_length=4, target_pattern="2:4", pruner=pruner, prune_start_step=1,
+                          prune_end_step=7, prune_interval=2)
+    assert config.target_sparsity == 0.5
+    peft_model = get_peft_model(model, config)
+    previous = {n: lin.weight != 0 for n, lin in base_linears(peft_model).items()}
+    for step in range(9):
+        report = sp.gradual_prune_step(peft_model, step, calibration=calibration_batches())
+        masks = {n: lin.weight != 0 for n, lin in base_linears(peft_model).items()}
+        for n, mask in masks.items():
+            assert not (mask & ~previous[n]).any(), f"{n}: a pruned weight came back at step {step}"
+            # On the way too: no group of 4 ever has more than 2 zeros.
+            assert int((~mask).reshape(-1, 4).sum(dim=1).max()) <= 2, (n, step)
+        previous = masks
+        if step in (1, 3, 5, 7):
+            scheduled = sp.cubic_sparsity(step, 6, 0.5, 0.0, start_step=1)
+            assert report.global_sparsity == pytest.approx(scheduled, abs=1e-3)
+    for name, lin in base_linears(peft_model).items():
+        assert sp.sparsity.is_nm_sparse(lin.weight, 2, 4), name
+        assert int((lin.weight == 0).sum()) == lin.weight.numel() // 2, name
+    unloaded = peft_model.unload()
+    assert all(sp.sparsity.is_nm_sparse(lin.weight, 2, 4) for _, lin in sp.sparsity.named_linears(unloaded))
+
+
+def test_grow_keep_mask_nm_takes_the_lowest_scores_where_a_group_has_room():
+    keep = torch.tensor([[False, True, True, True, True, True, True, True]])  # group 0 has one zero already
+    scores = torch.tensor([[0.0, 1.0, 2.0, 0.5, 3.0, 4.0, 9.0, 8.0]])
+    assert (~grow_keep_mask_nm(scores, keep, 2, 2, 4)).nonzero()[:, 1].tolist() == [0, 3]
+    # Next lowest is 1.0, but group 0 would then hold 3 zeros: 3.0 in group 1 instead.
+    assert (~grow_keep_mask_nm(scores, keep, 3, 2, 4)).nonzero()[:, 1].tolist() == [0, 3, 4]
+    with pytest.raises(ValueError, match="cannot grow a mask with 1 zeros to 5 zeros at 2:4"):
+        grow_keep_mask_nm(scores, keep, 5, 2, 4)
+
+
+def test_2_4_target_refuses_a_layer_with_a_group_already_over_two_zeros():
+    model = make_tiny_model("llama")
+    sp.prune(model, method="magnitude", sparsity=0.6, show_progress=False)
+    with pytest.raises(ValueError, match=r"layer 'model.layers.0.*groups with [34] zeros of 4.*cannot become 2:4"):
+        get_peft_model(model, sp.SPTConfig(target_pattern="2:4"))
+
+
 def test_skipped_calls_catch_up_and_a_dense_start_jumps_to_initial_sparsity():
     peft_model = get_peft_model(make_tiny_model("mistral"), sp.SPTConfig(
         target_sparsity=0.5, initial_sparsity=0.2, pruner="magnitude", prune_end_step=10, num_prune_steps=5))
@@ -403,6 +446,9 @@ def test_dense_model_without_target_is_refused():
     (dict(layer_sparsities={0: 1.5}), "layer_sparsities\\[0\\] must be a sparsity in \\[0, 1\\), got 1.5"),
     (dict(prompt_lengths={"x": 3}), "prompt_lengths: key 'x' is not a layer index"),
     (dict(init_std=0), "init_std must be a number > 0, got 0"),
+    (dict(target_pattern="4:2"), "target_pattern must be 'N:M' with 0 < N < M .*got '4:2'"),
+    (dict(target_pattern="2:4", target_sparsity=0.6), "'2:4' means target_sparsity=0.5, got target_sparsity=0.6"),
+    (dict(target_pattern="2:4", allocation="owl"), "'2:4' needs allocation='uniform'"),
 ])
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):

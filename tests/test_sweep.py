@@ -86,13 +86,13 @@ def planned(*argv) -> list[tuple]:
 def test_default_plan_is_the_issue_table():
     jobs, skipped = sweep.plan(sweep.parse_args([]))
     keys = [(j.method, j.target, j.loss) for j in jobs]
-    assert len(keys) == len(set(keys)) == 1 + 14 + 4
+    assert len(keys) == len(set(keys)) == 1 + 15 + 4
     assert keys[0] == ("lora", "dense", "ce")
     for method in sweep.METHODS:
         assert {(method, t, "ce") for t in ("0.5", "0.7")} <= set(keys)
-    assert {(m, "2:4", "ce") for m in ("masked_lora", "spp", "seft", "lora")} <= set(keys)
+    assert {(m, "2:4", "ce") for m in sweep.METHODS} <= set(keys)
     assert {k for k in keys if k[2] == "squarehead"} == {(m, "0.7", "squarehead") for m in sweep.SPARSE_METHODS}
-    assert sorted((j.method, j.target) for j, _ in skipped) == [("spt", "2:4")]
+    assert skipped == []  # SEFT and SPT keep N:M patterns, so every method runs at 2:4
     lrs = {j.method: j.lr for j in jobs}
     assert lrs == {"masked_lora": 1e-3, "spp": 4e-3, "seft": 1e-3, "spt": 1e-2, "lora": 1e-3}
 
@@ -141,12 +141,10 @@ def test_spt_with_sparsegpt_is_not_applicable():
 def test_second_invocation_runs_nothing(fake_sweep):
     argv = ["--steps", "4", "--seq-len", "16", "--batch-size", "2"]
     status, calls = fake_sweep(*argv)
-    assert status == 0 and len(calls) == 19
-    # not applicable combinations never reach recovery.py; SEFT keeps N:M patterns, so it runs at 2:4
-    assert not [c for c in calls if flags(c)["method"] == "spt" and "pattern" in flags(c)]
-    assert [c for c in calls if flags(c)["method"] == "seft" and flags(c).get("pattern") == "2:4"]
+    assert status == 0 and len(calls) == 20
+    assert {flags(c)["method"] for c in calls if flags(c).get("pattern") == "2:4"} == set(sweep.METHODS)
     lines = fake_sweep.results.read_text().splitlines()
-    assert len(lines) == 19
+    assert len(lines) == 20
     status, calls = fake_sweep(*argv)
     assert status == 0 and calls == []
     assert fake_sweep.results.read_text().splitlines() == lines
@@ -208,12 +206,18 @@ def test_dry_run_prints_commands_and_runs_nothing(fake_sweep, capsys):
     status, calls = fake_sweep("--dry-run", "--methods", "spp,spt", "--targets", "0.5,2:4", "--losses", "ce")
     out = capsys.readouterr().out
     assert status == 0 and calls == [] and not (fake_sweep.results.parent / "sweep.md").exists()
-    assert "4 rows planned: 1 done" in out and "3 to run" in out and "1 not applicable" in out
+    assert "5 rows planned: 1 done" in out and "4 to run" in out and "0 not applicable" in out
     assert "done spp 50% CE" in out
     assert "python benchmarks/recovery.py --method spp --pruner wanda --pattern 2:4 --loss ce --lr 0.004" in out
     assert "--method lora --pruner wanda --sparsity 0 " in out
-    assert "not applicable: spt at 2:4 (CE): SPT prunes gradually" in out
+    assert "--method spt --pruner wanda --pattern 2:4" in out
     assert len(fake_sweep.results.read_text().splitlines()) == 1
+    # not applicable combinations are listed with the reason and never reach recovery.py
+    status, calls = fake_sweep("--dry-run", "--pruner", "sparsegpt", "--methods", "spt,spp", "--targets", "0.5",
+                               "--losses", "ce", "--no-dense")
+    out = capsys.readouterr().out
+    assert status == 0 and calls == [] and "1 not applicable" in out
+    assert "not applicable: spt at 50% (CE): SPT's gradual pruning uses wanda or magnitude" in out
 
 
 def test_a_failed_row_is_reported_and_retried(fake_sweep, capsys):
@@ -295,7 +299,7 @@ def test_markdown_has_a_table_per_target_and_the_comparisons(fake_sweep):
     md = sweep.render_markdown(args)
     sections = [line for line in md.splitlines() if line.startswith("### ")]
     assert sections == ["### Dense reference (plain LoRA, nothing pruned)", "### 50%", "### 70%", "### 2:4",
-                        "### SquareHead vs CE (ppl after merge, same tokens)", "### Not applicable"]
+                        "### SquareHead vs CE (ppl after merge, same tokens)"]
     assert "200 steps of 4 x 128 tokens (102,400 tokens)" in md
     seventy = md.split("### 70%")[1].split("###")[0]
     assert sum(line.startswith("|") for line in seventy.splitlines()) == 2 + 5 + 4  # header, rule, 5 CE, 4 SquareHead
@@ -304,7 +308,7 @@ def test_markdown_has_a_table_per_target_and_the_comparisons(fake_sweep):
     assert ("Best recipe exactly at 70% after merge: spp (SquareHead λ=1), ppl 64.0 = 0.64x plain LoRA "
             "merged-then-re-masked (100.0)") in md
     assert "| spt | 70% | 1 | 120.0 | 96.0 | 0.80 |" in md
-    assert "- spt at 2:4 (CE): SPT prunes" in md and "- seft at 2:4" not in md
+    assert "Not applicable" not in md and "| spt | wanda | 2:4 |" in md
     assert "Not run yet" not in md
 
 

@@ -17,7 +17,9 @@ by the configured pruner:
   tokens included, as the hooks cannot see the attention mask).
 
 Zeros are spread over output rows as evenly as the existing zeros allow (``grow_keep_mask``), which
-is exactly Wanda's / row-wise magnitude's per-row rule when the layer starts dense.
+is exactly Wanda's / row-wise magnitude's per-row rule when the layer starts dense. With
+``target_pattern="N:M"`` a new zero goes only to a group of M that has fewer than M - N
+(``grow_keep_mask_nm``), so the last event leaves every layer exactly N:M.
 """
 
 from __future__ import annotations
@@ -96,6 +98,30 @@ def grow_keep_mask(scores: torch.Tensor, keep: torch.Tensor, n_zeros: int) -> to
     return new_keep
 
 
+def grow_keep_mask_nm(scores: torch.Tensor, keep: torch.Tensor, n_zeros: int, n: int, m: int) -> torch.Tensor:
+    """A keep mask with exactly ``n_zeros`` pruned positions, nested in ``keep``, with at most ``m - n``
+    zeros in every group of ``m`` consecutive inputs: the lowest-scored kept weights among those whose
+    group still has room. At ``n_zeros = numel (m - n) / m`` every group is full, i.e. exactly N:M.
+    (Rows are not balanced on the way; at the end the pattern balances them.)"""
+    groups_keep = keep.reshape(-1, m)
+    room = (m - n) - (~groups_keep).sum(dim=1)
+    have = keep.numel() - int(keep.sum())
+    capacity = have + int(room.clamp(min=0).sum())
+    if bool((room < 0).any()) or not have <= n_zeros <= capacity:
+        raise ValueError(f"cannot grow a mask with {have} zeros to {n_zeros} zeros at {n}:{m} "
+                         f"(at most {capacity} fit, with groups already over {m - n} zeros: {bool((room < 0).any())})")
+    # Per group, its kept weights from the lowest score up; the first `room` of them are candidates.
+    ranked = scores.float().reshape(-1, m).masked_fill(~groups_keep, float("inf"))
+    order = torch.argsort(ranked, dim=1, stable=True)
+    candidate = torch.arange(m, device=scores.device)[None, :] < room[:, None]
+    first = torch.arange(groups_keep.shape[0], device=scores.device)[:, None] * m
+    positions = (first + order)[candidate]
+    chosen = positions[torch.argsort(ranked.gather(1, order)[candidate], stable=True)[:n_zeros - have]]
+    new_keep = keep.clone()
+    new_keep.view(-1)[chosen] = False
+    return new_keep
+
+
 def _scheduled(config, event_step: int) -> float:
     return cubic_sparsity(event_step, config.prune_end_step - config.prune_start_step, config.target_sparsity,
                           config.initial_sparsity, start_step=config.prune_start_step)
@@ -109,10 +135,12 @@ def _targets(plan, current: dict[str, int], sparsity: float, final_sparsity: flo
 
 
 @torch.no_grad()
-def _prune_linear(linear: nn.Linear, scores: torch.Tensor, n_zeros: int) -> int:
+def _prune_linear(linear: nn.Linear, scores: torch.Tensor, n_zeros: int,
+                  pattern: Optional[tuple[int, int]] = None) -> int:
     keep = linear.weight != 0
     before = int((~keep).sum())
-    new_keep = grow_keep_mask(scores, keep, n_zeros)
+    new_keep = grow_keep_mask(scores, keep, n_zeros) if pattern is None else grow_keep_mask_nm(
+        scores, keep, n_zeros, *pattern)
     write_masked_weight_(linear, new_keep)
     return n_zeros - before
 
@@ -162,9 +190,10 @@ def gradual_prune_step(peft_model: nn.Module, step: int, calibration=None,
 
 
 def _prune(tuner, config, plan, targets, to_prune, calibration) -> int:
+    pattern = config.nm_pattern
     if config.pruner == "magnitude":
-        return sum(_prune_linear(plan.linears[name], plan.linears[name].weight.detach().abs().float(), targets[name])
-                   for name in sorted(to_prune))
+        return sum(_prune_linear(plan.linears[name], plan.linears[name].weight.detach().abs().float(), targets[name],
+                                 pattern) for name in sorted(to_prune))
     if calibration is not None:
         by_module = {id(linear): name for name, linear in plan.linears.items()}
         pruned = [0]
@@ -173,7 +202,7 @@ def _prune(tuner, config, plan, targets, to_prune, calibration) -> int:
             for linear, stat in stats.values():
                 name = by_module.get(id(linear))
                 if name in to_prune:
-                    pruned[0] += _prune_linear(linear, wanda_scores(linear.weight, stat), targets[name])
+                    pruned[0] += _prune_linear(linear, wanda_scores(linear.weight, stat), targets[name], pattern)
 
         # Block-sequential as in sp.prune: block k is scored on the outputs of the already pruned blocks
         # before it, with the prompts in place (they are part of the model being pruned).
@@ -189,7 +218,7 @@ def _prune(tuner, config, plan, targets, to_prune, calibration) -> int:
     # Under data parallelism each rank saw other tokens: sum the norms first so all ranks prune alike.
     return sum(_prune_linear(plan.linears[name],
                              wanda_scores(plan.linears[name].weight, tuner.running_norms[name].all_reduce_()),
-                             targets[name]) for name in sorted(to_prune))
+                             targets[name], pattern) for name in sorted(to_prune))
 
 
 @torch.no_grad()

@@ -64,6 +64,11 @@ class SPTConfig(PeftConfig):
         target_sparsity: the sparsity gradual pruning reaches at ``prune_end_step``, in (0, 1).
             ``None`` (default) prunes nothing: the model must already be pruned and the lengths
             follow the sparsity each decoder layer has when the adapter is created.
+        target_pattern: ``"N:M"`` (e.g. ``"2:4"``) to end at exactly N nonzeros in every group of M
+            consecutive inputs instead of an unstructured sparsity. ``target_sparsity`` is then
+            ``1 - N/M`` (set when not given); every pruning event adds zeros only where a group still
+            has room, so the schedule's counts hold on the way and the pattern holds at the end.
+            Uniform allocation only.
         initial_sparsity: ``s_0`` of the schedule, in [0, target_sparsity]. A model sparser than the
             schedule at a step is left as it is (masks only grow), so ``0`` suits both a dense and
             a partially pruned model; a dense model with ``s_0 > 0`` is pruned to ``s_0`` at once at
@@ -96,6 +101,7 @@ class SPTConfig(PeftConfig):
 
     base_prompt_length: int = field(default=8, metadata={"help": "prompt length of a layer of average sparsity"})
     target_sparsity: Optional[float] = field(default=None, metadata={"help": "sparsity reached by gradual pruning"})
+    target_pattern: Optional[str] = field(default=None, metadata={"help": "N:M pattern reached by gradual pruning"})
     initial_sparsity: float = field(default=0.0, metadata={"help": "s_0 of the cubic schedule"})
     schedule: str = field(default="cubic", metadata={"help": f"one of {SCHEDULES}"})
     pruner: str = field(default="wanda", metadata={"help": f"one of {PRUNERS}"})
@@ -116,6 +122,16 @@ class SPTConfig(PeftConfig):
         self.peft_type = PeftType.SPT
         if not _is_int(self.base_prompt_length) or self.base_prompt_length <= 0:
             raise ValueError(f"SPTConfig.base_prompt_length must be a positive integer, got {self.base_prompt_length!r}")
+        if self.target_pattern is not None:
+            n, m = self.nm_pattern  # validates the text
+            if self.target_sparsity is None:
+                self.target_sparsity = (m - n) / m
+            elif not _is_real(self.target_sparsity) or abs(self.target_sparsity - (m - n) / m) > 1e-9:
+                raise ValueError(f"SPTConfig.target_pattern={self.target_pattern!r} means target_sparsity={(m - n) / m:g}, "
+                                 f"got target_sparsity={self.target_sparsity!r}; give only the pattern")
+            if self.allocation != "uniform":
+                raise ValueError(f"SPTConfig.target_pattern={self.target_pattern!r} needs allocation='uniform' (every "
+                                 f"layer is N:M), got allocation={self.allocation!r}")
         if self.target_sparsity is not None and (not _is_real(self.target_sparsity)
                                                  or not 0.0 < self.target_sparsity < 1.0):
             raise ValueError(f"SPTConfig.target_sparsity must be None or a number in (0, 1), got {self.target_sparsity!r}")
@@ -163,6 +179,17 @@ class SPTConfig(PeftConfig):
             raise ValueError(f"SPTConfig.init_std must be a number > 0, got {self.init_std!r}")
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
+
+    @property
+    def nm_pattern(self) -> Optional[tuple[int, int]]:
+        """``(N, M)`` of ``target_pattern``, or None."""
+        if self.target_pattern is None:
+            return None
+        parts = str(self.target_pattern).split(":") if isinstance(self.target_pattern, str) else []
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts) or not 0 < int(parts[0]) < int(parts[1]):
+            raise ValueError(f"SPTConfig.target_pattern must be 'N:M' with 0 < N < M (e.g. '2:4'), "
+                             f"got {self.target_pattern!r}")
+        return int(parts[0]), int(parts[1])
 
     def pruning_steps(self) -> list[int]:
         """The optimizer steps at which gradual pruning acts, ``prune_start_step`` .. ``prune_end_step``."""

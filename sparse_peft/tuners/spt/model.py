@@ -126,6 +126,8 @@ def make_pruning_plan(config, groups, layer_sparsities: dict[int, float]) -> Pru
     target = config.target_sparsity
     if target is None:
         return PruningPlan(linears, dict(current), block_of)
+    if config.nm_pattern is not None:
+        return PruningPlan(linears, nm_final_zeros(linears, current, config.nm_pattern), block_of)
     total = sum(numels.values())
     target_total = unstructured_zero_count(target, total)
     if sum(current.values()) >= target_total:
@@ -147,6 +149,25 @@ def make_pruning_plan(config, groups, layer_sparsities: dict[int, float]) -> Pru
                          f"target_sparsity={target} (allocation={config.allocation!r}): {', '.join(over[:5])}"
                          f"{' ...' if len(over) > 5 else ''}. Use the allocation the model was pruned with.")
     return PruningPlan(linears, final, block_of)
+
+
+def nm_final_zeros(linears: dict[str, nn.Linear], current: dict[str, int], pattern: tuple[int, int]) -> dict[str, int]:
+    """Zeros per linear at N:M (``numel * (M - N) / M``), after checking that every linear can get there
+    by adding zeros only: its rows split into groups of M and no group already has more than M - N."""
+    n, m = pattern
+    final = {}
+    for name, linear in linears.items():
+        out_features, in_features = linear.weight.shape
+        if in_features % m:
+            raise ValueError(f"SPT target_pattern {n}:{m}: layer {name!r} has {in_features} inputs, not a multiple "
+                             f"of {m}")
+        zeros_per_group = (linear.weight == 0).reshape(-1, m).sum(dim=1)
+        if int(zeros_per_group.max()) > m - n:
+            raise ValueError(f"SPT only adds zeros, but layer {name!r} already has groups with "
+                             f"{int(zeros_per_group.max())} zeros of {m} (more than {m - n}): it cannot become "
+                             f"{n}:{m}. Start from the dense model or one pruned {n}:{m}")
+        final[name] = linear.weight.numel() // m * (m - n)
+    return final
 
 
 class _NormHook:
