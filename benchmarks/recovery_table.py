@@ -13,12 +13,24 @@ def fmt(value, spec=".1f"):
     return "–" if value is None else format(value, spec)
 
 
+LOSS_LABELS = {"ce": "CE", "squarehead": "SquareHead"}
+
+
+def loss_label(r: dict) -> str:
+    """``CE``, or ``SquareHead λ=0.1`` with `` + logit KL λ=1`` when the row had a logit term."""
+    loss = r.get("loss") or "ce"
+    label = LOSS_LABELS.get(loss, loss)
+    if loss != "squarehead":
+        return label
+    logit = float(r.get("logit_lambda") or 0.0)
+    return f"{label} λ={float(r.get('squarehead_lambda', 1.0)):g}" + (f" + logit KL λ={logit:g}" if logit else "")
+
+
 def notes(r: dict) -> str:
     """What a method adds to its row (SEFT's moved positions, SPT's gradual pruning, the loss)."""
     out = []
-    if r.get("loss", "ce") != "ce":
-        out.append(f"{r['loss']} λ={r.get('squarehead_lambda', 1):g}"
-                   + (f" + logit KL λ={r['logit_lambda']:g}" if r.get("logit_lambda") else ""))
+    if (r.get("loss") or "ce") != "ce":
+        out.append(loss_label(r))
     if r.get("extra_args"):  # the sweep's --extra-args: what else this row ran with
         out.append(f"recovery.py flags `{r['extra_args']}`")
     if r["method"] == "seft":

@@ -54,7 +54,7 @@ DENSE = "dense"
 # recovery.py's defaults for the settings its rows do not record.
 RECOVERY_DEFAULTS = dict(eval_windows=24, eval_seq_len=512, calib_samples=128, calib_seq_len=512,
                          squarehead_lambda=1.0, teacher="dense (untuned)")
-LOSS_LABELS = {"ce": "CE", "squarehead": "SquareHead"}
+LOSS_LABELS = recovery_table.LOSS_LABELS
 DEFAULT_SQUAREHEAD_TARGET = "0.7"  # issue 7: SquareHead for every method at 70%
 
 
@@ -577,18 +577,9 @@ def render_markdown(args) -> str:
     return "\n".join(out) + "\n"
 
 
-def loss_label_of(row: dict) -> str:
-    loss = row.get("loss") or "ce"
-    label = LOSS_LABELS.get(loss, loss)
-    if loss != "squarehead":
-        return label
-    logit = float(row.get("logit_lambda") or 0.0)
-    return f"{label} λ={float(row.get('squarehead_lambda', 1.0)):g}" + (f" + logit KL λ={logit:g}" if logit else "")
-
-
 def recipe_label(row: dict, in_plan: bool = True) -> str:
     """``method (loss)``; a row from outside the plan also names its pruner, lr and recovery.py flags."""
-    label = f"{row['method']} ({loss_label_of(row)}"
+    label = f"{row['method']} ({recovery_table.loss_label(row)}"
     if not in_plan:
         flags = without_evaluation_only_flags(row.get("extra_args") or "")
         label += f"; {row['pruner']}, lr {float(row['lr']):g}" + (f", `{flags}`" if flags else "")
@@ -657,7 +648,7 @@ def other_squarehead_vs_ce(others: list[dict], planned_rows: list[dict]) -> list
         if ce is None:
             continue
         lines.append(f"| {sh['method']} | {target_label(target_of(sh))} | {sh['pruner']} | {float(sh['lr']):g} "
-                     f"| {loss_label_of(sh)}{f', `{flags}`' if flags else ''} | {ce['ppl_after']:.1f} "
+                     f"| {recovery_table.loss_label(sh)}{f', `{flags}`' if flags else ''} | {ce['ppl_after']:.1f} "
                      f"| {sh['ppl_after']:.1f} | {sh['ppl_after'] / ce['ppl_after']:.2f} |")
     if not lines:
         return []

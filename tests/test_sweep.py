@@ -453,7 +453,7 @@ def test_rows_outside_the_plan_at_the_same_budget_are_shown_and_compete_for_best
     table = [line for line in other.split("#### 70%")[1].split("\n\n")[1].splitlines() if line.startswith("| ")]
     assert len(table) == 1 + 3  # header and the sparsegpt masked_lora, sparsegpt lora and logit rows
     assert "| spp" not in md  # 100 steps: another budget, not shown
-    assert "recovery.py flags `--r 16`" in other and "squarehead λ=0.1 + logit KL λ=1" in other
+    assert "recovery.py flags `--r 16`" in other and "SquareHead λ=0.1 + logit KL λ=1" in other
     # best: SparseGPT masked LoRA, 90 x 0.7 = 63, against the plan's LoRA (100) and its own pruner's (70)
     assert ("Best recipe exactly at 70% after merge: masked_lora (CE; sparsegpt, lr 0.001, `--r 16`), ppl 63.0 "
             "= 0.63x plain LoRA merged-then-re-masked (100.0); 0.90x plain LoRA re-masked on the same pruned "
