@@ -127,7 +127,7 @@ def make_pruning_plan(config, groups, layer_sparsities: dict[int, float]) -> Pru
     if target is None:
         return PruningPlan(linears, dict(current), block_of)
     if config.nm_pattern is not None:
-        return PruningPlan(linears, nm_final_zeros(linears, current, config.nm_pattern), block_of)
+        return PruningPlan(linears, nm_final_zeros(linears, config.nm_pattern), block_of)
     total = sum(numels.values())
     target_total = unstructured_zero_count(target, total)
     if sum(current.values()) >= target_total:
@@ -151,13 +151,13 @@ def make_pruning_plan(config, groups, layer_sparsities: dict[int, float]) -> Pru
     return PruningPlan(linears, final, block_of)
 
 
-def nm_final_zeros(linears: dict[str, nn.Linear], current: dict[str, int], pattern: tuple[int, int]) -> dict[str, int]:
+def nm_final_zeros(linears: dict[str, nn.Linear], pattern: tuple[int, int]) -> dict[str, int]:
     """Zeros per linear at N:M (``numel * (M - N) / M``), after checking that every linear can get there
     by adding zeros only: its rows split into groups of M and no group already has more than M - N."""
     n, m = pattern
     final = {}
     for name, linear in linears.items():
-        out_features, in_features = linear.weight.shape
+        in_features = linear.weight.shape[1]
         if in_features % m:
             raise ValueError(f"SPT target_pattern {n}:{m}: layer {name!r} has {in_features} inputs, not a multiple "
                              f"of {m}")
