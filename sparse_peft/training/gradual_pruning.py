@@ -100,16 +100,17 @@ def grow_keep_mask(scores: torch.Tensor, keep: torch.Tensor, n_zeros: int) -> to
 
 def grow_keep_mask_nm(scores: torch.Tensor, keep: torch.Tensor, n_zeros: int, n: int, m: int) -> torch.Tensor:
     """A keep mask with exactly ``n_zeros`` pruned positions, nested in ``keep``, with at most ``m - n``
-    zeros in every group of ``m`` consecutive inputs: the lowest-scored kept weights among those whose
-    group still has room. At ``n_zeros = numel (m - n) / m`` every group is full, i.e. exactly N:M.
+    zeros in every group of ``m`` consecutive inputs (or its zeros now, if more): the lowest-scored kept
+    weights among those whose group still has room. At the full count every group is N:M.
     (Rows are not balanced on the way; at the end the pattern balances them.)"""
     groups_keep = keep.reshape(-1, m)
-    room = (m - n) - (~groups_keep).sum(dim=1)
+    # A group already past M - N zeros (exact zeros of the checkpoint) is N:M as it is: no room, kept.
+    room = ((m - n) - (~groups_keep).sum(dim=1)).clamp(min=0)
     have = keep.numel() - int(keep.sum())
-    capacity = have + int(room.clamp(min=0).sum())
-    if bool((room < 0).any()) or not have <= n_zeros <= capacity:
+    capacity = have + int(room.sum())
+    if not have <= n_zeros <= capacity:
         raise ValueError(f"cannot grow a mask with {have} zeros to {n_zeros} zeros at {n}:{m} "
-                         f"(at most {capacity} fit, with groups already over {m - n} zeros: {bool((room < 0).any())})")
+                         f"(at most {capacity} fit)")
     # Per group, its kept weights from the lowest score up; the first `room` of them are candidates.
     ranked = scores.float().reshape(-1, m).masked_fill(~groups_keep, float("inf"))
     order = torch.argsort(ranked, dim=1, stable=True)

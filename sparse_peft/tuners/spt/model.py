@@ -152,21 +152,18 @@ def make_pruning_plan(config, groups, layer_sparsities: dict[int, float]) -> Pru
 
 
 def nm_final_zeros(linears: dict[str, nn.Linear], pattern: tuple[int, int]) -> dict[str, int]:
-    """Zeros per linear at N:M (``numel * (M - N) / M``), after checking that every linear can get there
-    by adding zeros only: its rows split into groups of M and no group already has more than M - N."""
+    """Zeros per linear at N:M: every group of M consecutive inputs ends with at most N nonzeros, so
+    with ``max(M - N, its zeros now)`` zeros. A group may already hold more than M - N zeros (weights
+    that are exactly 0 in the dense checkpoint, or an earlier unstructured prune); it is N:M as it is
+    and SPT never un-prunes, so those stay."""
     n, m = pattern
     final = {}
     for name, linear in linears.items():
-        in_features = linear.weight.shape[1]
-        if in_features % m:
-            raise ValueError(f"SPT target_pattern {n}:{m}: layer {name!r} has {in_features} inputs, not a multiple "
-                             f"of {m}")
+        if linear.weight.shape[1] % m:
+            raise ValueError(f"SPT target_pattern {n}:{m}: layer {name!r} has {linear.weight.shape[1]} inputs, "
+                             f"not a multiple of {m}")
         zeros_per_group = (linear.weight == 0).reshape(-1, m).sum(dim=1)
-        if int(zeros_per_group.max()) > m - n:
-            raise ValueError(f"SPT only adds zeros, but layer {name!r} already has groups with "
-                             f"{int(zeros_per_group.max())} zeros of {m} (more than {m - n}): it cannot become "
-                             f"{n}:{m}. Start from the dense model or one pruned {n}:{m}")
-        final[name] = linear.weight.numel() // m * (m - n)
+        final[name] = int(zeros_per_group.clamp(min=m - n).sum())
     return final
 
 
