@@ -322,6 +322,19 @@ def test_n_m_sparse_model_keeps_its_pattern_through_updates_and_merge():
         assert sp.sparsity.is_nm_sparse(lin.weight, 2, 4), name
 
 
+def test_n_m_pattern_found_when_a_kept_weight_is_exactly_zero():
+    model = make_tiny_model("llama")
+    sp.prune(model, method="magnitude", pattern="2:4", show_progress=False)
+    with torch.no_grad():
+        q_proj = model.model.layers[0].self_attn.q_proj.weight
+        q_proj.view(-1)[(q_proj.view(-1) != 0).nonzero()[0]] = 0.0  # one group now holds a single nonzero
+    peft_model = get_peft_model(model, sp.SEFTConfig(density=0.05))
+    assert {layer.nm_pattern for layer in seft_layers(peft_model).values()} == {(2, 4)}
+    # An unstructured 50% mask is not mistaken for 2:4.
+    unstructured = get_peft_model(pruned_tiny_model("llama", 0.5), sp.SEFTConfig(density=0.05))
+    assert {layer.nm_pattern for layer in seft_layers(unstructured).values()} == {None}
+
+
 def test_n_m_sparse_model_refuses_density_above_half_the_nonzeros():
     model = make_tiny_model("llama")
     sp.prune(model, method="magnitude", pattern="2:4", show_progress=False)
