@@ -32,3 +32,15 @@ $S --pruner sparsegpt --methods masked_lora --targets 0.5 --losses squarehead --
    --squarehead-lambda 0.1 --lr masked_lora=2e-3 --extra-args="--induce --logit-lambda 1"
 $S --pruner sparsegpt --methods masked_lora --targets 0.5 --losses ce --lr masked_lora=4e-3 --extra-args=--induce
 $S --pruner sparsegpt --methods masked_lora --targets 0.5 --losses ce --lr masked_lora=2e-3 --extra-args="--induce --r 32"
+$S --pruner sparsegpt --methods masked_lora --targets 0.5 --losses squarehead --squarehead-targets 0.5 \
+   --squarehead-lambda 0.1 --lr masked_lora=2e-3 --extra-args="--induce --r 32 --logit-lambda 1"
+
+# 2026-11-30 (second session): the 50% CE rows again with ARC-Easy; SEFT and SPT at 2:4 (they keep N:M
+# now); plain SquareHead λ=0.1 for seft/spt at 70%; rank 64 / 128 and logit λ=2 on the 50% recipe.
+$S --methods masked_lora,spp,seft,spt,lora --targets 0.5 --losses ce
+$S --methods seft,spt --targets 2:4 --losses ce
+$S --methods seft,spt --targets 0.7 --losses squarehead --squarehead-lambda 0.1
+for extra in "--induce --r 64 --logit-lambda 1" "--induce --r 128 --logit-lambda 1" "--induce --r 64 --logit-lambda 2"; do
+  $S --pruner sparsegpt --methods masked_lora --targets 0.5 --losses squarehead --squarehead-targets 0.5 \
+     --squarehead-lambda 0.1 --lr masked_lora=2e-3 --extra-args="$extra"
+done
