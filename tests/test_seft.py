@@ -322,6 +322,26 @@ def test_n_m_sparse_model_keeps_its_pattern_through_updates_and_merge():
         assert sp.sparsity.is_nm_sparse(lin.weight, 2, 4), name
 
 
+def test_n_m_save_load_keeps_the_pattern_and_further_updates_keep_it(tmp_path):
+    def base():
+        model = make_tiny_model("llama")
+        sp.prune(model, method="magnitude", pattern="2:4", show_progress=False)
+        return model
+
+    peft_model = get_peft_model(base(), sp.SEFTConfig(density=0.1, update_interval=4, drop_fraction=0.5,
+                                                      drop_decay="constant"))
+    train_seft(peft_model, steps=8, lr=5e-2)
+    peft_model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(base(), tmp_path, is_trainable=True)
+    assert torch.equal(logits(reloaded), logits(peft_model))
+    assert {layer.nm_pattern for layer in seft_layers(reloaded).values()} == {(2, 4)}  # found again on load
+    train_seft(reloaded, steps=8, lr=5e-2)
+    for name, mask in current_masks(reloaded).items():
+        assert torch.equal(mask.view(-1, 4).sum(dim=1), torch.full((mask.numel() // 4,), 2)), name
+    for name, lin in sp.sparsity.named_linears(reloaded.merge_and_unload()):
+        assert sp.sparsity.is_nm_sparse(lin.weight, 2, 4) and int((lin.weight != 0).sum()) * 2 == lin.weight.numel()
+
+
 def test_n_m_pattern_found_when_a_kept_weight_is_exactly_zero():
     model = make_tiny_model("llama")
     sp.prune(model, method="magnitude", pattern="2:4", show_progress=False)
