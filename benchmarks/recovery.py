@@ -349,14 +349,16 @@ def main(argv=None) -> dict:
         merged.save_pretrained(args.save_merged)
         tokenizer.save_pretrained(args.save_merged)
     row["mask_identical"] = same_masks(merged, masks)
+    if args.pattern:  # N:M is a pattern, not only a count: check every group (SEFT and SPT set the mask)
+        n, m = (int(v) for v in args.pattern.split(":"))
+        row["pattern_kept"] = all(sp.sparsity.is_nm_sparse(lin.weight, n, m)
+                                  for _, lin in sp.sparsity.named_linears(merged))
     if args.method == "spt":  # SPT sets the mask while it tunes: check every layer's count, compare with one-shot
         row["mask_identical"] = None
         # At N:M the target is the pattern itself (at most N nonzeros in every group of M): a group
         # may hold more zeros than M - N where the checkpoint has exact zeros, so no exact count.
-        nm = tuple(int(v) for v in args.pattern.split(":")) if args.pattern else None
-        row["layers_at_target"] = all(
-            sp.sparsity.is_nm_sparse(lin.weight, *nm) if nm
-            else int((lin.weight == 0).sum()) == round(args.sparsity * lin.weight.numel())
+        row["layers_at_target"] = row["pattern_kept"] if args.pattern else all(
+            int((lin.weight == 0).sum()) == round(args.sparsity * lin.weight.numel())
             for _, lin in sp.sparsity.named_linears(merged))
         row["zeros_shared_with_oneshot"] = (sum(int((~oneshot_masks[n] & (lin.weight == 0)).sum())
                                                 for n, lin in sp.sparsity.named_linears(merged))
@@ -366,10 +368,6 @@ def main(argv=None) -> dict:
                                       for name, lin in sp.sparsity.named_linears(merged))
         row["positions_moved"] = sum(int((masks[name] & (lin.weight == 0)).sum())
                                      for name, lin in sp.sparsity.named_linears(merged))
-    if args.pattern:  # N:M is a pattern, not only a count: check every group (SEFT moves positions)
-        n, m = (int(v) for v in args.pattern.split(":"))
-        row["pattern_kept"] = all(sp.sparsity.is_nm_sparse(lin.weight, n, m)
-                                  for _, lin in sp.sparsity.named_linears(merged))
     row["trainable_params"] = trainable
     row["step_time_s"] = statistics.median(step_times) if step_times else 0.0
     row["peak_mem_mb"] = peak_rss_mb()
