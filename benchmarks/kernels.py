@@ -3,6 +3,7 @@
     python benchmarks/kernels.py                          # LLaMA-2-7B layer shapes, bf16, the full grid
     python benchmarks/kernels.py --quick                  # one shape, one sparsity: a smoke run
     python benchmarks/kernels.py --ops decode --tokens 1 --markdown docs/benchmarks.md
+    python benchmarks/kernels.py --device cpu --shapes 40x24 --tokens 1,20 --dtype float16   # no GPU
 
 Shapes (out x in) are LLaMA-2-7B's linears: 4096x4096 (q/k/v/o), 11008x4096 (gate/up), 4096x11008
 (down), with random weights pruned to the target sparsity (speed does not depend on the values).
@@ -18,16 +19,32 @@ flattered by an L2-resident weight. Columns:
 * ``x dense`` / ``x naive`` are speedups (baseline ms / op ms): above 1 the op is faster.
 * ``GB/s`` (decode only): bytes the kernel must read and write (values, bits, row offsets, x, y)
   per second.
+* ``err op / naive``: before timing, each row checks the op's output and gradients (one argument
+  set, a random output gradient) against the same reference computed in fp32 from the same inputs:
+  the largest ``max|got - fp32| / max|fp32|`` over output and gradients, for the op and for the
+  naive reference in the benchmark's dtype. A row fails when the op's error exceeds both the
+  dtype's tolerance and twice the naive reference's; the script then exits with status 1 after the
+  table, since timings of a wrong kernel mean nothing.
 
-Needs a CUDA GPU: on a machine without one it prints why and exits with status 2.
+``--device cpu`` runs the same grid on the CPU, the kernels in Triton's interpreter (the script
+sets ``TRITON_INTERPRET=1`` when triton is not imported yet): its times are wall-clock medians of
+numpy-emulated kernels and measure nothing, but the rows, the accuracy checks and the table are
+the GPU run's, so the script is tested end to end without a GPU. Keep CPU shapes small.
+Without ``--device cpu`` and without a CUDA GPU it prints why and exits with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import math
+import os
+import platform
+import statistics
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,7 +55,12 @@ TOKENS = [1, 16, 4096]
 SPARSITIES = [0.5, 0.7, 0.9]
 OPS = ["spp", "sddmm", "masked", "decode", "2:4"]
 SPP_RANK = 16
-DEVICE = "cuda"  # a module variable so the script logic can be smoke-tested elsewhere
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+#: An op's error against the fp32 reference may exceed twice the naive reference's only up to this.
+#: fp32 allows for the accumulation order over K up to 11008; fp16/bf16 for the rounding of the
+#: merged SPP weight and of the outputs (a few units of the last place, relative to the largest).
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+CPU_TIMED_CALLS = 3  # the interpreter's times mean nothing: as few calls as give a median
 
 
 def parse_args(argv=None):
@@ -47,49 +69,80 @@ def parse_args(argv=None):
     parser.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     parser.add_argument("--sparsities", default=",".join(map(str, SPARSITIES)))
     parser.add_argument("--ops", default=",".join(OPS), help=f"subset of {','.join(OPS)}")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                        help="cpu: the kernels in Triton's interpreter, to test the script (times mean nothing)")
     parser.add_argument("--rep", type=int, default=100, help="do_bench repetition time in ms")
     parser.add_argument("--quick", action="store_true", help="4096x4096, 50%%, tokens 1 and 4096")
     parser.add_argument("--markdown", type=Path, help="also append the table (with device and command) here")
+    parser.add_argument("--jsonl", type=Path, help="also append each row here as soon as it is measured")
     args = parser.parse_args(argv)
-    args.shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    args.tokens = [int(t) for t in args.tokens.split(",")]
-    args.sparsities = [float(s) for s in args.sparsities.split(",")]
+    try:
+        args.shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+        args.tokens = [int(t) for t in args.tokens.split(",")]
+        args.sparsities = [float(s) for s in args.sparsities.split(",")]
+    except ValueError as error:
+        parser.error(f"--shapes takes OUTxIN,..., --tokens integers and --sparsities floats: {error}")
+    for shape in args.shapes:
+        if len(shape) != 2 or min(shape) < 1:
+            parser.error(f"--shapes: {'x'.join(map(str, shape))} is not OUTxIN with positive sizes")
+    for sparsity in args.sparsities:
+        if not 0 <= sparsity < 1:
+            parser.error(f"--sparsities: {sparsity} is not in [0, 1)")
     args.ops = args.ops.split(",")
     unknown = set(args.ops) - set(OPS)
     if unknown:
         parser.error(f"unknown ops {sorted(unknown)}; choose from {OPS}")
     if args.quick:
         args.shapes, args.tokens, args.sparsities = [(4096, 4096)], [1, 4096], [0.5]
-    args.dtype = getattr(torch, args.dtype)
+    args.dtype = DTYPES[args.dtype]
     return args
 
 
-def pruned(shape, sparsity, dtype, generator):
-    weight = torch.randn(shape, device=DEVICE, dtype=dtype, generator=generator)
-    return weight * (torch.rand(shape, device=DEVICE, generator=generator) >= sparsity)
+@dataclass
+class Grid:
+    """Where and how the rows are measured: device, dtype, random stream and timer."""
 
+    device: str
+    dtype: torch.dtype
+    generator: torch.Generator
+    rep: int
 
-def two_four(shape, dtype, generator):
-    """Keep the 2 largest of every 4 consecutive inputs."""
-    weight = torch.randn(shape, device=DEVICE, dtype=dtype, generator=generator)
-    groups = weight.view(shape[0], -1, 4)
-    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, groups.abs().topk(2, dim=-1).indices, True)
-    return (groups * keep).view(shape)
+    def randn(self, *shape, dtype=None, scale=1.0, requires_grad=False):
+        values = torch.randn(shape, device=self.device, generator=self.generator) * scale
+        return values.to(dtype or self.dtype).requires_grad_(requires_grad)
 
+    def pruned(self, shape, sparsity):
+        weight = self.randn(*shape)
+        return weight * (torch.rand(shape, device=self.device, generator=self.generator) >= sparsity)
 
-def copies_for(bytes_each: int) -> int:
-    """How many copies of a layer's weights rotate so that together they are >= 2x the L2 cache."""
-    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2**20) if DEVICE == "cuda" else 0
-    return max(2, math.ceil(2 * l2 / max(bytes_each, 1)))
+    def two_four(self, shape):
+        """Keep the 2 largest of every 4 consecutive inputs."""
+        groups = self.randn(*shape).view(shape[0], -1, 4)
+        keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, groups.abs().topk(2, dim=-1).indices, True)
+        return (groups * keep).view(shape)
 
+    def copies_for(self, bytes_each: int) -> int:
+        """How many copies of a layer's weights rotate so that together they are >= 2x the L2 cache."""
+        if self.device != "cuda":
+            return 2
+        l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2**20)
+        return max(2, math.ceil(2 * l2 / max(bytes_each, 1)))
 
-def bench(fn_of_args, arg_sets, rep: int) -> float:
-    """Median ms of ``fn_of_args(*args)``, each call on the next of ``arg_sets``."""
-    import triton.testing
+    def time(self, fn_of_args, arg_sets) -> float:
+        """Median ms of ``fn_of_args(*args)``, each call on the next of ``arg_sets``."""
+        cycle = itertools.cycle(arg_sets)
+        if self.device == "cuda":
+            import triton.testing
 
-    cycle = itertools.cycle(arg_sets)
-    return triton.testing.do_bench(lambda: fn_of_args(*next(cycle)), rep=rep, return_mode="median")
+            return triton.testing.do_bench(lambda: fn_of_args(*next(cycle)), rep=self.rep, return_mode="median")
+        fn_of_args(*next(cycle))  # warm-up (and, on a GPU, the autotuning)
+        times = []
+        for _ in range(CPU_TIMED_CALLS):
+            start = time.perf_counter()
+            fn_of_args(*next(cycle))
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
 
 
 def fwd_bwd(forward, inputs):
@@ -100,98 +153,158 @@ def fwd_bwd(forward, inputs):
     return run
 
 
-def row(op, shape, sparsity, tokens, ms, dense_ms, naive_ms, gbps=None, note=""):
+# --- accuracy ---------------------------------------------------------------------------------------
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Largest absolute difference relative to the largest magnitude of ``want``."""
+    got, want = got.detach().float(), want.detach().float()
+    scale = want.abs().max().item()
+    return (got - want).abs().max().item() / (scale if scale > 0 else 1.0)
+
+
+def outputs_and_grads(fn, inputs, wrt, grad_seed=7):
+    """``fn(*inputs)`` and its gradients w.r.t. ``inputs[i]`` for ``i in wrt``, under a fixed random
+    output gradient (all ones could hide a wrong sign or a swapped row)."""
+    leaves = [t.detach().requires_grad_(i in wrt) if isinstance(t, torch.Tensor) else t for i, t in enumerate(inputs)]
+    y = fn(*leaves)
+    if not wrt:
+        return [y.detach()]
+    gen = torch.Generator(device=y.device).manual_seed(grad_seed)
+    grad_y = torch.randn(y.shape, device=y.device, generator=gen).to(y.dtype)
+    return [y.detach(), *torch.autograd.grad(y, [leaves[i] for i in wrt], grad_y)]
+
+
+def fp32(inputs):
+    return [t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs]
+
+
+def accuracy(op, naive, inputs, wrt=(), truth_inputs=None):
+    """(op's error, naive reference's error), each the largest ``rel_err`` over the output and the
+    gradients against ``naive`` computed in fp32 on the same values."""
+    truth = outputs_and_grads(naive, truth_inputs if truth_inputs is not None else fp32(inputs), wrt)
+    errors = []
+    for fn in (op, naive):
+        errors.append(max(rel_err(got, want) for got, want in zip(outputs_and_grads(fn, inputs, wrt), truth)))
+    return tuple(errors)
+
+
+def row(op, shape, sparsity, tokens, ms, dense_ms, naive_ms, errors=(float("nan"), float("nan")), gbps=None,
+        note=""):
     return {"op": op, "shape": f"{shape[0]}x{shape[1]}", "sparsity": sparsity, "tokens": tokens, "ms": ms,
-            "dense_ms": dense_ms, "naive_ms": naive_ms, "gbps": gbps, "note": note}
+            "dense_ms": dense_ms, "naive_ms": naive_ms, "err": errors[0], "naive_err": errors[1], "gbps": gbps,
+            "note": note}
 
 
-def bench_spp(shape, sparsity, tokens, dtype, gen, rep):
+def failed(r, dtype) -> bool:
+    """The op's error exceeds both the dtype's tolerance and twice the naive reference's (NaN: not run)."""
+    return r["err"] == r["err"] and r["err"] > max(TOLERANCE[dtype], 2 * r["naive_err"])
+
+
+# --- one row per op ---------------------------------------------------------------------------------
+
+
+def bench_spp(grid, shape, sparsity, tokens):
     from sparse_peft import ops
 
     out_f, in_f = shape
-    weight_bytes = out_f * in_f * 2
     sets = []
-    for _ in range(copies_for(weight_bytes)):
-        weight = pruned(shape, sparsity, dtype, gen)
-        A = (torch.randn(SPP_RANK, in_f, device=DEVICE, generator=gen) / in_f**0.5).requires_grad_()
-        b = (torch.randn(out_f, 1, device=DEVICE, generator=gen) * 1e-2).requires_grad_()
-        sets.append((weight, A, b))
-    x = torch.randn(tokens, in_f, device=DEVICE, dtype=dtype, generator=gen, requires_grad=True)
+    for _ in range(grid.copies_for(out_f * in_f * grid.dtype.itemsize)):
+        # A, b stay fp32 (as in the layer); b is small, as after a little training.
+        sets.append((grid.pruned(shape, sparsity), grid.randn(SPP_RANK, in_f, dtype=torch.float32,
+                     scale=in_f**-0.5, requires_grad=True),
+                     grid.randn(out_f, 1, dtype=torch.float32, scale=1e-2, requires_grad=True)))
+    x = grid.randn(tokens, in_f, requires_grad=True)
+    errors = accuracy(lambda x, w, A, b: ops.spp_linear(x, w, A, b, 1.0, backend="triton"),
+                      lambda x, w, A, b: ops.spp_linear_reference(x, w, A, b, 1.0), (x, *sets[0]), wrt=(0, 2, 3))
     kernel = fwd_bwd(lambda w, A, b: ops.spp_linear(x, w, A, b, 1.0, backend="triton"), lambda w, A, b: (x, A, b))
     naive = fwd_bwd(lambda w, A, b: ops.spp_linear_reference(x, w, A, b, 1.0), lambda w, A, b: (x, A, b))
     dense = fwd_bwd(lambda w, A, b: F.linear(x, w), lambda w, A, b: (x,))
-    return row("spp_linear fwd+bwd", shape, sparsity, tokens, bench(kernel, sets, rep), bench(dense, sets, rep),
-               bench(naive, sets, rep), note="dense: y and dX GEMMs")
+    return row("spp_linear fwd+bwd", shape, sparsity, tokens, grid.time(kernel, sets), grid.time(dense, sets),
+               grid.time(naive, sets), errors, note="dense: y and dX GEMMs")
 
 
-def bench_sddmm(shape, sparsity, tokens, dtype, gen, rep):
+def bench_sddmm(grid, shape, sparsity, tokens):
     from sparse_peft import ops
 
     out_f, in_f = shape
-    sets = [(pruned(shape, sparsity, dtype, gen) != 0,) for _ in range(copies_for(out_f * in_f))]
-    grad_out = torch.randn(tokens, out_f, device=DEVICE, dtype=dtype, generator=gen)
-    x = torch.randn(tokens, in_f, device=DEVICE, dtype=dtype, generator=gen)
-    kernel = bench(lambda m: ops.sddmm(grad_out, x, m, backend="triton"), sets, rep)
-    dense = bench(lambda m: grad_out.t().matmul(x), sets, rep)
-    naive = bench(lambda m: ops.sddmm_reference(grad_out, x, m), sets, rep)
-    return row("sddmm (mask)", shape, sparsity, tokens, kernel, dense, naive, note="dense: one GEMM dYᵀX")
+    sets = [(grid.pruned(shape, sparsity) != 0,) for _ in range(grid.copies_for(out_f * in_f))]
+    grad_out = grid.randn(tokens, out_f)
+    x = grid.randn(tokens, in_f)
+    errors = accuracy(lambda g, x, m: ops.sddmm(g, x, m, backend="triton"), ops.sddmm_reference,
+                      (grad_out, x, sets[0][0]))
+    kernel = grid.time(lambda m: ops.sddmm(grad_out, x, m, backend="triton"), sets)
+    dense = grid.time(lambda m: grad_out.t().matmul(x), sets)
+    naive = grid.time(lambda m: ops.sddmm_reference(grad_out, x, m), sets)
+    return row("sddmm (mask)", shape, sparsity, tokens, kernel, dense, naive, errors, note="dense: one GEMM dYᵀX")
 
 
-def bench_masked(shape, sparsity, tokens, dtype, gen, rep):
+def bench_masked(grid, shape, sparsity, tokens):
     from sparse_peft import ops
 
     sets = []
-    for _ in range(copies_for(shape[0] * shape[1] * 3)):
-        weight = pruned(shape, sparsity, dtype, gen)
+    for _ in range(grid.copies_for(shape[0] * shape[1] * grid.dtype.itemsize * 3)):
+        weight = grid.pruned(shape, sparsity)
         sets.append((weight.requires_grad_(), weight != 0))
-    x = torch.randn(tokens, shape[1], device=DEVICE, dtype=dtype, generator=gen, requires_grad=True)
+    x = grid.randn(tokens, shape[1], requires_grad=True)
+    errors = accuracy(lambda x, w, m: ops.masked_linear(x, w, m, backend="triton"), ops.masked_linear_reference,
+                      (x, *sets[0]), wrt=(0, 1))
     kernel = fwd_bwd(lambda w, m: ops.masked_linear(x, w, m, backend="triton"), lambda w, m: (x, w))
     naive = fwd_bwd(lambda w, m: ops.masked_linear_reference(x, w, m), lambda w, m: (x, w))
     dense = fwd_bwd(lambda w, m: F.linear(x, w), lambda w, m: (x, w))
-    return row("masked_linear fwd+bwd", shape, sparsity, tokens, bench(kernel, sets, rep), bench(dense, sets, rep),
-               bench(naive, sets, rep), note="dense: y, dX, dW GEMMs")
+    return row("masked_linear fwd+bwd", shape, sparsity, tokens, grid.time(kernel, sets), grid.time(dense, sets),
+               grid.time(naive, sets), errors, note="dense: y, dX, dW GEMMs")
 
 
-def bench_decode(shape, sparsity, tokens, dtype, gen, rep):
+def bench_decode(grid, shape, sparsity, tokens):
     from sparse_peft import ops
 
     out_f, in_f = shape
-    dense_weights = [pruned(shape, sparsity, dtype, gen) for _ in range(copies_for(out_f * in_f * 2))]
+    dense_weights = [grid.pruned(shape, sparsity) for _ in range(grid.copies_for(out_f * in_f * grid.dtype.itemsize))]
     packed = [(ops.pack_bitmask(w),) for w in dense_weights]
-    x = torch.randn(tokens, in_f, device=DEVICE, dtype=dtype, generator=gen)
+    x = grid.randn(tokens, in_f)
     with torch.no_grad():
-        kernel = bench(lambda p: ops.bitmask_linear(x, p, backend="triton"), packed, rep)
-        dense = bench(lambda w: F.linear(x, w), [(w,) for w in dense_weights], rep)
-        naive = bench(lambda p: ops.bitmask_linear_reference(x, p), packed, rep)
+        errors = accuracy(lambda x, p: ops.bitmask_linear(x, p, backend="triton"), ops.bitmask_linear_reference,
+                          (x, packed[0][0]), truth_inputs=(x.float(), ops.pack_bitmask(dense_weights[0].float())))
+        kernel = grid.time(lambda p: ops.bitmask_linear(x, p, backend="triton"), packed)
+        dense = grid.time(lambda w: F.linear(x, w), [(w,) for w in dense_weights])
+        naive = grid.time(lambda p: ops.bitmask_linear_reference(x, p), packed)
     p = packed[0][0]
     moved = (p.values.numel() * p.values.element_size() + p.bits.numel() + p.row_offsets.numel() * 8
              + x.numel() * x.element_size() + tokens * out_f * x.element_size())
-    return row("bitmask decode", shape, sparsity, tokens, kernel, dense, naive, gbps=moved / (kernel * 1e-3) / 1e9,
-               note=f"{moved / 2**20:.1f} MiB moved")
+    return row("bitmask decode", shape, sparsity, tokens, kernel, dense, naive, errors,
+               gbps=moved / (kernel * 1e-3) / 1e9, note=f"{moved / 2**20:.1f} MiB moved")
 
 
-def bench_two_four(shape, tokens, dtype, gen, rep):
+def bench_two_four(grid, shape, tokens):
     from sparse_peft import ops
 
-    dense_weights = [two_four(shape, dtype, gen) for _ in range(copies_for(shape[0] * shape[1] * 2))]
+    dense_weights = [grid.two_four(shape) for _ in range(grid.copies_for(shape[0] * shape[1] * grid.dtype.itemsize))]
+    nan = float("nan")
     reason = ops.semi_structured_unsupported_reason(dense_weights[0])
     if reason is not None:
-        return row("2:4 semi-structured", shape, 0.5, tokens, float("nan"), float("nan"), float("nan"),
-                   note=f"not run: {reason}")
+        return row("2:4 semi-structured", shape, 0.5, tokens, nan, nan, nan, note=f"not run: {reason}")
     sparse = [(ops.to_semi_structured(w, probe_tokens=max(tokens, 16), measure=False),) for w in dense_weights]
     if sparse[0][0] is dense_weights[0]:
-        return row("2:4 semi-structured", shape, 0.5, tokens, float("nan"), float("nan"), float("nan"),
-                   note="not run: torch refused this shape")
-    x = torch.randn(tokens, shape[1], device=DEVICE, dtype=dtype, generator=gen)
+        return row("2:4 semi-structured", shape, 0.5, tokens, nan, nan, nan, note="not run: torch refused this shape")
+    x = grid.randn(tokens, shape[1])
     with torch.no_grad():
-        kernel = bench(lambda w: ops.semi_structured_linear(x, w, backend="triton"), sparse, rep)
-        dense = bench(lambda w: F.linear(x, w), [(w,) for w in dense_weights], rep)
-    return row("2:4 semi-structured", shape, 0.5, tokens, kernel, dense, dense, note="naive = dense")
+        errors = accuracy(lambda x, w: ops.semi_structured_linear(x, w, backend="triton"),
+                          ops.semi_structured_linear_reference, (x, sparse[0][0]),
+                          truth_inputs=(x.float(), dense_weights[0].float()))
+        kernel = grid.time(lambda w: ops.semi_structured_linear(x, w, backend="triton"), sparse)
+        dense = grid.time(lambda w: F.linear(x, w), [(w,) for w in dense_weights])
+    return row("2:4 semi-structured", shape, 0.5, tokens, kernel, dense, dense, errors, note="naive = dense")
 
 
-def markdown(rows) -> str:
-    lines = ["| op | shape (out x in) | sparsity | tokens | op ms | dense ms | naive ms | x dense | x naive | GB/s | note |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+# --- output -----------------------------------------------------------------------------------------
+
+
+def markdown(rows, dtype) -> str:
+    lines = ["| op | shape (out x in) | sparsity | tokens | op ms | dense ms | naive ms | x dense | x naive | GB/s "
+             "| err op / naive | note |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+
     def num(value):  # NaN (not measured) prints as a dash
         return f"{value:.4f}" if value == value else "–"
 
@@ -199,45 +312,87 @@ def markdown(rows) -> str:
         measured = r["ms"] == r["ms"] and r["ms"] > 0
         speedup = [f"{base / r['ms']:.2f}" if measured else "–" for base in (r["dense_ms"], r["naive_ms"])]
         gbps = "" if r["gbps"] is None else f"{r['gbps']:.0f}"
+        err = "–" if r["err"] != r["err"] else f"{r['err']:.1e} / {r['naive_err']:.1e}"
+        note = ("**FAILED accuracy**; " if failed(r, dtype) else "") + r["note"]
         lines.append(f"| {r['op']} | {r['shape']} | {r['sparsity']:.0%} | {r['tokens']} | {num(r['ms'])} | "
-                     f"{num(r['dense_ms'])} | {num(r['naive_ms'])} | {speedup[0]} | {speedup[1]} | {gbps} | {r['note']} |")
+                     f"{num(r['dense_ms'])} | {num(r['naive_ms'])} | {speedup[0]} | {speedup[1]} | {gbps} | {err} | "
+                     f"{note} |")
     return "\n".join(lines)
+
+
+def device_line(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name(0)
+    return (f"CPU ({platform.processor() or platform.machine()}), kernels in Triton's interpreter: the times "
+            "show that the script runs end to end and measure nothing")
+
+
+def ready(device: str) -> str | None:
+    """Why the grid cannot run on ``device`` here, or ``None``."""
+    if device == "cuda":
+        if torch.cuda.is_available():
+            return None
+        return ("benchmarks/kernels.py needs a CUDA GPU (the Triton kernels and cuBLAS baselines are timed there); "
+                "none is visible here, so nothing was measured. To run the script itself on the CPU, with the "
+                "kernels in Triton's interpreter: --device cpu --shapes 40x24 --tokens 1,20 --sparsities 0.5")
+    if "triton" not in sys.modules:  # the interpreter must be chosen before triton is first imported
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from sparse_peft.kernels import _common
+
+    if _common.INTERPRET and _common.LANGUAGE_INTERPRETED:
+        return None
+    return ("--device cpu runs the kernels in Triton's interpreter, which is off in this process (TRITON_INTERPRET="
+            f"{os.environ.get('TRITON_INTERPRET')!r}, or set only after triton was imported); run with "
+            "TRITON_INTERPRET=1")
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not torch.cuda.is_available():
-        print("benchmarks/kernels.py needs a CUDA GPU (the Triton kernels and cuBLAS baselines are timed there); "
-              "none is visible here, so nothing was measured.", file=sys.stderr)
+    reason = ready(args.device)
+    if reason is not None:
+        print(reason, file=sys.stderr)
         return 2
-    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    grid = Grid(args.device, args.dtype, torch.Generator(device=args.device).manual_seed(0), args.rep)
     rows = []
+
+    def add(new_row):
+        rows.append(new_row)
+        print(markdown([new_row], args.dtype).splitlines()[2], flush=True)
+        if args.jsonl:
+            with open(args.jsonl, "a") as f:
+                f.write(json.dumps(new_row) + "\n")
+
+    print("\n".join(markdown([], args.dtype).splitlines()), flush=True)
     for shape in args.shapes:
         for sparsity in args.sparsities:
             for tokens in args.tokens:
-                done = len(rows)
                 if "spp" in args.ops:
-                    rows.append(bench_spp(shape, sparsity, tokens, args.dtype, gen, args.rep))
+                    add(bench_spp(grid, shape, sparsity, tokens))
                 if "sddmm" in args.ops:
-                    rows.append(bench_sddmm(shape, sparsity, tokens, args.dtype, gen, args.rep))
+                    add(bench_sddmm(grid, shape, sparsity, tokens))
                 if "masked" in args.ops:
-                    rows.append(bench_masked(shape, sparsity, tokens, args.dtype, gen, args.rep))
+                    add(bench_masked(grid, shape, sparsity, tokens))
                 if "decode" in args.ops and tokens <= 16:
-                    rows.append(bench_decode(shape, sparsity, tokens, args.dtype, gen, args.rep))
-                for line in markdown(rows[done:]).splitlines()[2:]:
-                    print(line, flush=True)
-                torch.cuda.empty_cache()
+                    add(bench_decode(grid, shape, sparsity, tokens))
+                if args.device == "cuda":
+                    torch.cuda.empty_cache()
         if "2:4" in args.ops:
             for tokens in args.tokens:
-                rows.append(bench_two_four(shape, tokens, args.dtype, gen, args.rep))
-    table = markdown(rows)
-    device = torch.cuda.get_device_name(0)
-    header = (f"Device: {device}; torch {torch.__version__}; dtype {str(args.dtype).replace('torch.', '')}\n"
+                add(bench_two_four(grid, shape, tokens))
+    table = markdown(rows, args.dtype)
+    header = (f"Device: {device_line(args.device)}; torch {torch.__version__}; "
+              f"dtype {str(args.dtype).replace('torch.', '')}\n"
               f"Command: python benchmarks/kernels.py {' '.join(sys.argv[1:] if argv is None else argv)}\n")
     print("\n" + header + "\n" + table)
     if args.markdown:
         with open(args.markdown, "a") as f:
             f.write("\n## Triton kernels (benchmarks/kernels.py)\n\n" + header + "\n" + table + "\n")
+    bad = [r for r in rows if failed(r, args.dtype)]
+    if bad:
+        print(f"FAILED: in {len(bad)} rows the op's error exceeds both the {args.dtype} tolerance "
+              f"({TOLERANCE[args.dtype]:.0e}) and twice the naive reference's: "
+              + ", ".join(f"{r['op']} {r['shape']} {r['sparsity']:.0%} t={r['tokens']}" for r in bad), file=sys.stderr)
+        return 1
     return 0
 
 
