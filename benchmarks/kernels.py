@@ -279,8 +279,11 @@ def bench_decode(grid, shape, sparsity, tokens):
 def bench_two_four(grid, shape, tokens):
     from sparse_peft import ops
 
-    dense_weights = [grid.two_four(shape) for _ in range(grid.copies_for(shape[0] * shape[1] * grid.dtype.itemsize))]
     nan = float("nan")
+    if shape[1] % 4:
+        return row("2:4 semi-structured", shape, 0.5, tokens, nan, nan, nan,
+                   note=f"not run: in = {shape[1]} is not a multiple of 4")
+    dense_weights = [grid.two_four(shape) for _ in range(grid.copies_for(shape[0] * shape[1] * grid.dtype.itemsize))]
     reason = ops.semi_structured_unsupported_reason(dense_weights[0])
     if reason is not None:
         return row("2:4 semi-structured", shape, 0.5, tokens, nan, nan, nan, note=f"not run: {reason}")

@@ -85,6 +85,12 @@ def test_a_wrong_gradient_fails_the_run(monkeypatch, capsys):
     assert "masked_linear fwd+bwd 40x24 50% t=3" in capsys.readouterr().err
 
 
+def test_two_four_rows_say_why_they_did_not_run():
+    grid = bench.Grid("cpu", torch.float16, torch.Generator().manual_seed(0), rep=1)
+    assert bench.bench_two_four(grid, (37, 45), 3)["note"] == "not run: in = 45 is not a multiple of 4"
+    assert bench.bench_two_four(grid, (8, 16), 3)["note"].startswith("not run: weight is on cpu")
+
+
 def test_without_a_gpu_the_default_run_says_so(capsys):
     if torch.cuda.is_available():  # pragma: no cover - CI has no GPU
         pytest.skip("a GPU is visible: the default run would measure")

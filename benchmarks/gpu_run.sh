@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The kernels' GPU check and benchmark as ONE call of the device tool (a lent GPU machine: 15 min of
+# device time per session, 10 min per call). Prepared so that a session with a GPU spends it measuring.
+#
+# Here, once (the device image has older peft/transformers than pyproject pins; these three wheels,
+# 14.5 MiB, are pure Python and the image has their other needs):
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_17_x86_64 -d .whl peft==0.21.2 transformers==5.23.0 accelerate==1.15.0
+# Then the device tool's run, with carry [".whl"] and timeout_s 590:
+#   bash benchmarks/gpu_run.sh
+# What it leaves in $OUT: env.txt, accuracy.log, accuracy.jsonl, grid.log, rows.jsonl, kernels.md.
+# rows.jsonl is written row by row, so a grid cut short by its timeout still returns what it measured.
+# Then paste kernels.md (device, command and table) into docs/benchmarks.md.
+#
+# Stages and their time limits (seconds; the sum stays under the call's 600):
+#   1. accuracy at small odd shapes, bf16 and fp32 (compiles every kernel; a failure here means the
+#      kernels are wrong on this GPU, and the grid is skipped)                   ACCURACY_S=150
+#   2. the grid (GRID: extra arguments to kernels.py, e.g. "--quick")            GRID_S=400
+# KERNELS_ARGS go to both stages: KERNELS_ARGS="--device cpu" GRID="--shapes 40x24 --tokens 1,20"
+# rehearses the whole script on a machine without a GPU (the kernels in Triton's interpreter).
+set -uo pipefail
+# shellcheck disable=SC2086 # KERNELS_ARGS and GRID are lists of arguments
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+
+# The package from this checkout without pip's dependency resolution (the image's torch is older
+# than pyproject's pin): the checkout's layout mirrored (kernels/ is installed as sparse_peft.kernels).
+SITE=$(mktemp -d)
+cp -r sparse_peft "$SITE/" && cp -r kernels "$SITE/sparse_peft/kernels"
+if compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .whl/*.whl || exit 3
+fi
+export PYTHONPATH=$SITE
+
+{ nvidia-smi; python3 -c "import torch, triton, peft, transformers; print('torch', torch.__version__, \
+'triton', triton.__version__, 'peft', peft.__version__, 'transformers', transformers.__version__, \
+torch.cuda.get_device_name(0))"; } > "$OUT/env.txt" 2>&1
+if ! python3 -c "import sparse_peft.ops" >> "$OUT/env.txt" 2>&1; then
+    echo "import sparse_peft failed (carry the wheels named at the top):"; cat "$OUT/env.txt"; exit 3
+fi
+tail -1 "$OUT/env.txt"
+
+status=0
+for dtype in bfloat16 float32; do
+    timeout $((${ACCURACY_S:-150} / 2)) python3 benchmarks/kernels.py ${KERNELS_ARGS:-} --shapes 37x45,130x33,64x96 \
+        --tokens 1,5,16,33 --sparsities 0.5,0.9 --dtype "$dtype" --rep 5 --jsonl "$OUT/accuracy.jsonl" \
+        >> "$OUT/accuracy.log" 2>&1 || status=$?
+done
+grep -h "FAILED\|Error\|error" "$OUT/accuracy.log" | head -20
+if [ "$status" -ne 0 ]; then
+    echo "accuracy stage failed (status $status): see accuracy.log; the grid was not run"; exit "$status"
+fi
+echo "accuracy: every op matches its reference at the small shapes"
+
+timeout "${GRID_S:-400}" python3 benchmarks/kernels.py ${KERNELS_ARGS:-} ${GRID:-} --jsonl "$OUT/rows.jsonl" \
+    --markdown "$OUT/kernels.md" 2>&1 | tee "$OUT/grid.log"
+exit "${PIPESTATUS[0]}"
