@@ -8,11 +8,15 @@ agree for the interpreter to work, so the decision is read here, once, and every
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 
 #: True when the kernels run in Triton's CPU interpreter (tests); False when they compile for a GPU.
-INTERPRET = bool(triton.knobs.runtime.interpret)
+#: ``triton.knobs`` exists from Triton 3.4 on; before it the environment variable was read directly.
+INTERPRET = (bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs")
+             else os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes"))
 #: Whether triton.language's helpers were decorated for the interpreter too (False when triton was
 #: imported before TRITON_INTERPRET=1 was set: then the interpreter cannot run any of our kernels).
 LANGUAGE_INTERPRETED = type(triton.language.sum).__name__ == "InterpretedFunction"
