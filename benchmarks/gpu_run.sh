@@ -9,14 +9,17 @@
 #     --platform manylinux_2_17_x86_64 -d .whl peft==0.21.2 transformers==5.23.0 accelerate==1.15.0
 # Then the device tool's run, with carry [".whl"] and timeout_s 590:
 #   bash benchmarks/gpu_run.sh
-# What it leaves in $OUT: env.txt, accuracy.log, accuracy.jsonl, grid.log, rows.jsonl, kernels.md.
+# What it leaves in $OUT: env.txt, gpu_tests.log, accuracy.log, accuracy.jsonl, grid.log, rows.jsonl,
+# kernels.md.
 # rows.jsonl is written row by row, so a grid cut short by its timeout still returns what it measured.
 # Then paste kernels.md (device, command and table) into docs/benchmarks.md.
 #
 # Stages and their time limits (seconds; the sum stays under the call's 600):
+#   0. tests/test_gpu.py: the SPP and SEFT layers train through the kernels on CUDA and match
+#      their PyTorch path; 2:4 takes the sparse GEMM (a failure is reported, the stages go on) TESTS_S=90
 #   1. accuracy at small odd shapes, bf16 and fp32 (compiles every kernel; a failure here means the
-#      kernels are wrong on this GPU, and the grid is skipped)                   ACCURACY_S=150
-#   2. the grid (GRID: extra arguments to kernels.py, e.g. "--quick")            GRID_S=400
+#      kernels are wrong on this GPU, and the grid is skipped)                   ACCURACY_S=130
+#   2. the grid (GRID: extra arguments to kernels.py, e.g. "--quick")            GRID_S=340
 # KERNELS_ARGS go to both stages: KERNELS_ARGS="--device cpu" GRID="--shapes 40x24 --tokens 1,20"
 # rehearses the whole script on a machine without a GPU (the kernels in Triton's interpreter).
 set -uo pipefail
@@ -43,9 +46,17 @@ if ! python3 -c "import sparse_peft.ops" >> "$OUT/env.txt" 2>&1; then
 fi
 tail -1 "$OUT/env.txt"
 
+tests_status=0
+if [ -z "${KERNELS_ARGS:-}" ]; then  # the layers take the kernels for CUDA inputs only
+    # -P: the checkout itself must not shadow $SITE (its sparse_peft has no kernels/ inside)
+    TRITON_INTERPRET=0 timeout "${TESTS_S:-90}" python3 -P -m pytest -q -p no:cacheprovider tests/test_gpu.py \
+        > "$OUT/gpu_tests.log" 2>&1 || tests_status=$?
+    tail -3 "$OUT/gpu_tests.log"
+fi
+
 status=0
 for dtype in bfloat16 float32; do
-    timeout $((${ACCURACY_S:-150} / 2)) python3 benchmarks/kernels.py ${KERNELS_ARGS:-} --shapes 37x45,130x33,64x96 \
+    timeout $((${ACCURACY_S:-130} / 2)) python3 benchmarks/kernels.py ${KERNELS_ARGS:-} --shapes 37x45,130x33,64x96 \
         --tokens 1,5,16,33 --sparsities 0.5,0.9 --dtype "$dtype" --rep 5 --jsonl "$OUT/accuracy.jsonl" \
         >> "$OUT/accuracy.log" 2>&1 || status=$?
 done
@@ -55,6 +66,9 @@ if [ "$status" -ne 0 ]; then
 fi
 echo "accuracy: every op matches its reference at the small shapes"
 
-timeout "${GRID_S:-400}" python3 benchmarks/kernels.py ${KERNELS_ARGS:-} ${GRID:-} --jsonl "$OUT/rows.jsonl" \
+timeout "${GRID_S:-340}" python3 benchmarks/kernels.py ${KERNELS_ARGS:-} ${GRID:-} --jsonl "$OUT/rows.jsonl" \
     --markdown "$OUT/kernels.md" 2>&1 | tee "$OUT/grid.log"
-exit "${PIPESTATUS[0]}"
+grid_status=${PIPESTATUS[0]}
+[ "$tests_status" -ne 0 ] && echo "tests/test_gpu.py failed (status $tests_status): see gpu_tests.log"
+[ "$grid_status" -ne 0 ] && exit "$grid_status"
+exit "$tests_status"
