@@ -26,7 +26,13 @@ from .tuners.spp import SPPConfig, SPPModel
 from .tuners.seft import SEFTConfig, SEFTModel
 from .training.seft import SEFTCallback, seft_step
 from .tuners.spt import SPTConfig, SPTModel, spt_prompt_lengths
-from .training.gradual_pruning import GradualPruningCallback, gradual_prune_step, owl_layer_sparsities
+from .training.gradual_pruning import (
+    GradualPruningCallback,
+    gradual_prune_step,
+    load_pruning_state,
+    owl_layer_sparsities,
+    save_pruning_state,
+)
 from .training.squarehead import (
     SquareHeadLoss,
     SquareHeadTrainer,
@@ -56,6 +62,8 @@ __all__ = [
     "SPTConfig",
     "SPTModel",
     "GradualPruningCallback",
+    "load_pruning_state",
+    "save_pruning_state",
     "gradual_prune_step",
     "owl_layer_sparsities",
     "spt_prompt_lengths",

@@ -378,6 +378,73 @@ def test_callback_prunes_during_trainer_training(tmp_path):
         Trainer(model=peft_model, args=short, train_dataset=data, callbacks=[sp.GradualPruningCallback()]).train()
 
 
+def masks_of(model):
+    return {name: (lin.weight != 0).clone() for name, lin in base_linears(model).items()}
+
+
+def gradual_trainer(tmp_path, seed=0, **args):
+    """A Trainer on a fresh dense tiny Llama that SPT prunes to 50% by magnitude at steps 2, 4, 6."""
+    from transformers import Trainer, TrainingArguments
+
+    peft_model = get_peft_model(make_tiny_model("llama", seed=seed), sp.SPTConfig(
+        base_prompt_length=4, target_sparsity=0.5, pruner="magnitude", prune_end_step=6, num_prune_steps=3))
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 128, (16, 12), generator=g)]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=2,
+                             learning_rate=1e-2, report_to=[], logging_strategy="no", use_cpu=True,
+                             disable_tqdm=True, **args)
+    callback = sp.GradualPruningCallback()
+    return peft_model, Trainer(model=peft_model, args=args, train_dataset=data, callbacks=[callback]), callback
+
+
+def test_a_trainer_checkpoint_taken_mid_pruning_resumes_on_a_fresh_model(tmp_path):
+    full_model, trainer, _ = gradual_trainer(tmp_path, save_steps=3)
+    trainer.train()
+    checkpoint = tmp_path / "checkpoint-3"
+    assert (checkpoint / sp.training.gradual_pruning.PRUNING_STATE_FILE).is_file()
+
+    # The checkpoint holds the prompts, not the pruned base: a fresh model cannot take them as it is.
+    fresh, trainer, _ = gradual_trainer(tmp_path)
+    with pytest.raises(ValueError, match=r"call sp.load_pruning_state\(peft_model, checkpoint\) first"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+
+    resumed, trainer, callback = gradual_trainer(tmp_path)
+    assert sp.load_pruning_state(resumed, checkpoint) == [0, 2]
+    at_step_3 = masks_of(resumed)
+    assert {name: int((~keep).sum()) for name, keep in at_step_3.items()} != zero_counts(full_model)  # not at 50% yet
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert [r.event_step for r in callback.history] == [4, 6]  # event 2 is not applied twice
+    final = masks_of(resumed)
+    for name, keep in masks_of(full_model).items():
+        assert torch.equal(final[name], keep), name  # magnitude pruning: the same masks as without the stop
+        assert torch.equal(final[name] & at_step_3[name], final[name]), name  # masks only grow
+        assert int((~keep).sum()) == round(0.5 * keep.numel()), name
+
+
+def test_a_pruning_state_is_refused_by_another_base_or_config_and_changes_nothing(tmp_path):
+    pruned, trainer, _ = gradual_trainer(tmp_path, save_strategy="no")
+    trainer.train()
+    path = sp.save_pruning_state(pruned, tmp_path / "state")
+
+    other_base = get_peft_model(make_tiny_model("llama", seed=1), sp.SPTConfig(
+        base_prompt_length=4, target_sparsity=0.5, pruner="magnitude", prune_end_step=6, num_prune_steps=3))
+    before = {name: lin.weight.clone() for name, lin in base_linears(other_base).items()}
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.q_proj: the kept weights sum to .* not the model"):
+        sp.load_pruning_state(other_base, path)
+    for name, lin in base_linears(other_base).items():
+        assert torch.equal(lin.weight, before[name]), name
+
+    other_target = get_peft_model(make_tiny_model("llama"), sp.SPTConfig(
+        base_prompt_length=4, target_sparsity=0.6, pruner="magnitude", prune_end_step=6, num_prune_steps=3))
+    with pytest.raises(ValueError, match=r"q_proj: the saved run prunes it to \d+ zeros, this SPTConfig to"):
+        sp.load_pruning_state(other_target, path.parent)
+    with pytest.raises(FileNotFoundError, match="no SPT pruning state"):
+        sp.load_pruning_state(other_target, tmp_path)
+    no_schedule = get_peft_model(pruned_tiny_model("llama"), sp.SPTConfig(base_prompt_length=4))
+    with pytest.raises(ValueError, match="does not prune gradually"):
+        sp.save_pruning_state(no_schedule, tmp_path / "none")
+
+
 def test_owl_layer_sparsities_spread_the_target():
     model = make_tiny_model("llama", layers=3)
     allocation = sp.owl_layer_sparsities(model, 0.5, calibration_batches(), owl_lambda=0.1, show_progress=False)

@@ -24,13 +24,20 @@ is exactly Wanda's / row-wise magnitude's per-row rule when the layer starts den
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..sparsity.bitmask import bits_to_mask, mask_to_bits, packed_row_bytes
 from ..sparsity.calibration import run_blockwise
 from ..sparsity.owl import outlier_ratio, owl_block_sparsities
 from ..sparsity.schedule import cubic_sparsity
@@ -242,6 +249,122 @@ def owl_layer_sparsities(model: nn.Module, sparsity: float, calibration, owl_thr
     return dict(enumerate(owl_block_sparsities(ratios, numels, float(sparsity), owl_lambda)))
 
 
+# --- resuming: the pruned base is not in a Trainer checkpoint ------------------------------------------
+
+#: Written next to the adapter in every Trainer checkpoint taken while SPT prunes gradually.
+PRUNING_STATE_FILE = "spt_pruning_state.safetensors"
+_STATE_FORMAT = "sparse-peft/spt-pruning-state/1"
+
+
+def _pruning_plan(peft_model, adapter_name: Optional[str]):
+    tuner = spt_tuner(peft_model)
+    adapter_name = adapter_name or tuner.active_adapters[0]
+    plan = tuner.pruning_plans.get(adapter_name)
+    if plan is None:
+        raise ValueError(f"SPT adapter {adapter_name!r} does not prune gradually (target_sparsity is None, or it was "
+                         "loaded for inference): there is no pruning state to save or load")
+    return tuner, adapter_name, plan
+
+
+def _kept_checksum(weight: torch.Tensor, keep: torch.Tensor) -> float:
+    """Sum of the kept weights, leaving out the ``finfo.tiny`` stand-ins that pruning writes for kept
+    weights that were exactly zero: the same for the original base and for its pruned copy, and
+    different for another base (or one pruned further than the saved masks)."""
+    tiny = torch.finfo(weight.dtype).tiny
+    kept = weight.detach()[keep]
+    return float(kept[kept.abs() > tiny].double().sum())
+
+
+def save_pruning_state(peft_model: nn.Module, save_directory: str | os.PathLike,
+                       adapter_name: Optional[str] = None) -> Path:
+    """Save what SPT's gradual pruning has done so far: the keep-mask of every linear it prunes (one
+    bit per weight), the pruning events applied and each linear's final count of zeros.
+
+    ``save_pretrained`` (and so every Trainer checkpoint) holds the prompts only, and gradual pruning
+    changes the base model; ``load_pruning_state`` re-applies these masks to a fresh copy of the model
+    the run started from, so training can resume. ``GradualPruningCallback`` writes this file into
+    every checkpoint by itself. Returns the file's path.
+    """
+    _, adapter_name, plan = _pruning_plan(peft_model, adapter_name)
+    tensors = {}
+    for name, linear in plan.linears.items():
+        keep = linear.weight.detach() != 0
+        tensors[f"{name}.keep_bits"] = mask_to_bits(keep).cpu()
+        tensors[f"{name}.kept_checksum"] = torch.tensor(_kept_checksum(linear.weight, keep), dtype=torch.float64)
+    metadata = {"format": _STATE_FORMAT, "adapter": adapter_name, "done_steps": json.dumps(plan.done_steps),
+                "final_zeros": json.dumps(plan.final_zeros)}
+    path = Path(save_directory) / PRUNING_STATE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+@torch.no_grad()
+def load_pruning_state(peft_model: nn.Module, directory: str | os.PathLike,
+                       adapter_name: Optional[str] = None) -> list[int]:
+    """Re-apply a saved pruning state (``save_pruning_state``; a Trainer checkpoint of a run with
+    ``GradualPruningCallback``) to ``peft_model``, built on a fresh copy of the model that run started
+    from with the same ``SPTConfig``. Call it before ``trainer.train(resume_from_checkpoint=directory)``:
+
+        peft_model = get_peft_model(fresh_model, config)
+        sp.load_pruning_state(peft_model, "out/checkpoint-300")
+        trainer.train(resume_from_checkpoint="out/checkpoint-300")
+
+    Every linear is checked first (the same layers and shapes, the same final counts of zeros, and the
+    kept weights equal to the ones the masks were made on); on any mismatch it raises, naming the
+    layer, and changes nothing. Then the masks are written (pruned weights become exact zeros) and
+    the events already applied are marked done, so the next event is the first one after the
+    checkpoint. Wanda's running input norms start afresh from the resumed forwards. Returns the
+    events applied before the checkpoint.
+    """
+    tuner, adapter_name, plan = _pruning_plan(peft_model, adapter_name)
+    path = Path(directory)
+    path = path / PRUNING_STATE_FILE if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"no SPT pruning state at {path} (GradualPruningCallback writes {PRUNING_STATE_FILE} "
+                                "into each checkpoint it sees saved; sp.save_pruning_state writes one by hand)")
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+        if metadata.get("format") != _STATE_FORMAT:
+            raise ValueError(f"{path} is not an SPT pruning state (format {metadata.get('format')!r}, expected "
+                             f"{_STATE_FORMAT!r})")
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    saved_names = {key.rsplit(".", 1)[0] for key in tensors}
+    if saved_names != set(plan.linears):
+        missing, extra = sorted(set(plan.linears) - saved_names), sorted(saved_names - set(plan.linears))
+        raise ValueError(f"the pruning state in {path} is for other layers: "
+                         + (f"it has no mask for {missing[0]!r}" if missing else f"{extra[0]!r} is not in this model"))
+    saved_final = json.loads(metadata["final_zeros"])
+    keeps = {}
+    for name, linear in plan.linears.items():
+        out_features, in_features = linear.weight.shape
+        bits = tensors[f"{name}.keep_bits"]
+        if tuple(bits.shape) != (out_features, packed_row_bytes(in_features)):
+            raise ValueError(f"{name}: the saved mask is for a weight of another shape (bits {tuple(bits.shape)}, "
+                             f"this weight is {out_features}x{in_features})")
+        if saved_final[name] != plan.final_zeros[name]:
+            raise ValueError(f"{name}: the saved run prunes it to {saved_final[name]} zeros, this SPTConfig to "
+                             f"{plan.final_zeros[name]}: resume with the config the run started with")
+        keep = bits_to_mask(bits, in_features).to(linear.weight.device)
+        saved_sum = float(tensors[f"{name}.kept_checksum"])
+        here = _kept_checksum(linear.weight, keep)
+        if abs(here - saved_sum) > 1e-9 * max(1.0, abs(saved_sum)):
+            raise ValueError(f"{name}: the kept weights sum to {here!r} here but {saved_sum!r} in {path}: this is not "
+                             "the model the run started from (load a fresh copy of that base model)")
+        keeps[name] = keep
+    for name, keep in keeps.items():
+        write_masked_weight_(plan.linears[name], keep)
+    plan.done_steps = json.loads(metadata["done_steps"])
+    for module in tuner.model.modules():
+        if isinstance(module, SPTLayer):
+            module.refresh_fingerprint()
+    tuner.reset_running_norms()
+    config = tuner.peft_config[adapter_name]
+    if (plan.done_steps and plan.done_steps[-1] >= config.prune_end_step) or not plan.needs_pruning:
+        tuner._stop_running_norms()
+    return list(plan.done_steps)
+
+
 class GradualPruningCallback(TrainerCallback):
     """A ``transformers.TrainerCallback`` that runs ``gradual_prune_step`` at the start of training and
     after every optimizer step, so the prompts train against the sparsity the model has at each step.
@@ -252,6 +375,8 @@ class GradualPruningCallback(TrainerCallback):
 
     ``history`` keeps the ``PruneStepReport`` of every call that pruned. Training that stops before
     ``prune_end_step`` would leave the model short of the target, so it is refused at the start.
+    Each checkpoint the Trainer saves also gets the pruning state (``PRUNING_STATE_FILE``): resume
+    with ``sp.load_pruning_state(peft_model, checkpoint)`` before ``trainer.train(resume_from_checkpoint=...)``.
     """
 
     def __init__(self, calibration=None, adapter_name: Optional[str] = None):
@@ -275,3 +400,11 @@ class GradualPruningCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self._step(model, state.global_step)
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        # The checkpoint holds the prompts, not the pruned base: without the masks it cannot resume.
+        checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        tuner = spt_tuner(model)
+        adapter_name = self.adapter_name or tuner.active_adapters[0]
+        if state.is_world_process_zero and checkpoint.is_dir() and adapter_name in tuner.pruning_plans:
+            save_pruning_state(model, checkpoint, adapter_name)

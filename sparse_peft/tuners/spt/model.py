@@ -385,7 +385,8 @@ class SPTModel(BaseTuner):
                     f"SPT adapter {adapter_name!r} does not fit this base model at decoder layer {module.layer_index}: "
                     f"its prompts were trained on attention projections with {saved[:, 1].tolist()} nonzeros "
                     f"(q/k/v/o), this base has {actual[:, 1].tolist()} (or the same counts at other positions). "
-                    "Load it onto the pruned model it was trained with.")
+                    "Load it onto the pruned model it was trained with; to resume a Trainer checkpoint "
+                    "saved during gradual pruning, call sp.load_pruning_state(peft_model, checkpoint) first.")
         return remapped
 
 
