@@ -243,7 +243,7 @@ def bench_masked(grid, shape, sparsity, tokens):
     from sparse_peft import ops
 
     sets = []
-    for _ in range(grid.copies_for(shape[0] * shape[1] * grid.dtype.itemsize * 3)):
+    for _ in range(grid.copies_for(shape[0] * shape[1] * (grid.dtype.itemsize + 1))):  # weight + bool mask
         weight = grid.pruned(shape, sparsity)
         sets.append((weight.requires_grad_(), weight != 0))
     x = grid.randn(tokens, shape[1], requires_grad=True)
