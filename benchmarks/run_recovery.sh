@@ -44,3 +44,6 @@ for extra in "--induce --r 64 --logit-lambda 1" "--induce --r 128 --logit-lambda
   $S --pruner sparsegpt --methods masked_lora --targets 0.5 --losses squarehead --squarehead-targets 0.5 \
      --squarehead-lambda 0.1 --lr masked_lora=2e-3 --extra-args="$extra"
 done
+# 2026-11-30 (third session): the hidden-state-only SquareHead rows still missing at 70%
+$S --methods spt --targets 0.7 --losses squarehead --squarehead-lambda 0.1
+$S --methods seft,spt --targets 0.7 --losses squarehead --squarehead-lambda 1
