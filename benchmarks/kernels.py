@@ -118,9 +118,10 @@ class Grid:
 
     def two_four(self, shape):
         """Keep the 2 largest of every 4 consecutive inputs."""
-        groups = self.randn(*shape).view(shape[0], -1, 4)
-        keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, groups.abs().topk(2, dim=-1).indices, True)
-        return (groups * keep).view(shape)
+        from sparse_peft.sparsity.selection import nm_keep_mask
+
+        weight = self.randn(*shape)
+        return weight * nm_keep_mask(weight.abs(), 2, 4)
 
     def copies_for(self, bytes_each: int) -> int:
         """How many copies of a layer's weights rotate so that together they are >= 2x the L2 cache."""

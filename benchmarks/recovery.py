@@ -350,7 +350,7 @@ def main(argv=None) -> dict:
         tokenizer.save_pretrained(args.save_merged)
     row["mask_identical"] = same_masks(merged, masks)
     if args.pattern:  # N:M is a pattern, not only a count: check every group (SEFT and SPT set the mask)
-        n, m = (int(v) for v in args.pattern.split(":"))
+        n, m = sp.parse_pattern(args.pattern)
         row["pattern_kept"] = all(sp.sparsity.is_nm_sparse(lin.weight, n, m)
                                   for _, lin in sp.sparsity.named_linears(merged))
     if args.method == "spt":  # SPT sets the mask while it tunes: check every layer's count, compare with one-shot

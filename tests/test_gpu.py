@@ -12,12 +12,13 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import pruned_tiny_model, rel_err
+from conftest import linear_masks, pruned_tiny_model, rel_err
 from peft import get_peft_model
 
 import sparse_peft as sp
 from sparse_peft import ops
 from sparse_peft.kernels import _common
+from sparse_peft.sparsity.selection import nm_keep_mask
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or _common.INTERPRET,
@@ -79,14 +80,10 @@ def train(peft_model, steps, after_step=None):
     peft_model.eval()
 
 
-def supports(model) -> dict:
-    return {name: (lin.weight != 0).clone() for name, lin in sp.sparsity.named_linears(model)}
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_spp_trains_through_the_fused_kernel_and_merges_sparse(dtype, monkeypatch):
     model = pruned_tiny_model("llama", 0.5).to(DEVICE, dtype)
-    start = supports(model)
+    start = linear_masks(model)
     peft_model = get_peft_model(model, sp.SPPConfig(r=4, init_b_zero=False))
     calls = spy(monkeypatch, "spp_linear")
     if dtype == torch.float32:  # bf16 rounds the merged weight in the kernel: compare in fp32 only
@@ -95,14 +92,14 @@ def test_spp_trains_through_the_fused_kernel_and_merges_sparse(dtype, monkeypatc
     train(peft_model, steps=3)
     assert calls, "the SPP layers did not call the fused kernel on CUDA"
     merged = peft_model.merge_and_unload()
-    assert supports(merged).keys() == start.keys()
-    for name, support in supports(merged).items():
+    assert linear_masks(merged).keys() == start.keys()
+    for name, support in linear_masks(merged).items():
         assert torch.equal(support, start[name]), name
 
 
 def test_seft_gradients_come_from_the_sddmm_kernel_and_counts_hold(monkeypatch):
     model = pruned_tiny_model("llama", 0.5).to(DEVICE)
-    start = supports(model)
+    start = linear_masks(model)
     peft_model = get_peft_model(model, sp.SEFTConfig(density=0.05, update_interval=2, drop_fraction=0.5))
     calls = spy(monkeypatch, "sddmm")
     assert_kernel_path_matches_torch_path(peft_model, monkeypatch, torch.float32)
@@ -114,7 +111,7 @@ def test_seft_gradients_come_from_the_sddmm_kernel_and_counts_hold(monkeypatch):
     assert any(updates), "no drop-and-grow update happened"
     merged = peft_model.merge_and_unload()
     moved = 0
-    for name, support in supports(merged).items():
+    for name, support in linear_masks(merged).items():
         assert int(support.sum()) == int(start[name].sum()), name  # each layer keeps its count of nonzeros
         moved += int((support & ~start[name]).sum())
     assert moved > 0, "no pruned position came back"
@@ -123,9 +120,7 @@ def test_seft_gradients_come_from_the_sddmm_kernel_and_counts_hold(monkeypatch):
 def test_two_four_weights_take_the_sparse_gemm():
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(256, 256, generator=generator)
-    groups = weight.view(256, -1, 4)
-    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, groups.abs().topk(2, dim=-1).indices, True)
-    weight = (groups * keep).view(256, 256).to(DEVICE, torch.float16)
+    weight = (weight * nm_keep_mask(weight.abs(), 2, 4)).to(DEVICE, torch.float16)
     assert ops.semi_structured_unsupported_reason(weight) is None, "an H100/H200 takes 2:4 fp16"
     sparse = ops.to_semi_structured(weight, measure=False)
     assert isinstance(sparse, torch.sparse.SparseSemiStructuredTensor)

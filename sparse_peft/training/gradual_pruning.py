@@ -179,13 +179,9 @@ def gradual_prune_step(peft_model: nn.Module, step: int, calibration=None,
         to_prune = {name for name in plan.linears if targets[name] > current[name]}
         if to_prune:
             new_zeros = _prune(tuner, config, plan, targets, to_prune, calibration)
-            for module in tuner.model.modules():
-                if isinstance(module, SPTLayer):
-                    module.refresh_fingerprint()
+            _refresh_fingerprints(tuner)
         plan.done_steps.append(event)
-        tuner.reset_running_norms()
-        if event >= config.prune_end_step or not plan.needs_pruning:
-            tuner._stop_running_norms()  # the target is reached: no more statistics needed
+        _restart_running_norms(tuner, config, plan)
         current = plan.current_zeros()
     else:
         sparsity = None
@@ -195,6 +191,21 @@ def gradual_prune_step(peft_model: nn.Module, step: int, calibration=None,
     return PruneStepReport(step=step, event_step=event if sparsity is not None else None,
                            scheduled_sparsity=sparsity if sparsity is not None else measured,
                            global_sparsity=measured, new_zeros=new_zeros, layers=layers)
+
+
+def _refresh_fingerprints(tuner) -> None:
+    """The masks changed: every SPT layer records the new fingerprint of its q/k/v/o masks."""
+    for module in tuner.model.modules():
+        if isinstance(module, SPTLayer):
+            module.refresh_fingerprint()
+
+
+def _restart_running_norms(tuner, config, plan) -> None:
+    """Wanda's running norms count from the last pruning event on; once the target is reached
+    (or the schedule has ended) no more statistics are needed and the hooks go."""
+    tuner.reset_running_norms()
+    if (plan.done_steps and plan.done_steps[-1] >= config.prune_end_step) or not plan.needs_pruning:
+        tuner._stop_running_norms()
 
 
 def _prune(tuner, config, plan, targets, to_prune, calibration) -> int:
@@ -355,13 +366,8 @@ def load_pruning_state(peft_model: nn.Module, directory: str | os.PathLike,
     for name, keep in keeps.items():
         write_masked_weight_(plan.linears[name], keep)
     plan.done_steps = json.loads(metadata["done_steps"])
-    for module in tuner.model.modules():
-        if isinstance(module, SPTLayer):
-            module.refresh_fingerprint()
-    tuner.reset_running_norms()
-    config = tuner.peft_config[adapter_name]
-    if (plan.done_steps and plan.done_steps[-1] >= config.prune_end_step) or not plan.needs_pruning:
-        tuner._stop_running_norms()
+    _refresh_fingerprints(tuner)
+    _restart_running_norms(tuner, tuner.peft_config[adapter_name], plan)
     return list(plan.done_steps)
 
 
