@@ -2,8 +2,10 @@
 the package (``sparse_peft.data``) so the examples and the CLI use the same code; this adds the
 benchmark defaults and a one-line description of the machine.
 
-Benchmarks run offline on the assets in ``../shared`` (see DESIGN.md, "Offline assets"); every
-script still takes ``--model`` and ``--data`` so that users with a model hub can use it.
+Benchmarks run offline on a folder of development assets (``data/wikitext-2/wiki.valid.tokens``,
+``wiki.test.raw``, ``data/arc/*.jsonl``, ``models/``): the folder named by ``SPARSE_PEFT_ASSETS``, else a
+``shared/`` folder beside the checkout. Every script still takes ``--model`` and ``--data`` so that
+users with a model hub or their own text can use it; the library itself never looks for this folder.
 """
 
 from __future__ import annotations
@@ -17,9 +19,18 @@ import torch
 from sparse_peft.data import load_model_and_tokenizer, load_text, perplexity, random_windows, token_ids
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "wikitext-2"
 
-__all__ = ["DEFAULT_DATA_DIR", "calibration_batches_from_text", "load_model_and_tokenizer", "load_text",
+
+def assets_dir() -> Path | None:
+    """The development assets: ``$SPARSE_PEFT_ASSETS``, else ``shared/`` beside the checkout, else None."""
+    named = os.environ.get("SPARSE_PEFT_ASSETS")
+    candidate = Path(named) if named else REPO_ROOT.parent / "shared"
+    return candidate if candidate.is_dir() else None
+
+
+DEFAULT_DATA_DIR = (assets_dir() or REPO_ROOT.parent / "shared") / "data" / "wikitext-2"
+
+__all__ = ["DEFAULT_DATA_DIR", "assets_dir", "calibration_batches_from_text", "load_model_and_tokenizer", "load_text",
            "machine_info", "perplexity"]
 
 

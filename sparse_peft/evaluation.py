@@ -102,28 +102,25 @@ def arc_zero_shot(model, tokenizer, path: str | Path, limit: Optional[int] = Non
     return {"questions": len(items), "acc": correct / len(items), "acc_norm": correct_norm / len(items)}
 
 
-def evaluate(model, tokenizer, data_dir: str | Path | None = None, tasks: Sequence[str] = TASKS,
+def evaluate(model, tokenizer, data_dir: str | Path, tasks: Sequence[str] = TASKS,
              limit: Optional[int] = None, ppl_windows: int = 24, ppl_seq_len: int = 512,
              show_progress: bool = True) -> dict:
     """Perplexity and zero-shot accuracy from local files.
 
     Args:
-        data_dir: the folder holding ``wikitext-2/`` and ``arc/`` (default: ``../shared/data``).
+        data_dir: the folder holding ``wikitext-2/wiki.test.raw`` and ``arc/*.jsonl`` (see ``ARC_FILES``).
         tasks: any of ``"wikitext"``, ``"arc_easy"``, ``"arc_challenge"``.
         limit: at most this many questions per ARC task (``None``: all).
     Returns ``{"wikitext": {"ppl", "windows", "seq_len"}, "arc_easy": {"questions", "acc", "acc_norm"}, ...}``.
     """
-    from .data import load_text, perplexity, shared_dir, token_ids
+    from .data import load_text, perplexity, token_ids
 
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"evaluate: unknown task(s) {unknown}; choose from {TASKS}")
-    if data_dir is None:
-        shared = shared_dir()
-        if shared is None:
-            raise ValueError("evaluate: pass data_dir= (no ../shared/data beside the checkout)")
-        data_dir = shared / "data"
     data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise ValueError(f"evaluate: data_dir {str(data_dir)!r} is not a directory")
     results = {}
     for task in tasks:
         if task == "wikitext":

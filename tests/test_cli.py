@@ -200,9 +200,34 @@ def test_installed_entry_point_help():
 def test_demo_runs_the_whole_flow(workspace, capsys):
     w = workspace
     assert run("demo", "--model", w / "base", "--data", w / "text.txt", "--out", w / "demo", "--steps", 2,
-               "--seq-len", 16, "--windows", 2, "--sparsity", 0.6) == 0
+               "--seq-len", 16, "--windows", 2, "--calib-samples", 2, "--sparsity", 0.6) == 0
     out = capsys.readouterr().out
-    assert out.count("perplexity:") == 2 and "$ sparse-peft finetune" in out
+    assert out.count("perplexity:") == 3 and "$ sparse-peft finetune" in out
+    summary = out[out.index("\ndemo: "):]
+    assert "wanda 60%, then spp for 2 steps" in summary and "every layer's mask unchanged: True" in summary
+    assert "| " not in summary  # the per-layer table goes to the file, not the screen
     tuned = sp.load_sparse(w / "demo" / "tuned", show_progress=False)
     assert abs(sp.sparsity_report(tuned).global_sparsity - 0.6) < 0.01
     assert "Global sparsity" in (w / "demo" / "report.md").read_text()
+    # --data is cut into disjoint parts at white space: the held-out text is the file's last tenth
+    text = (w / "text.txt").read_text()
+    parts = [(w / "demo" / "text" / f"{part}.txt").read_text() for part in ("train", "calibration", "heldout")]
+    assert "".join(parts) == text and 0.09 < len(parts[2]) / len(text) < 0.11 and parts[2][0] == " "
+
+
+def test_demo_without_data_runs_on_the_bundled_text(workspace, capsys):
+    w = workspace
+    assert run("demo", "--model", w / "base", "--out", w / "demo", "--steps", 1, "--seq-len", 16, "--windows", 2,
+               "--calib-samples", 2, "--method", "masked_lora") == 0
+    out = capsys.readouterr().out
+    assert "wikitext2_heldout.txt" in out and "wikitext2_calibration.txt" in out and "wikitext2_train.txt" in out
+    assert "every layer's mask unchanged: True" in out
+    assert not (w / "demo" / "text").exists()
+
+
+def test_demo_refuses_a_text_too_short_to_split(workspace, capsys):
+    (workspace / "short.txt").write_text("two words", encoding="utf-8")
+    assert run("demo", "--model", workspace / "base", "--data", workspace / "short.txt",
+               "--out", workspace / "demo") == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "9 characters" in err and "calibration part is empty" in err
