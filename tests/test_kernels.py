@@ -151,7 +151,7 @@ def test_spp_reference_gradcheck():
                                     (x, A, b, bias))
 
 
-def test_spp_layer_uses_the_op_arguments_the_kernel_needs():
+def test_spp_layer_uses_the_op_arguments_the_kernel_needs(monkeypatch):
     """The fused path the layer takes on CUDA (``ops.spp_linear`` with the base weight, adapter and
     bias) equals the layer's CPU output; on CPU the layer itself never calls the op."""
     model = pruned_tiny_model("opt", 0.5)  # OPT's linears have biases
@@ -164,7 +164,10 @@ def test_spp_layer_uses_the_op_arguments_the_kernel_needs():
         fused = ops.spp_linear(x, base.weight, layer.spp_A["default"], layer.spp_b["default"],
                                layer.alpha["default"], base.bias, backend="triton")
     assert rel_err(fused, expected) < 1e-5
-    assert layer._fused_adapter(x) is None  # CPU input: the unchanged reference path
+    calls = []
+    monkeypatch.setattr(ops, "spp_linear", lambda *a, **k: calls.append(a))
+    layer(x)
+    assert not calls  # CPU input: the PyTorch path
 
 
 # --- sddmm ------------------------------------------------------------------------------------------

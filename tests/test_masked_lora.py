@@ -138,21 +138,22 @@ def test_dense_base_warns():
 
 
 def test_fused_forward_matches_the_two_branch_forward(monkeypatch):
-    """One GEMM with W + ΔW (the fp32 fast path) gives the two-branch forward's outputs and gradients."""
+    """One GEMM with W + ΔW per block of rows (the fast path) gives the two-branch forward's outputs
+    and gradients."""
+    import sparse_peft.tuners.masked_lora.layer as layer_module
+
     def run(fused: bool):
         torch.manual_seed(0)
         peft_model = get_peft_model(pruned_tiny_model("llama", 0.7),
                                     sp.MaskedLoraConfig(r=4, init_lora_weights=False))
-        layer = peft_model.base_model.model.model.layers[0].mlp.down_proj
-        if not fused:
-            monkeypatch.setattr(type(layer), "_fused_weight", lambda self, x: None)
-        else:
-            weight = layer._fused_weight(torch.zeros(1, layer.in_features))
-            assert weight is not None and (weight[~layer.sparsity_mask] == 0).all()
+        calls = []
+        real = layer_module.fuses_base
+        monkeypatch.setattr(layer_module, "fuses_base", lambda *a: calls.append(real(*a) and fused) or calls[-1])
         out = peft_model(input_ids=IDS).logits
         out.square().mean().backward()
         grads = {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.requires_grad}
         monkeypatch.undo()
+        assert calls and all(call == fused for call in calls)
         return out.detach(), grads
 
     out_fused, grads_fused = run(True)
@@ -164,14 +165,16 @@ def test_fused_forward_matches_the_two_branch_forward(monkeypatch):
 
 
 def test_fused_forward_is_skipped_where_it_would_change_the_result():
+    from sparse_peft.tuners._shared import fuses_base
+
     peft_model = get_peft_model(pruned_tiny_model("llama", 0.5), sp.MaskedLoraConfig(r=4, lora_dropout=0.1))
     layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj
     x = torch.zeros(1, layer.in_features)
-    assert layer._fused_weight(x) is None  # dropout acts on the adapter's input only
+    assert not fuses_base(layer, ["default"], layer.masked_lora_dropout, x)  # dropout acts on the adapter's input only
     plain = get_peft_model(pruned_tiny_model("llama", 0.5), sp.MaskedLoraConfig(r=4))
     layer = plain.base_model.model.model.layers[0].self_attn.q_proj
-    assert layer._fused_weight(x) is not None
-    assert layer._fused_weight(x.half()) is None  # low precision: the adapter branch stays in fp32
+    assert fuses_base(layer, ["default"], layer.masked_lora_dropout, x)
+    assert not fuses_base(layer, ["default"], layer.masked_lora_dropout, x.half())  # base in another dtype
     handle = layer.base_layer.register_forward_hook(lambda *a: None)
-    assert layer._fused_weight(x) is None  # a hook on the base must still see its call
+    assert not fuses_base(layer, ["default"], layer.masked_lora_dropout, x)  # a hook on the base must still see its call
     handle.remove()

@@ -219,11 +219,11 @@ def test_config_roundtrips_through_peft(tmp_path):
 def test_delta_function_gradcheck_float64():
     # out = 7 rows in r = 3 groups (not divisible), leading batch dims, a pruned weight
     x = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
-    weight = pruned_sparse_tensor((7, 5)).requires_grad_(True)
+    weight = pruned_sparse_tensor((7, 5))  # frozen: SPP never trains the base weight
     A = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
     b = torch.randn(7, 1, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda *t: spp_delta_reference(*t, 0.7), (x, weight, A, b))
-    # and with only the adapter trainable (the usual case: the Function skips dX and dW)
+    assert torch.autograd.gradcheck(lambda x_, A_, b_: spp_delta_reference(x_, weight, A_, b_, 0.7), (x, A, b))
+    # and with only the adapter trainable (the usual case: the Function skips dX)
     assert torch.autograd.gradcheck(lambda A_, b_: spp_delta_reference(x.detach(), weight.detach(), A_, b_, 1.3),
                                     (A, b))
 
@@ -261,8 +261,9 @@ def test_delta_function_saves_no_out_by_in_tensor():
         return t
 
     x = torch.randn(3, 64, requires_grad=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        layer(x).sum().backward()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):  # what the forward saves
+        y = layer(x)
+    y.sum().backward()
     big = [t for t in saved if t.numel() >= weight.numel()]
     # the only out x in tensor kept for the backward is the frozen base weight itself, not a copy
     assert big and all(t.data_ptr() == weight.data_ptr() for t in big)

@@ -14,7 +14,7 @@ from ..sparsity.masks import mask_fingerprint
 def check_fingerprints(model: nn.Module, adapter_name: str, state_dict: dict, key_attr: str) -> None:
     """Refuse to load an adapter whose saved mask fingerprints do not match this base's masks.
 
-    Shared by every sparse-peft tuner whose layers keep a ``sparsity_mask`` and save a fingerprint.
+    Shared by every sparse-peft tuner whose layers have a ``sparsity_mask`` and save a fingerprint.
     """
     for name, module in model.named_modules():
         mask = getattr(module, "sparsity_mask", None)
@@ -38,16 +38,53 @@ def check_fingerprints(model: nn.Module, adapter_name: str, state_dict: dict, ke
 
 
 def attach_sparsity_mask(layer: BaseTunerLayer, method: str) -> None:
-    """Record the wrapped linear's shape and its mask (``W != 0`` now) on a tuner layer.
+    """Check the wrapped layer is a linear and record its shape on a tuner layer.
 
-    The mask is the base's pruned topology when the layer is wrapped. It is derived from the base,
-    so it is a non-persistent buffer; each adapter saves a fingerprint of it instead.
+    No mask is stored: by the package's invariant the mask is exactly ``W != 0`` of the base (every
+    pruner and every merge keeps that with ``restore_mask``), so ``DerivedMask.sparsity_mask``
+    derives it when it is needed. Each adapter saves a fingerprint of it.
     """
     base = layer.get_base_layer()
     if not isinstance(base, nn.Linear):
         raise TypeError(f"{method} supports torch.nn.Linear only, got {type(base).__name__}")
     layer.in_features, layer.out_features = base.in_features, base.out_features
-    layer.register_buffer("sparsity_mask", base.weight.detach() != 0, persistent=False)
+
+
+def adapter_dtype(base_weight: torch.Tensor) -> torch.dtype:
+    """The dtype a new adapter's trainable tensors are created in: the base's float dtype, as peft's
+    own methods do. ``get_peft_model`` then upcasts bf16/fp16 adapters to fp32 unless it is called
+    with ``autocast_adapter_dtype=False``, which keeps them in the base dtype. (Initial values are
+    drawn in fp32 and cast, so a seed gives the same adapter in every dtype up to rounding.)"""
+    return base_weight.dtype if base_weight.dtype.is_floating_point else torch.float32
+
+
+def fuses_base(layer: BaseTunerLayer, active: list[str], dropouts: nn.ModuleDict, x: torch.Tensor) -> bool:
+    """Whether the base GEMM and an adapter's update can share one weight ``W + ΔW``: one active
+    adapter without dropout (dropout applies to the adapter's input alone), a plain frozen
+    ``nn.Linear`` base without hooks (they expect it to be called) whose weight has ``x``'s dtype.
+
+    In bf16/fp16 the sum ``W + ΔW`` is then rounded to the base dtype before the GEMM, which is what
+    the merged model computes; an update below half a unit in the last place of its weight shows in
+    the forward only once it grows (its gradient does not depend on that rounding).
+    """
+    base = layer.get_base_layer()
+    return (len(active) == 1 and isinstance(dropouts[active[0]], nn.Identity) and type(base) is nn.Linear
+            and not base._forward_hooks and not base._forward_pre_hooks and base.weight.dtype == x.dtype
+            and not base.weight.requires_grad)
+
+
+class DerivedMask:
+    """``sparsity_mask``: the base's pruned topology (bool, out x in), derived from the weight on each
+    use and never kept, so a layer holds no byte per weight for it (a tuner layer mixes this in)."""
+
+    def unmerged_base_weight(self) -> torch.Tensor:
+        """The base weight as it is without any merged adapter (a layer whose merge changes the
+        topology overrides this)."""
+        return self.get_base_layer().weight
+
+    @property
+    def sparsity_mask(self) -> torch.Tensor:
+        return self.unmerged_base_weight().detach() != 0
 
 
 class SparseMaskTuner(BaseTuner):

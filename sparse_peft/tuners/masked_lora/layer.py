@@ -1,4 +1,10 @@
-"""The masked LoRA layer: ``y = x Wᵀ + scaling · dropout(x) ((B A) ⊙ M)ᵀ``."""
+"""The masked LoRA layer: ``y = x Wᵀ + scaling · dropout(x) ((B A) ⊙ M)ᵀ``.
+
+The mask ``M`` is ``W != 0`` of the base, derived where it is needed. Training runs through
+``sparse_peft.delta_linear``: it saves what LoRA saves (the input, ``A``, ``B``) and rebuilds
+``(B A) ⊙ M`` a block of rows at a time in the backward, where ``G = (dYᵀ X) ⊙ M`` gives
+``dB = s · G Aᵀ`` and ``dA = s · Bᵀ G``; no out x in tensor lives from the forward to the backward.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +18,12 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from ...delta_linear import delta_linear
 from ...sparsity.masks import mask_fingerprint, restore_mask
-from .._shared import attach_sparsity_mask
+from .._shared import DerivedMask, adapter_dtype, attach_sparsity_mask, fuses_base
 
 
-class MaskedLoraLayer(BaseTunerLayer):
+class MaskedLoraLayer(DerivedMask, BaseTunerLayer):
     adapter_layer_names = ("masked_lora_A", "masked_lora_B")
     # masked_lora_fingerprint is saved with the adapter so loading onto a base with another mask fails loudly.
     other_param_names = ("r", "lora_alpha", "scaling", "masked_lora_dropout", "masked_lora_fingerprint")
@@ -49,17 +56,29 @@ class MaskedLoraLayer(BaseTunerLayer):
             nn.init.zeros_(B)  # the model is unchanged at step 0
         else:
             nn.init.normal_(B, std=0.1)
-        self.masked_lora_A[adapter_name] = nn.Parameter(A.to(weight.device))
-        self.masked_lora_B[adapter_name] = nn.Parameter(B.to(weight.device))
+        dtype = adapter_dtype(weight)
+        self.masked_lora_A[adapter_name] = nn.Parameter(A.to(weight.device, dtype))
+        self.masked_lora_B[adapter_name] = nn.Parameter(B.to(weight.device, dtype))
         self.masked_lora_fingerprint[adapter_name] = mask_fingerprint(self.sparsity_mask).to(weight.device)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
+    def delta_rows(self, adapter_name: str):
+        """``(start, stop, W[start:stop]) -> scaling · (B[start:stop] A) ⊙ (W[start:stop] != 0)`` in the
+        adapter's dtype (at least fp32): one block of rows of the update, its mask derived from ``W``."""
+        A, B, scaling = self.masked_lora_A[adapter_name], self.masked_lora_B[adapter_name], self.scaling[adapter_name]
+        dtype = torch.promote_types(A.dtype, torch.float32)
+
+        def rows(start: int, stop: int, weight_rows: torch.Tensor) -> torch.Tensor:
+            update = (B[start:stop].to(dtype) @ A.to(dtype)) * scaling
+            return update * (weight_rows != 0)
+
+        return rows
+
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """``scaling · (B A) ⊙ M`` in fp32: exactly zero at every pruned position."""
-        A = self.masked_lora_A[adapter_name]
-        B = self.masked_lora_B[adapter_name]
-        delta = (B.float() @ A.float()) * self.scaling[adapter_name]
-        return delta * self.sparsity_mask
+        """``scaling · (B A) ⊙ M`` (fp32 or wider, dense): exactly zero at every pruned position."""
+        weight = self.get_base_layer().weight
+        with torch.no_grad():
+            return self.delta_rows(adapter_name)(0, self.out_features, weight.detach())
 
 
 class Linear(nn.Module, MaskedLoraLayer):
@@ -99,41 +118,24 @@ class Linear(nn.Module, MaskedLoraLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
-        fused = self._fused_weight(x)
-        if fused is not None:
-            return F.linear(x, fused, self.base_layer.bias)
-        result = self.base_layer(x, *args, **kwargs)
-        for name in self.active_adapters:
-            if name not in self.masked_lora_A:
-                continue
-            A = self.masked_lora_A[name]
-            delta = self.get_delta_weight(name).to(A.dtype)
-            x_in = self.masked_lora_dropout[name](x.to(A.dtype))
-            result = result + F.linear(x_in, delta).to(result.dtype)
-        return result
-
-    def _fused_weight(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """``W + Σ ΔW`` when one GEMM with it computes exactly what the two-branch forward means, else None.
-
-        ``x (W + ΔW)ᵀ`` costs one GEMM forward and two backward (dX, and dΔW, which the adapter needs
-        anyway); ``x Wᵀ + x ΔWᵀ`` costs two forward and three backward (its training step took 2.4x
-        LoRA's on SmolLM2 on the CPU; the fused one is 1.45x faster than it). The fused weight is exactly
-        zero where W is pruned (ΔW is masked). Only for a plain fp32 nn.Linear base without hooks and
-        adapters without dropout (dropout applies to the adapter's input alone); otherwise the two
-        branches run as written.
-        """
-        base = self.base_layer
         active = [name for name in self.active_adapters if name in self.masked_lora_A]
-        if (not active or type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks
-                or base.weight.dtype != torch.float32 or x.dtype != torch.float32
-                or any(not isinstance(self.masked_lora_dropout[name], nn.Identity) for name in active)):
-            return None
-        weight = base.weight
+        if self.merged or not active:
+            return self.base_layer(x, *args, **kwargs)
+        base = self.get_base_layer()
+        weight = base.weight.detach()
+        if fuses_base(self, active, self.masked_lora_dropout, x):
+            # One GEMM with W + ΔW per block of rows, forward and backward: what LoRA costs plus the
+            # dYᵀ X product the masked update needs.
+            name = active[0]
+            return delta_linear(x, weight, base.bias, self.delta_rows(name),
+                                (self.masked_lora_A[name], self.masked_lora_B[name]))
+        result = self.base_layer(x, *args, **kwargs)
         for name in active:
-            weight = weight + self.get_delta_weight(name)
-        return weight
+            x_in = self.masked_lora_dropout[name](x)
+            update = delta_linear(x_in, weight, None, self.delta_rows(name),
+                                  (self.masked_lora_A[name], self.masked_lora_B[name]), with_base=False)
+            result = result + update.to(result.dtype)
+        return result
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return False

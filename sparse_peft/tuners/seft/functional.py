@@ -1,8 +1,8 @@
 """SEFT's math: the effective weight of a sparse delta, its autograd, and the sparse-set helpers.
 
 Positions are flat indices ``i * in_features + j`` into a layer's (out, in) weight. Everything that
-is kept between steps is O(|A|) (indices and values); the dense (out, in) tensors built here are
-transient: they live inside one forward or one backward and are freed after it.
+is kept between steps is O(|A|) (indices and values); training builds no dense (out, in) tensor,
+only blocks of rows of one (``sparse_peft.delta_linear``) that live inside one forward or backward.
 """
 
 from __future__ import annotations
@@ -10,61 +10,71 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
+
+from ...delta_linear import blockwise_grad_input, blockwise_linear, row_blocks, weight_grad_rows
 
 
-def effective_weight(base_weight: torch.Tensor, delta_index: torch.Tensor, delta: torch.Tensor,
-                     frozen_index: torch.Tensor, frozen_delta: torch.Tensor,
-                     removed_index: torch.Tensor) -> torch.Tensor:
-    """``(W + F + Δ) ⊙ M`` in fp32 (or wider), as a new (out, in) tensor.
+def seft_delta_rows(base_weight: torch.Tensor, delta_index: torch.Tensor, delta: torch.Tensor,
+                    frozen_index: torch.Tensor, frozen_delta: torch.Tensor, removed_index: torch.Tensor):
+    """``(start, stop, W[start:stop]) -> (F + Δ)[rows]`` with ``-W`` at the removed positions, so that
+    ``W + ΔW`` is the effective weight's block (fp32 or wider, without autograd: ``Δ``'s gradient
+    is a sampled product, see ``SparseDeltaLinear``).
 
-    ``M`` is the base's mask with ``removed_index`` switched off (switched-on positions have
-    ``W = 0`` and get their value from ``F`` or ``Δ``, so they need no work here).
-    """
-    # fp32 at least (a bf16 base plus a small fp32 delta), fp64 when given fp64 (gradcheck).
+    ``frozen_index`` and ``removed_index`` are sorted (``coalesce`` and the layer keep them so);
+    ``delta_index`` may be in any order."""
+    in_features = base_weight.shape[1]
     dtype = torch.promote_types(torch.promote_types(base_weight.dtype, delta.dtype), torch.float32)
-    weight = base_weight.detach().to(dtype).clone()
-    flat = weight.view(-1)
-    if frozen_index.numel():
-        flat.index_add_(0, frozen_index, frozen_delta.detach().to(dtype))
-    if delta_index.numel():
-        flat.index_add_(0, delta_index, delta.detach().to(dtype))
-    if removed_index.numel():
-        flat.index_fill_(0, removed_index, 0.0)
-    return weight
+
+    def rows(start: int, stop: int, weight_rows: torch.Tensor) -> torch.Tensor:
+        low, high = start * in_features, stop * in_features
+        block = torch.zeros((stop - start) * in_features, dtype=dtype, device=weight_rows.device)
+        lo, hi = torch.searchsorted(frozen_index, torch.tensor([low, high], device=frozen_index.device)).tolist()
+        block.index_add_(0, frozen_index[lo:hi] - low, frozen_delta[lo:hi].detach().to(dtype))
+        inside = (delta_index >= low) & (delta_index < high)
+        block.index_add_(0, delta_index[inside] - low, delta.detach()[inside].to(dtype))
+        lo, hi = torch.searchsorted(removed_index, torch.tensor([low, high], device=removed_index.device)).tolist()
+        removed = removed_index[lo:hi] - low
+        block[removed] = -weight_rows.reshape(-1)[removed].to(dtype)
+        return block.view(stop - start, in_features)
+
+    return rows
 
 
-def sddmm_reference(grad_out_2d: torch.Tensor, x_2d: torch.Tensor, flat_index: torch.Tensor) -> torch.Tensor:
-    """``(grad_outᵀ x)`` at ``flat_index`` (fp32). The dense product is transient: on a CPU one GEMM
-    plus a gather is cheaper than gathering (tokens x |A|) rows; on a GPU ``sparse_peft.ops.sddmm``
-    computes only the sampled entries."""
-    dtype = torch.promote_types(torch.promote_types(grad_out_2d.dtype, x_2d.dtype), torch.float32)
-    dense = grad_out_2d.to(dtype).t() @ x_2d.to(dtype)
-    return dense.view(-1)[flat_index]
+def _sampled_grad(grad_2d: torch.Tensor, x_2d: torch.Tensor, flat_index: torch.Tensor) -> torch.Tensor:
+    """``(dyᵀ x)`` at ``flat_index`` in fp32: Triton's sampled product on a GPU (``ops.sddmm``); on a
+    CPU one dense GEMM per block of rows plus a gather, cheaper there than gathering rows."""
+    if grad_2d.is_cuda:
+        from ... import ops
 
-
-def _sddmm(grad_out_2d, x_2d, flat_index):
-    if not grad_out_2d.is_cuda:  # the reference's one GEMM + gather is the fast path on a CPU
-        return sddmm_reference(grad_out_2d, x_2d, flat_index)
-    from ... import ops  # Triton's sampled product on a GPU (sparse_peft.ops dispatches)
-
-    return ops.sddmm(grad_out_2d, x_2d, flat_index)
+        return ops.sddmm(grad_2d, x_2d, flat_index)
+    out_features, in_features = grad_2d.shape[1], x_2d.shape[1]
+    values = torch.empty(flat_index.numel(), dtype=torch.promote_types(x_2d.dtype, torch.float32),
+                         device=x_2d.device)
+    for start, stop in row_blocks(out_features, in_features):
+        inside = (flat_index >= start * in_features) & (flat_index < stop * in_features)
+        if bool(inside.any()):
+            dense = weight_grad_rows(grad_2d[:, start:stop], x_2d)
+            values[inside] = dense.view(-1)[flat_index[inside] - start * in_features]
+    return values
 
 
 class SparseDeltaLinear(torch.autograd.Function):
     """``y = x · ((W + F + Δ) ⊙ M)ᵀ`` with the gradient of ``Δ`` computed only at its positions.
 
-    Nothing dense is saved for the backward: the effective weight is rebuilt there (for ``dx``), and
+    Nothing dense is saved for the backward, and every dense transient is one block of rows
+    (``sparse_peft.delta_linear``): the effective weight is rebuilt a block at a time for ``dx``,
     ``dΔ`` is a sampled product. When ``grad_sink`` is collecting (the few steps before a topology
-    update), the backward also adds the dense weight gradient into ``grad_sink.grad_accum``.
+    update), the backward also adds the dense weight gradient, a block of rows at a time, into
+    ``grad_sink.grad_accum``.
     """
 
     @staticmethod
     def forward(ctx, x, delta, base_weight, delta_index, frozen_index, frozen_delta, removed_index, grad_sink):
-        weight = effective_weight(base_weight, delta_index, delta, frozen_index, frozen_delta, removed_index)
         ctx.save_for_backward(x, delta, base_weight, delta_index, frozen_index, frozen_delta, removed_index)
         ctx.grad_sink = grad_sink
-        return F.linear(x, weight.to(x.dtype))
+        rows = seft_delta_rows(base_weight, delta_index, delta, frozen_index, frozen_delta, removed_index)
+        y = blockwise_linear(x.reshape(-1, x.shape[-1]), base_weight.detach(), rows, True)
+        return y.view(*x.shape[:-1], base_weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -74,19 +84,39 @@ class SparseDeltaLinear(torch.autograd.Function):
         x_2d = x.reshape(-1, in_features)
         grad_x = grad_delta = None
         if ctx.needs_input_grad[0]:
-            weight = effective_weight(base_weight, delta_index, delta, frozen_index, frozen_delta, removed_index)
-            grad_x = (grad_2d @ weight.to(grad_2d.dtype)).view(x.shape)
+            rows = seft_delta_rows(base_weight, delta_index, delta, frozen_index, frozen_delta, removed_index)
+            grad_x = blockwise_grad_input(grad_2d, base_weight.detach(), rows, True).view(x.shape)
         sink = ctx.grad_sink
         if sink is not None and sink.collecting:
-            dense_grad = grad_2d.to(torch.float32).t() @ x_2d.to(torch.float32)
-            sink.accumulate(dense_grad)
-            if ctx.needs_input_grad[1]:
-                grad_delta = dense_grad.view(-1)[delta_index]
+            grad_delta = torch.empty(delta_index.numel(), dtype=torch.float32, device=delta.device)
+            for start, stop in row_blocks(out_features, in_features):
+                dense = weight_grad_rows(grad_2d[:, start:stop], x_2d)
+                sink.accumulate_rows(start, stop, dense)
+                inside = (delta_index >= start * in_features) & (delta_index < stop * in_features)
+                grad_delta[inside] = dense.view(-1)[delta_index[inside] - start * in_features].float()
+            if not ctx.needs_input_grad[1]:
+                grad_delta = None
         elif ctx.needs_input_grad[1]:
-            grad_delta = _sddmm(grad_2d, x_2d, delta_index)
+            grad_delta = _sampled_grad(grad_2d, x_2d, delta_index)
         if grad_delta is not None:
             grad_delta = grad_delta.to(delta.dtype)
         return grad_x, grad_delta, None, None, None, None, None, None
+
+
+def effective_weight(base_weight: torch.Tensor, delta_index: torch.Tensor, delta: torch.Tensor,
+                     frozen_index: torch.Tensor, frozen_delta: torch.Tensor,
+                     removed_index: torch.Tensor) -> torch.Tensor:
+    """``(W + F + Δ) ⊙ M`` in fp32 (or wider), as a new dense (out, in) tensor (for merging, topology
+    updates and tests; training never forms it whole).
+
+    ``M`` is the base's mask with ``removed_index`` switched off (switched-on positions have
+    ``W = 0`` and get their value from ``F`` or ``Δ``).
+    """
+    rows = seft_delta_rows(base_weight, delta_index, delta, frozen_index, frozen_delta, removed_index)
+    weight = base_weight.detach()
+    with torch.no_grad():
+        update = rows(0, weight.shape[0], weight)
+        return update.add_(weight.to(update.dtype))
 
 
 def sparse_delta_linear(x, delta, base_weight, delta_index, frozen_index, frozen_delta, removed_index,

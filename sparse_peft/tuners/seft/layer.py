@@ -20,7 +20,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from ...sparsity.masks import is_nm_sparse, mask_fingerprint, restore_mask
-from .._shared import attach_sparsity_mask
+from .._shared import DerivedMask, adapter_dtype, attach_sparsity_mask
 from .functional import (coalesce, effective_weight, grow_within_groups, largest, smallest, smallest_per_group,
                          sparse_delta_linear, without)
 
@@ -28,7 +28,7 @@ from .functional import (coalesce, effective_weight, grow_within_groups, largest
 VARIABLE_BUFFERS = ("seft_frozen_index", "seft_frozen_delta", "seft_added", "seft_removed")
 
 
-class SEFTLayer(BaseTunerLayer):
+class SEFTLayer(DerivedMask, BaseTunerLayer):
     adapter_layer_names = ("seft_delta",)
     other_param_names = ("density", "seft_index", "seft_fingerprint") + VARIABLE_BUFFERS
 
@@ -93,8 +93,9 @@ class SEFTLayer(BaseTunerLayer):
         empty_index = torch.zeros(0, dtype=torch.int64, device=device)
         self.density[adapter_name] = float(density)
         self.seft_index[adapter_name] = torch.sort(chosen).values.to(torch.int64)
-        # Δ is fp32 whatever the base dtype: its updates start far below a bf16 weight's resolution.
-        self.seft_delta[adapter_name] = nn.Parameter(torch.zeros(size, dtype=torch.float32, device=device))
+        # Δ in the base dtype; get_peft_model upcasts it to fp32 on a bf16/fp16 base unless asked not to
+        # (its updates start far below a bf16 weight's resolution). The frozen deltas stay fp32.
+        self.seft_delta[adapter_name] = nn.Parameter(torch.zeros(size, dtype=adapter_dtype(weight), device=device))
         self.seft_frozen_index[adapter_name] = empty_index.clone()
         self.seft_frozen_delta[adapter_name] = torch.zeros(0, dtype=torch.float32, device=device)
         self.seft_added[adapter_name] = empty_index.clone()
@@ -127,7 +128,8 @@ class SEFTLayer(BaseTunerLayer):
             raise ValueError(f"SEFT merges one adapter per layer, got {names}")
         return self.current_mask(names[0])
 
-    def _original_weight(self) -> torch.Tensor:
+    def unmerged_base_weight(self) -> torch.Tensor:
+        """The base weight without the merged adapter (a merge moves SEFT's topology; the backup undoes it)."""
         weight = self.get_base_layer().weight
         if not self.merged:
             return weight
@@ -138,21 +140,27 @@ class SEFTLayer(BaseTunerLayer):
 
     def effective_weight(self, adapter_name: str) -> torch.Tensor:
         """``(W + F + Δ) ⊙ M`` (fp32): the weight this adapter makes (what merge writes)."""
-        return effective_weight(self._original_weight(), self.seft_index[adapter_name], self.seft_delta[adapter_name],
+        return effective_weight(self.unmerged_base_weight(), self.seft_index[adapter_name], self.seft_delta[adapter_name],
                                 self.seft_frozen_index[adapter_name], self.seft_frozen_delta[adapter_name],
                                 self.seft_removed[adapter_name])
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``W_eff - W`` (fp32, transient): what merging this adapter adds to the base weight."""
-        return self.effective_weight(adapter_name) - self._original_weight().float()
+        return self.effective_weight(adapter_name) - self.unmerged_base_weight().float()
 
     # --- dense gradient for growing ---------------------------------------------------------------
 
-    def accumulate(self, dense_grad: torch.Tensor) -> None:
+    def accumulate_rows(self, start: int, stop: int, grad_rows: torch.Tensor) -> None:
+        """Add one block of rows of the dense weight gradient (called by the backward while collecting).
+
+        The accumulator has the base weight's dtype (at least bf16 precision is enough to rank
+        positions by |gradient|): one weight-sized tensor per layer from the first collecting
+        backward until the topology update frees it.
+        """
         if self.grad_accum is None:
-            self.grad_accum = dense_grad.clone()
-        else:
-            self.grad_accum += dense_grad
+            weight = self.get_base_layer().weight
+            self.grad_accum = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
+        self.grad_accum[start:stop] += grad_rows.to(self.grad_accum.dtype)
 
     def start_collecting(self) -> None:
         self.collecting = True
@@ -183,7 +191,7 @@ class SEFTLayer(BaseTunerLayer):
         counts = dict(dropped=n_drop, grown=n_drop, regrown=0, pruned=0)
         if n_drop == 0:
             return counts
-        grad = self.grad_accum.view(-1) * grad_scale
+        grad = self.grad_accum.view(-1).float() * grad_scale
         weight = self.effective_weight(adapter_name).view(-1)
         mask = self.current_mask(adapter_name).view(-1)
 
@@ -238,7 +246,7 @@ class SEFTLayer(BaseTunerLayer):
                                        f"in a group (a bug: grow_within_groups guarantees one)")
             # A re-grown position starts at exactly 0: cancel whatever W + F holds there.
             frozen_index, frozen_delta = without(frozen_index, frozen_delta, torch.cat([regrown, pruned]))
-            original = self._original_weight().detach().view(-1)
+            original = self.unmerged_base_weight().detach().view(-1)
             cancel = -original[regrown].float()
             frozen_index = torch.cat([frozen_index, regrown[cancel != 0]])
             frozen_delta = torch.cat([frozen_delta, cancel[cancel != 0]])

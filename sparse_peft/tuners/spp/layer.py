@@ -12,12 +12,12 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from ...sparsity.masks import mask_fingerprint, restore_mask
-from .._shared import attach_sparsity_mask
-from .functional import merge_factor, spp_delta_reference, spp_delta_weight
+from .._shared import DerivedMask, adapter_dtype, attach_sparsity_mask, fuses_base
+from .functional import merge_factor, spp_delta_reference, spp_delta_weight, spp_linear_fused
 from ... import ops
 
 
-class SPPLayer(BaseTunerLayer):
+class SPPLayer(DerivedMask, BaseTunerLayer):
     adapter_layer_names = ("spp_A", "spp_b")
     # spp_fingerprint is saved with the adapter so loading onto a base with another mask fails loudly.
     other_param_names = ("r", "alpha", "unmerge_backup_below", "spp_dropout", "spp_fingerprint")
@@ -52,7 +52,8 @@ class SPPLayer(BaseTunerLayer):
         self.unmerge_backup_below[adapter_name] = float(unmerge_backup_below)
         self.spp_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         device = self.get_base_layer().weight.device
-        # The adapter stays fp32 whatever the base dtype: b's updates start tiny relative to 1.
+        # Drawn in fp32; get_peft_model keeps the adapter in fp32 on a bf16/fp16 base unless asked not
+        # to (b's updates start tiny relative to 1).
         A = torch.empty(r, self.in_features, dtype=torch.float32, device=device)
         b = torch.empty(self.out_features, 1, dtype=torch.float32, device=device)
         if init_A == "kaiming":
@@ -67,8 +68,9 @@ class SPPLayer(BaseTunerLayer):
             nn.init.zeros_(b)  # ΔW = 0: the model is unchanged at step 0
         else:
             nn.init.normal_(b, std=1.0)
-        self.spp_A[adapter_name] = nn.Parameter(A)
-        self.spp_b[adapter_name] = nn.Parameter(b)
+        dtype = adapter_dtype(self.get_base_layer().weight)
+        self.spp_A[adapter_name] = nn.Parameter(A.to(dtype))
+        self.spp_b[adapter_name] = nn.Parameter(b.to(dtype))
         self.spp_fingerprint[adapter_name] = mask_fingerprint(self.sparsity_mask).to(device)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
@@ -156,36 +158,25 @@ class Linear(nn.Module, SPPLayer):
             return self.base_layer(x, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
-        fused = self._fused_adapter(x)
-        if fused is not None:
-            # One CUDA kernel for base + delta: W ⊙ (1 + α R(A) ⊙ b) is built tile by tile, never stored.
-            base = self.get_base_layer()
-            return ops.spp_linear(x, base.weight, self.spp_A[fused], self.spp_b[fused], self.alpha[fused], base.bias)
+        active = [name for name in self.active_adapters if name in self.spp_A]
+        if not active:
+            return self.base_layer(x, *args, **kwargs)
+        base = self.get_base_layer()
+        if fuses_base(self, active, self.spp_dropout, x):
+            # W ⊙ (1 + α R(A) ⊙ b) in one GEMM: on CUDA the Triton kernel builds it tile by tile; elsewhere
+            # delta_linear builds it a block of rows at a time. Neither keeps an out x in tensor.
+            name = active[0]
+            A, b, alpha = self.spp_A[name], self.spp_b[name], self.alpha[name]
+            if x.is_cuda:
+                return ops.spp_linear(x, base.weight, A, b, alpha, base.bias)
+            return spp_linear_fused(x, base.weight, A, b, alpha, base.bias)
         result = self.base_layer(x, *args, **kwargs)
-        weight = self.get_base_layer().weight
-        for name in self.active_adapters:
-            if name not in self.spp_A:
-                continue
+        weight = base.weight.detach()
+        for name in active:
             x_in = self.spp_dropout[name](x)
             delta = spp_delta_reference(x_in, weight, self.spp_A[name], self.spp_b[name], self.alpha[name])
             result = result + delta.to(result.dtype)
         return result
-
-    def _fused_adapter(self, x: torch.Tensor) -> Optional[str]:
-        """The adapter to run through the fused ``ops.spp_linear`` kernel, or ``None`` for the
-        reference path: only CUDA inputs, one active SPP adapter without dropout, a plain frozen
-        ``nn.Linear`` base whose dtype matches ``x`` (CPU behaviour is unchanged)."""
-        if not x.is_cuda:
-            return None
-        active = [name for name in self.active_adapters if name in self.spp_A]
-        if len(active) != 1 or not isinstance(self.spp_dropout[active[0]], nn.Identity):
-            return None
-        base = self.get_base_layer()
-        if type(base) is not nn.Linear or base.weight.requires_grad or base.weight.dtype != x.dtype:
-            return None
-        if base._forward_hooks or base._forward_pre_hooks:
-            return None  # hooks on the base layer expect it to be called
-        return active[0]
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return False

@@ -26,6 +26,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ...sparsity.masks import mask_fingerprint
+from .._shared import adapter_dtype
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -80,11 +81,13 @@ class SPTLayer(BaseTunerLayer):
         if prompt_length < 1:
             raise ValueError(f"SPT layer {self.layer_index}: prompt length must be >= 1, got {prompt_length!r}")
         device = self.base_layer.q_proj.weight.device
+        dtype = adapter_dtype(self.base_layer.q_proj.weight)
         self.prompt_length[adapter_name] = int(prompt_length)
-        # fp32 whatever the base dtype: the gate's first updates are tiny.
+        # Drawn in fp32; get_peft_model keeps the prompts and gates in fp32 on a bf16/fp16 base unless
+        # asked not to (the gate's first updates are tiny).
         prompt = torch.randn(prompt_length, self.hidden_size, dtype=torch.float32, device=device) * init_std
-        self.spt_prompt[adapter_name] = nn.Parameter(prompt)
-        self.spt_gate[adapter_name] = nn.Parameter(torch.zeros(self.num_heads, dtype=torch.float32, device=device))
+        self.spt_prompt[adapter_name] = nn.Parameter(prompt.to(dtype))
+        self.spt_gate[adapter_name] = nn.Parameter(torch.zeros(self.num_heads, dtype=dtype, device=device))
         self.refresh_fingerprint(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
