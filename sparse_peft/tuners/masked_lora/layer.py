@@ -8,12 +8,11 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from ...sparsity.masks import mask_fingerprint, restore_mask
-from .._shared import attach_sparsity_mask
+from .._shared import attach_sparsity_mask, mask_fingerprints
 
 
 class MaskedLoraLayer(BaseTunerLayer):
@@ -29,7 +28,7 @@ class MaskedLoraLayer(BaseTunerLayer):
         self.masked_lora_dropout = nn.ModuleDict({})
         self.masked_lora_A = nn.ParameterDict({})
         self.masked_lora_B = nn.ParameterDict({})
-        self.masked_lora_fingerprint = BufferDict({}, persistent=True)
+        self.masked_lora_fingerprint = mask_fingerprints(self)
         self._disable_adapters = False
         self.merged_adapters = []
         attach_sparsity_mask(self, "masked LoRA")

@@ -19,7 +19,6 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from ...sparsity.calibration import block_linears, find_decoder_blocks
-from ...sparsity.masks import mask_fingerprint
 from ...sparsity.owl import allocate_zero_counts
 from ...sparsity.selection import unstructured_zero_count
 from ...sparsity.wanda import InputNormStat
@@ -366,28 +365,6 @@ class SPTModel(BaseTuner):
         self._stop_running_norms()
         self.pruning_plans = {}
         return super()._unload_and_optionally_merge(merge=False, progressbar=progressbar)
-
-    # --- loading -------------------------------------------------------------------------------------
-
-    @classmethod
-    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        for name, module in model.named_modules():
-            if not isinstance(module, SPTLayer):
-                continue
-            key = f"{name}.spt_fingerprint.{adapter_name}".removeprefix("_fsdp_wrapped_module.")
-            saved = remapped.get(key)
-            if saved is None:
-                continue
-            actual = torch.stack([mask_fingerprint(m) for m in module.attention_masks()])
-            if not torch.equal(saved.to(torch.int64).cpu(), actual):
-                raise ValueError(
-                    f"SPT adapter {adapter_name!r} does not fit this base model at decoder layer {module.layer_index}: "
-                    f"its prompts were trained on attention projections with {saved[:, 1].tolist()} nonzeros "
-                    f"(q/k/v/o), this base has {actual[:, 1].tolist()} (or the same counts at other positions). "
-                    "Load it onto the pruned model it was trained with; to resume a Trainer checkpoint "
-                    "saved during gradual pruning, call sp.load_pruning_state(peft_model, checkpoint) first.")
-        return remapped
 
 
 def spt_prompt_lengths(peft_model: nn.Module, adapter_name: Optional[str] = None) -> dict[int, int]:
