@@ -9,7 +9,6 @@ batches, running input norms collected during training forwards (see
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Optional
@@ -22,6 +21,7 @@ from ...sparsity.calibration import block_linears, find_decoder_blocks
 from ...sparsity.owl import allocate_zero_counts
 from ...sparsity.selection import unstructured_zero_count
 from ...sparsity.wanda import InputNormStat
+from .config import ATTENTION_KEY, TARGET_MODULES_HELP
 from .layer import MERGE_REFUSAL, SPTAttention, SPTLayer
 
 # Architectures whose attention SPTAttention re-implements the query path of (rotate-half RoPE over
@@ -39,7 +39,6 @@ WHY_UNSUPPORTED = {
     "gemma2": "its attention soft-caps logits and mixes sliding/global layers with another scaling",
     "phi3": "its attention uses a fused qkv_proj",
 }
-_LAYER_KEY = re.compile(r"(?:^|\.)(\d+)\.self_attn$")
 
 
 def _base_name(name: str) -> str:
@@ -215,6 +214,10 @@ class SPTModel(BaseTuner):
         outside = [i for i in layers if i >= n_layers]
         if outside:
             raise ValueError(f"SPTConfig.layers {outside} do not exist: the model has {n_layers} decoder layers")
+        targets = {f"{blocks_name}.{i}.self_attn" if blocks_name else f"{i}.self_attn" for i in layers}
+        if peft_config.target_modules is not None and set(peft_config.target_modules) != targets:
+            raise ValueError(f"SPTConfig.target_modules={sorted(peft_config.target_modules)} is not what SPT sets for "
+                             f"the decoder layers that get prompts ({sorted(targets)}): {TARGET_MODULES_HELP}")
         for index in layers:
             attn = blocks[index].self_attn
             if isinstance(attn, BaseTunerLayer) and not isinstance(attn, SPTLayer):
@@ -239,8 +242,7 @@ class SPTModel(BaseTuner):
         elif sorted(peft_config.prompt_lengths) != layers:
             raise ValueError(f"SPTConfig.prompt_lengths names layers {sorted(peft_config.prompt_lengths)}, "
                              f"but the prompts go to layers {layers}")
-        peft_config.target_modules = {f"{blocks_name}.{i}.self_attn" if blocks_name else f"{i}.self_attn"
-                                      for i in layers}
+        peft_config.target_modules = targets
         self._groups = groups
 
     @staticmethod
@@ -263,7 +265,7 @@ class SPTModel(BaseTuner):
             f"{target}, calibration))")
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **optional_kwargs):
-        match = _LAYER_KEY.search(current_key)
+        match = ATTENTION_KEY.search(current_key)
         if match is None:
             raise ValueError(f"SPT targets decoder layers' self_attn modules, got {current_key!r}")
         index = int(match.group(1))
