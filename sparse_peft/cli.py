@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_USAGE = 0, 1, 2
 PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
@@ -53,11 +54,27 @@ def load_model(path: str | None, need_tokenizer: bool = False):
             model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
         except (OSError, ValueError) as err:
             raise CliError(f"--model {path!r}: cannot load a causal LM ({_first_line(err)})") from None
+        except SafetensorError as err:  # a damaged weights file
+            raise CliError(f"--model {path!r}: {_unreadable_safetensors(path, err)}") from None
         model.eval()
         tokenizer = _try_tokenizer(path)
     if need_tokenizer and tokenizer is None:
         raise CliError(f"--model {path!r}: no tokenizer found beside the model (needed to read --data)")
     return model, tokenizer
+
+
+def _unreadable_safetensors(path: str, err: Exception) -> str:
+    """Which weights file safetensors cannot read, and why: transformers' error names no file."""
+    from safetensors import safe_open
+
+    files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except Exception as file_err:  # safetensors raises its own error types for a damaged header
+            return f"{file}: not a readable safetensors file ({_first_line(file_err)})"
+    return f"a weights file is not a readable safetensors file ({_first_line(err)})"
 
 
 def _try_tokenizer(path: str):
@@ -518,7 +535,8 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as err:
         print(f"sparse-peft {args.command}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except (ValueError, FileNotFoundError) as err:  # the library's clear errors on bad input
+    # The library's clear errors on bad input, and a damaged file wherever no caller names it (load_model does).
+    except (ValueError, FileNotFoundError, SafetensorError) as err:
         print(f"sparse-peft {args.command}: error: {_first_line(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

@@ -175,6 +175,44 @@ def test_corrupted_checkpoint_is_a_one_line_error(workspace, capsys):
     assert last_line.startswith("sparse-peft eval: error: ") and "truncated" in last_line
 
 
+def truncate(path):
+    path.write_bytes(path.read_bytes()[:-10])
+
+
+def flip_header_byte(path):
+    raw = bytearray(path.read_bytes())
+    raw[12] ^= 0xFF  # inside the JSON header that follows the 8-byte length
+    path.write_bytes(bytes(raw))
+
+
+def assert_one_line_naming(err, command, file):
+    assert "Traceback" not in err
+    assert [line for line in err.splitlines() if "error" in line.lower()] == [err.splitlines()[-1]]
+    last_line = err.splitlines()[-1]
+    assert last_line.startswith(f"sparse-peft {command}: error: ") and str(file) in last_line
+
+
+@pytest.mark.parametrize("damage", [truncate, flip_header_byte])
+@pytest.mark.parametrize("command", ["report", "eval"])
+def test_damaged_transformers_checkpoint_is_a_one_line_error(workspace, capsys, command, damage):
+    weights = workspace / "base" / "model.safetensors"
+    damage(weights)
+    extra = ["--data", workspace / "text.txt", "--seq-len", 32] if command == "eval" else []
+    assert run(command, "--model", workspace / "base", *extra) == 1
+    assert_one_line_naming(capsys.readouterr().err.strip(), command, weights)
+
+
+@pytest.mark.parametrize("damage", [truncate, flip_header_byte])
+def test_damaged_sparse_checkpoint_is_a_one_line_error(workspace, capsys, damage):
+    w = workspace
+    assert run("prune", "--model", w / "base", "--out", w / "pruned", "--method", "magnitude", "--sparsity", 0.5) == 0
+    weights = w / "pruned" / "sparse_model.safetensors"
+    damage(weights)
+    capsys.readouterr()
+    assert run("report", "--model", w / "pruned") == 1
+    assert_one_line_naming(capsys.readouterr().err.strip(), "report", weights)
+
+
 def test_report_png_or_message(workspace, capsys):
     w = workspace
     assert run("report", "--model", w / "base", "--png", w / "layers.png") == 0

@@ -1,4 +1,5 @@
 import math
+import re
 
 import pytest
 import torch
@@ -179,6 +180,67 @@ def test_padding_tokens_excluded(tiny_model):
     for name in a:
         assert a[name][0] == b[name][0] == 24
         torch.testing.assert_close(a[name][1], b[name][1], rtol=1e-4, atol=1e-6)
+
+
+def _padded(batches, pad: int = 4):
+    """The same batches with ``pad`` padding positions appended (right padding, as tokenizers pad)."""
+    return [{"input_ids": torch.cat([b, torch.zeros(b.shape[0], pad, dtype=torch.long)], 1),
+             "attention_mask": torch.cat([torch.ones_like(b), torch.zeros(b.shape[0], pad, dtype=torch.long)], 1)}
+            for b in batches]
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_padding_positions_do_not_change_the_mask(tiny_model, method):
+    unpadded = calibration_batches(n=2, seq_len=12)
+    masks = []
+    for calibration in (unpadded, _padded(unpadded)):
+        model = tiny_model("llama")
+        prune(model, method, sparsity=0.5, calibration=calibration, show_progress=False)
+        masks.append({name: linear.weight != 0 for name, linear in _block_linears(model)})
+    for name, mask in masks[0].items():
+        assert torch.equal(masks[1][name], mask), name
+
+
+def _weights(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def _assert_unchanged(model, before):
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_calibration_with_no_real_token_is_refused_before_pruning(tiny_model, method):
+    model = tiny_model("llama")
+    before = _weights(model)
+    batches = _padded(calibration_batches(n=2, seq_len=12))
+    batches[1]["attention_mask"] = torch.zeros_like(batches[1]["attention_mask"])
+    with pytest.raises(ValueError, match=r"calibration batch 1 has no real tokens: its attention_mask \(shape "
+                                         r"\(1, 16\)\) is all zeros"):
+        prune(model, method, sparsity=0.5, calibration=batches, show_progress=False)
+    _assert_unchanged(model, before)
+    all_padding = {"input_ids": torch.zeros(2, 8, dtype=torch.long), "attention_mask": torch.zeros(2, 8)}
+    with pytest.raises(ValueError, match=r"calibration batch 0 has no real tokens"):
+        prune(model, method, sparsity=0.5, calibration=all_padding, show_progress=False)
+    _assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+@pytest.mark.parametrize("shape", [(1, 0), (0, 8)])
+def test_empty_calibration_batch_is_refused_before_pruning(tiny_model, method, shape):
+    model = tiny_model("llama")
+    before = _weights(model)
+    batches = calibration_batches(n=3) + [torch.zeros(*shape, dtype=torch.long)]
+    with pytest.raises(ValueError, match=rf"calibration batch 3 is empty: input_ids has shape {re.escape(str(shape))}"):
+        prune(model, method, sparsity=0.5, calibration=batches, show_progress=False)
+    _assert_unchanged(model, before)
+
+
+def test_attention_mask_of_another_shape_is_refused(tiny_model):
+    batch = {"input_ids": torch.ones(1, 8, dtype=torch.long), "attention_mask": torch.ones(1, 6)}
+    with pytest.raises(ValueError, match=r"calibration batch 0: attention_mask has shape \(1, 6\), input_ids \(1, 8\)"):
+        prune(tiny_model("llama"), "wanda", sparsity=0.5, calibration=[batch], show_progress=False)
 
 
 def _layer_inputs(model, batches):

@@ -546,6 +546,35 @@ def test_config_validation(kwargs, match):
         sp.SPTConfig(**kwargs)
 
 
+@pytest.mark.parametrize("target_modules", [["q_proj", "v_proj"], "all-linear", ["self_attn"], []])
+def test_user_target_modules_are_refused_pointing_to_layers(target_modules):
+    with pytest.raises(ValueError, match=r"SPTConfig.target_modules=.* SPT wraps the whole self-attention module of "
+                                         r"each decoder layer .*SPTConfig.layers=\[layer indices\]"):
+        sp.SPTConfig(target_modules=target_modules)
+
+
+def test_target_modules_naming_other_layers_than_layers_are_refused():
+    config = sp.SPTConfig(layers=[1], target_modules=["model.layers.0.self_attn"])  # SPT's form, other layer
+    with pytest.raises(ValueError, match=r"SPTConfig.target_modules=\['model.layers.0.self_attn'\] .*"
+                                         r"\['model.layers.1.self_attn'\].*SPTConfig.layers"):
+        get_peft_model(pruned_tiny_model("llama", 0.5), config)
+
+
+def test_config_with_the_target_modules_spt_sets_round_trips(tmp_path):
+    from peft import PeftConfig
+
+    peft_model = get_peft_model(pruned_tiny_model("llama", 0.5), sp.SPTConfig(base_prompt_length=4, layers=[1]))
+    assert peft_model.peft_config["default"].target_modules == {"model.layers.1.self_attn"}
+    train_steps(peft_model, steps=1, lr=5e-2)
+    expected = logits(peft_model)
+    peft_model.save_pretrained(tmp_path)
+    loaded_config = PeftConfig.from_pretrained(tmp_path)
+    assert loaded_config.target_modules == {"model.layers.1.self_attn"} and loaded_config.layers == [1]
+    loaded = PeftModel.from_pretrained(pruned_tiny_model("llama", 0.5), tmp_path)
+    assert torch.equal(logits(loaded), expected)
+    assert sp.spt_prompt_lengths(loaded) == {1: 4}
+
+
 def test_config_json_round_trip_restores_integer_layer_keys(tmp_path):
     from peft import PeftConfig
 

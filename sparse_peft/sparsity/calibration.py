@@ -38,13 +38,18 @@ class CalibrationBatch:
 def as_calibration_batches(calibration) -> list[CalibrationBatch]:
     """Normalise calibration data: an iterable of LongTensor batches ``[B, T]`` (or ``[T]``), or of
     dicts / BatchEncodings with ``input_ids`` and optional ``attention_mask``; a single ``[B, T]``
-    tensor or dict is one batch."""
+    tensor or dict is one batch.
+
+    Refused here, before any weight is touched, naming the batch: a batch without tokens (the
+    model cannot run it) and one whose attention mask is all zeros (padding is left out of the
+    statistics, so it would add nothing; calibration made only of such batches scores every
+    weight 0, and pruning would then cut the first input columns of every layer)."""
     if calibration is None:
         raise ValueError("calibration data is required: pass calibration=[LongTensor [B, T], ...]")
     if isinstance(calibration, (torch.Tensor, Mapping)):
         calibration = [calibration]
     batches = []
-    for item in calibration:
+    for index, item in enumerate(calibration):
         if isinstance(item, CalibrationBatch):  # already normalised
             batches.append(item)
             continue
@@ -60,8 +65,19 @@ def as_calibration_batches(calibration) -> list[CalibrationBatch]:
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"calibration batches must be integer token ids [B, T], got "
                              f"dtype={input_ids.dtype} shape={tuple(input_ids.shape)}")
+        if input_ids.numel() == 0:
+            raise ValueError(f"calibration batch {index} is empty: input_ids has shape {tuple(input_ids.shape)}; "
+                             "every batch needs at least one token")
         if attention_mask is not None:
-            attention_mask = torch.as_tensor(attention_mask).reshape(input_ids.shape)
+            attention_mask = torch.as_tensor(attention_mask)
+            if attention_mask.numel() != input_ids.numel():
+                raise ValueError(f"calibration batch {index}: attention_mask has shape {tuple(attention_mask.shape)}, "
+                                 f"input_ids {tuple(input_ids.shape)}")
+            attention_mask = attention_mask.reshape(input_ids.shape)
+            if not attention_mask.any():
+                raise ValueError(f"calibration batch {index} has no real tokens: its attention_mask (shape "
+                                 f"{tuple(attention_mask.shape)}) is all zeros. Give batches with at least one "
+                                 "token whose mask is 1 (padding is left out of the statistics)")
         batches.append(CalibrationBatch(input_ids.long(), attention_mask))
     if not batches:
         raise ValueError("calibration data is empty")

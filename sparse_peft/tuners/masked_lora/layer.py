@@ -14,13 +14,12 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from ...delta_linear import delta_linear
 from ...sparsity.masks import mask_fingerprint, restore_mask
-from .._shared import DerivedMask, adapter_dtype, attach_sparsity_mask, fuses_base
+from .._shared import DerivedMask, adapter_dtype, attach_sparsity_mask, fuses_base, mask_fingerprints
 
 
 class MaskedLoraLayer(DerivedMask, BaseTunerLayer):
@@ -36,7 +35,7 @@ class MaskedLoraLayer(DerivedMask, BaseTunerLayer):
         self.masked_lora_dropout = nn.ModuleDict({})
         self.masked_lora_A = nn.ParameterDict({})
         self.masked_lora_B = nn.ParameterDict({})
-        self.masked_lora_fingerprint = BufferDict({}, persistent=True)
+        self.masked_lora_fingerprint = mask_fingerprints(self)
         self._disable_adapters = False
         self.merged_adapters = []
         attach_sparsity_mask(self, "masked LoRA")

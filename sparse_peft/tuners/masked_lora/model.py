@@ -21,7 +21,6 @@ class MaskedLoraModel(SparseMaskTuner):
     tuner_layer_cls = MaskedLoraLayer
     linear_cls = Linear
     method = "masked LoRA"
-    fingerprint_attr = "masked_lora_fingerprint"
 
     def _layer_kwargs(self, config) -> dict:
         return dict(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,

@@ -20,7 +20,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from ...sparsity.masks import is_nm_sparse, mask_fingerprint, restore_mask
-from .._shared import DerivedMask, adapter_dtype, attach_sparsity_mask
+from .._shared import DerivedMask, adapter_dtype, attach_sparsity_mask, mask_fingerprints
 from .functional import (coalesce, effective_weight, grow_within_groups, largest, smallest, smallest_per_group,
                          sparse_delta_linear, without)
 
@@ -41,7 +41,7 @@ class SEFTLayer(DerivedMask, BaseTunerLayer):
         self.seft_frozen_delta = BufferDict({}, persistent=True)
         self.seft_added = BufferDict({}, persistent=True)
         self.seft_removed = BufferDict({}, persistent=True)
-        self.seft_fingerprint = BufferDict({}, persistent=True)
+        self.seft_fingerprint = mask_fingerprints(self)
         self._disable_adapters = False
         self.merged_adapters = []
         # (flat positions, original values) of every base weight the merge changed: unmerge is exact.

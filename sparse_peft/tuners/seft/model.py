@@ -24,7 +24,6 @@ class SEFTModel(SparseMaskTuner):
     tuner_layer_cls = SEFTLayer
     linear_cls = Linear
     method = "SEFT"
-    fingerprint_attr = "seft_fingerprint"
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
         # The layer's name seeds its random initial index set (crc32: the same in every process).

@@ -7,12 +7,11 @@ import warnings
 from typing import Optional
 
 import torch
-from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from ...sparsity.masks import mask_fingerprint, restore_mask
-from .._shared import DerivedMask, adapter_dtype, attach_sparsity_mask, fuses_base
+from .._shared import DerivedMask, adapter_dtype, attach_sparsity_mask, fuses_base, mask_fingerprints
 from .functional import merge_factor, spp_delta_reference, spp_delta_weight, spp_linear_fused
 from ... import ops
 
@@ -30,7 +29,7 @@ class SPPLayer(DerivedMask, BaseTunerLayer):
         self.spp_dropout = nn.ModuleDict({})
         self.spp_A = nn.ParameterDict({})
         self.spp_b = nn.ParameterDict({})
-        self.spp_fingerprint = BufferDict({}, persistent=True)
+        self.spp_fingerprint = mask_fingerprints(self)
         self._disable_adapters = False
         self.merged_adapters = []
         # (flat indices, original values) of the weights whose merge factor was ~0 at the last merge;

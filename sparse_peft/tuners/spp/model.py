@@ -23,7 +23,6 @@ class SPPModel(SparseMaskTuner):
     tuner_layer_cls = SPPLayer
     linear_cls = Linear
     method = "SPP"
-    fingerprint_attr = "spp_fingerprint"
 
     def _layer_kwargs(self, config) -> dict:
         return dict(r=config.r, alpha=config.alpha, dropout=config.dropout, init_A=config.init_A,

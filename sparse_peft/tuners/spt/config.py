@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -14,6 +15,12 @@ SCHEDULES = ("cubic",)
 PRUNERS = ("wanda", "magnitude")
 ALLOCATIONS = ("uniform", "owl")
 DEFAULT_NUM_PRUNE_STEPS = 10
+# The modules SPT wraps, as get_peft_model names them in target_modules: a decoder layer's self_attn.
+ATTENTION_KEY = re.compile(r"(?:^|\.)(\d+)\.self_attn$")
+TARGET_MODULES_HELP = ("SPT wraps the whole self-attention module of each decoder layer that gets prompts (the prompts "
+                       "are extra keys and values, not an adapter on linears), and get_peft_model sets "
+                       "target_modules to those modules itself. Leave target_modules unset; to give prompts to some "
+                       "decoder layers only, use SPTConfig.layers=[layer indices]")
 
 
 def _is_int(value) -> bool:
@@ -95,7 +102,8 @@ class SPTConfig(PeftConfig):
             an adapter.
         init_std: the prompt vectors start as ``N(0, init_std^2)`` (> 0). Prompts feed ``k_proj`` /
             ``v_proj`` in place of normalised hidden states, whose RMS is about 1.
-        target_modules: set by ``get_peft_model`` to the attention modules of ``layers``; not for users.
+        target_modules: set by ``get_peft_model`` to the self-attention modules of ``layers`` (and saved
+            with the adapter); any other value is refused. Choose the layers with ``layers``.
         modules_to_save: other modules to train and save in full.
     """
 
@@ -177,7 +185,12 @@ class SPTConfig(PeftConfig):
                                              lambda v: _is_int(v) and v >= 1, "a positive integer")
         if not _is_real(self.init_std) or self.init_std <= 0:
             raise ValueError(f"SPTConfig.init_std must be a number > 0, got {self.init_std!r}")
-        if isinstance(self.target_modules, list):
+        if self.target_modules is not None:
+            # Only the value SPT writes itself (a saved adapter_config.json gives it back) is accepted.
+            if (isinstance(self.target_modules, str) or not self.target_modules
+                    or not all(isinstance(t, str) and ATTENTION_KEY.search(t) for t in self.target_modules)):
+                raise ValueError(f"SPTConfig.target_modules={self.target_modules!r} cannot be honoured: "
+                                 f"{TARGET_MODULES_HELP}")
             self.target_modules = set(self.target_modules)
 
     @property

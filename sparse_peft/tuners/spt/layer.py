@@ -21,12 +21,11 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ...sparsity.masks import mask_fingerprint
-from .._shared import adapter_dtype
+from .._shared import FingerprintDict, adapter_dtype
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -61,7 +60,7 @@ class SPTLayer(BaseTunerLayer):
         self.prompt_length = {}
         self.spt_prompt = nn.ParameterDict({})
         self.spt_gate = nn.ParameterDict({})
-        self.spt_fingerprint = BufferDict({}, persistent=True)
+        self.spt_fingerprint = FingerprintDict(self.check_fingerprint)
         self._disable_adapters = False
         self.merged_adapters = []
         projections = [getattr(base_layer, name, None) for name in ATTENTION_PROJECTIONS]
@@ -111,12 +110,26 @@ class SPTLayer(BaseTunerLayer):
     def attention_masks(self) -> list[torch.Tensor]:
         return [getattr(self.base_layer, name).weight.detach() != 0 for name in ATTENTION_PROJECTIONS]
 
+    def current_fingerprint(self) -> torch.Tensor:
+        """The fingerprints of the q/k/v/o masks as they are now (4 x 3, int64, CPU)."""
+        return torch.stack([mask_fingerprint(m) for m in self.attention_masks()])
+
     def refresh_fingerprint(self, adapter_name: Optional[str] = None) -> None:
         """Record the current masks of q/k/v/o (after creation and after every pruning step)."""
-        device = self.base_layer.q_proj.weight.device
-        fingerprint = torch.stack([mask_fingerprint(m) for m in self.attention_masks()]).to(device)
+        fingerprint = self.current_fingerprint().to(self.base_layer.q_proj.weight.device)
         for name in [adapter_name] if adapter_name else list(self.spt_fingerprint.keys()):
             self.spt_fingerprint[name] = fingerprint.clone()
+
+    def check_fingerprint(self, adapter_name: str, saved: torch.Tensor) -> None:
+        """Refuse loaded prompts whose saved q/k/v/o fingerprints are not this base's."""
+        actual = self.current_fingerprint()
+        if not torch.equal(saved.to(torch.int64).cpu(), actual):
+            raise ValueError(
+                f"SPT adapter {adapter_name!r} does not fit this base model at decoder layer {self.layer_index}: "
+                f"its prompts were trained on attention projections with {saved[:, 1].tolist()} nonzeros "
+                f"(q/k/v/o), this base has {actual[:, 1].tolist()} (or the same counts at other positions). "
+                "Load it onto the pruned model it was trained with; to resume a Trainer checkpoint "
+                "saved during gradual pruning, call sp.load_pruning_state(peft_model, checkpoint) first.")
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         raise ValueError(MERGE_REFUSAL)

@@ -9,7 +9,6 @@ batches, running input norms collected during training forwards (see
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Optional
@@ -19,10 +18,10 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from ...sparsity.calibration import block_linears, find_decoder_blocks
-from ...sparsity.masks import mask_fingerprint
 from ...sparsity.owl import allocate_zero_counts
 from ...sparsity.selection import unstructured_zero_count
 from ...sparsity.wanda import InputNormStat
+from .config import ATTENTION_KEY, TARGET_MODULES_HELP
 from .layer import MERGE_REFUSAL, SPTAttention, SPTLayer
 
 # Architectures whose attention SPTAttention re-implements the query path of (rotate-half RoPE over
@@ -40,7 +39,6 @@ WHY_UNSUPPORTED = {
     "gemma2": "its attention soft-caps logits and mixes sliding/global layers with another scaling",
     "phi3": "its attention uses a fused qkv_proj",
 }
-_LAYER_KEY = re.compile(r"(?:^|\.)(\d+)\.self_attn$")
 
 
 def _base_name(name: str) -> str:
@@ -216,6 +214,10 @@ class SPTModel(BaseTuner):
         outside = [i for i in layers if i >= n_layers]
         if outside:
             raise ValueError(f"SPTConfig.layers {outside} do not exist: the model has {n_layers} decoder layers")
+        targets = {f"{blocks_name}.{i}.self_attn" if blocks_name else f"{i}.self_attn" for i in layers}
+        if peft_config.target_modules is not None and set(peft_config.target_modules) != targets:
+            raise ValueError(f"SPTConfig.target_modules={sorted(peft_config.target_modules)} is not what SPT sets for "
+                             f"the decoder layers that get prompts ({sorted(targets)}): {TARGET_MODULES_HELP}")
         for index in layers:
             attn = blocks[index].self_attn
             if isinstance(attn, BaseTunerLayer) and not isinstance(attn, SPTLayer):
@@ -240,8 +242,7 @@ class SPTModel(BaseTuner):
         elif sorted(peft_config.prompt_lengths) != layers:
             raise ValueError(f"SPTConfig.prompt_lengths names layers {sorted(peft_config.prompt_lengths)}, "
                              f"but the prompts go to layers {layers}")
-        peft_config.target_modules = {f"{blocks_name}.{i}.self_attn" if blocks_name else f"{i}.self_attn"
-                                      for i in layers}
+        peft_config.target_modules = targets
         self._groups = groups
 
     @staticmethod
@@ -264,7 +265,7 @@ class SPTModel(BaseTuner):
             f"{target}, calibration))")
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **optional_kwargs):
-        match = _LAYER_KEY.search(current_key)
+        match = ATTENTION_KEY.search(current_key)
         if match is None:
             raise ValueError(f"SPT targets decoder layers' self_attn modules, got {current_key!r}")
         index = int(match.group(1))
@@ -366,28 +367,6 @@ class SPTModel(BaseTuner):
         self._stop_running_norms()
         self.pruning_plans = {}
         return super()._unload_and_optionally_merge(merge=False, progressbar=progressbar)
-
-    # --- loading -------------------------------------------------------------------------------------
-
-    @classmethod
-    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        for name, module in model.named_modules():
-            if not isinstance(module, SPTLayer):
-                continue
-            key = f"{name}.spt_fingerprint.{adapter_name}".removeprefix("_fsdp_wrapped_module.")
-            saved = remapped.get(key)
-            if saved is None:
-                continue
-            actual = torch.stack([mask_fingerprint(m) for m in module.attention_masks()])
-            if not torch.equal(saved.to(torch.int64).cpu(), actual):
-                raise ValueError(
-                    f"SPT adapter {adapter_name!r} does not fit this base model at decoder layer {module.layer_index}: "
-                    f"its prompts were trained on attention projections with {saved[:, 1].tolist()} nonzeros "
-                    f"(q/k/v/o), this base has {actual[:, 1].tolist()} (or the same counts at other positions). "
-                    "Load it onto the pruned model it was trained with; to resume a Trainer checkpoint "
-                    "saved during gradual pruning, call sp.load_pruning_state(peft_model, checkpoint) first.")
-        return remapped
 
 
 def spt_prompt_lengths(peft_model: nn.Module, adapter_name: Optional[str] = None) -> dict[int, int]:
