@@ -8,7 +8,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
-from ..sparsity.masks import mask_fingerprint
+from ..sparsity.masks import is_linear, linear_view, mask_fingerprint
 
 
 def check_fingerprints(model: nn.Module, adapter_name: str, state_dict: dict, key_attr: str) -> None:
@@ -37,17 +37,31 @@ def check_fingerprints(model: nn.Module, adapter_name: str, state_dict: dict, ke
             )
 
 
+def base_view(layer: BaseTunerLayer):
+    """The layer's base linear seen as out x in (``linear_view``): the base weight as the tuners'
+    math uses it, whether the base is an ``nn.Linear`` or a ``Conv1D`` (stored in x out)."""
+    return linear_view(layer.get_base_layer())
+
+
 def attach_sparsity_mask(layer: BaseTunerLayer, method: str) -> None:
     """Record the wrapped linear's shape and its mask (``W != 0`` now) on a tuner layer.
 
     The mask is the base's pruned topology when the layer is wrapped. It is derived from the base,
     so it is a non-persistent buffer; each adapter saves a fingerprint of it instead.
+
+    Layout: the mask, and everything the tuners compute from it (adapter deltas, flat positions,
+    ``get_delta_weight``, fingerprints), is out x in for every base, ``Conv1D`` included (its
+    weight is read through the transposed view ``base_view``). So a fingerprint does not depend on
+    how the base stores its weight, and only the writes into the base weight (merge, unmerge) and
+    ``merge_target_mask`` convert to the stored layout.
     """
     base = layer.get_base_layer()
-    if not isinstance(base, nn.Linear):
-        raise TypeError(f"{method} supports torch.nn.Linear only, got {type(base).__name__}")
-    layer.in_features, layer.out_features = base.in_features, base.out_features
-    layer.register_buffer("sparsity_mask", base.weight.detach() != 0, persistent=False)
+    if not is_linear(base):
+        raise TypeError(f"{method} supports torch.nn.Linear and transformers' Conv1D only, got {type(base).__name__}")
+    view = linear_view(base)
+    layer.in_features, layer.out_features = view.in_features, view.out_features
+    # contiguous: flat positions (SEFT) and fingerprints index the out x in mask row-major.
+    layer.register_buffer("sparsity_mask", (view.weight.detach() != 0).contiguous(), persistent=False)
 
 
 class SparseMaskTuner(BaseTuner):
@@ -74,8 +88,9 @@ class SparseMaskTuner(BaseTuner):
         if isinstance(target, BaseTunerLayer):
             raise TypeError(f"layer {current_key!r} already carries a {type(target).__name__} adapter; "
                             f"{self.method} cannot stack on another method")
-        if not isinstance(target, nn.Linear):
-            raise TypeError(f"layer {current_key!r} is a {type(target).__name__}; {self.method} targets torch.nn.Linear")
+        if not is_linear(target):
+            raise TypeError(f"layer {current_key!r} is a {type(target).__name__}; {self.method} targets "
+                            "torch.nn.Linear and transformers' Conv1D")
         new_module = self.linear_cls(target, adapter_name, **kwargs)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added adapter is not trainable until set_adapter

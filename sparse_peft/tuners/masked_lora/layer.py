@@ -13,7 +13,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from ...sparsity.masks import mask_fingerprint, restore_mask
-from .._shared import attach_sparsity_mask
+from .._shared import attach_sparsity_mask, base_view
 
 
 class MaskedLoraLayer(BaseTunerLayer):
@@ -55,7 +55,10 @@ class MaskedLoraLayer(BaseTunerLayer):
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """``scaling · (B A) ⊙ M`` in fp32: exactly zero at every pruned position."""
+        """``scaling · (B A) ⊙ M`` in fp32: exactly zero at every pruned position.
+
+        Out x in like the mask, whatever the base stores (a ``Conv1D`` holds its transpose).
+        """
         A = self.masked_lora_A[adapter_name]
         B = self.masked_lora_B[adapter_name]
         delta = (B.float() @ A.float()) * self.scaling[adapter_name]
@@ -76,10 +79,11 @@ class Linear(nn.Module, MaskedLoraLayer):
             if name not in self.masked_lora_A:
                 continue
             base = self.get_base_layer()
-            merged = base.weight.data.float() + self.get_delta_weight(name)
+            view = base_view(self)  # out x in, as the delta; a Conv1D stores the transpose
+            merged = view.weight.detach().float() + self.get_delta_weight(name)
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(f"NaNs or infs in the merged weights: adapter {name!r} seems to be broken")
-            base.weight.data = restore_mask(merged.to(base.weight.dtype), self.sparsity_mask)
+            base.weight.data = view.to_stored(restore_mask(merged.to(base.weight.dtype), self.sparsity_mask))
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -91,8 +95,9 @@ class Linear(nn.Module, MaskedLoraLayer):
             if name not in self.masked_lora_A:
                 continue
             base = self.get_base_layer()
-            restored = base.weight.data.float() - self.get_delta_weight(name)
-            base.weight.data = restore_mask(restored.to(base.weight.dtype), self.sparsity_mask)
+            view = base_view(self)  # out x in, as the delta; a Conv1D stores the transpose
+            restored = view.weight.detach().float() - self.get_delta_weight(name)
+            base.weight.data = view.to_stored(restore_mask(restored.to(base.weight.dtype), self.sparsity_mask))
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disable_adapters:

@@ -23,7 +23,8 @@ def effective_weight(base_weight: torch.Tensor, delta_index: torch.Tensor, delta
     """
     # fp32 at least (a bf16 base plus a small fp32 delta), fp64 when given fp64 (gradcheck).
     dtype = torch.promote_types(torch.promote_types(base_weight.dtype, delta.dtype), torch.float32)
-    weight = base_weight.detach().to(dtype).clone()
+    # contiguous: the flat positions index it row-major (a Conv1D base arrives as a transposed view).
+    weight = base_weight.detach().to(dtype).clone(memory_format=torch.contiguous_format)
     flat = weight.view(-1)
     if frozen_index.numel():
         flat.index_add_(0, frozen_index, frozen_delta.detach().to(dtype))

@@ -11,8 +11,8 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from ...sparsity.masks import mask_fingerprint, restore_mask
-from .._shared import attach_sparsity_mask
+from ...sparsity.masks import LINEAR_TYPES, mask_fingerprint, restore_mask
+from .._shared import attach_sparsity_mask, base_view
 from .functional import merge_factor, spp_delta_reference, spp_delta_weight
 from ... import ops
 
@@ -78,7 +78,7 @@ class SPPLayer(BaseTunerLayer):
         Summing (not multiplying one factor per adapter) is what the unmerged forward computes when
         several adapters are active, so merged and unmerged outputs agree.
         """
-        weight = self.get_base_layer().weight
+        weight = base_view(self).weight
         factor = torch.ones(weight.shape, dtype=torch.float32, device=weight.device)
         for name in adapter_names:
             A, b = self.spp_A[name], self.spp_b[name]
@@ -86,20 +86,24 @@ class SPPLayer(BaseTunerLayer):
         return factor
 
     def _unmerged_weight(self) -> torch.Tensor:
-        """The base weight as it was before merging (fp32)."""
-        weight = self.get_base_layer().weight.detach()
+        """The base weight as it was before merging (fp32, out x in)."""
+        weight = base_view(self).weight.detach()
         if not self.merged:
             return weight.float()
         factor = self._merge_factor(self.merged_adapters)
         # A factor of exactly 0 (only possible with the backup disabled) leaves the merged value in place.
-        restored = weight.float() / torch.where(factor == 0, torch.ones_like(factor), factor)
+        # contiguous: the backup's flat positions index it row-major (a Conv1D's view is transposed).
+        restored = (weight.float() / torch.where(factor == 0, torch.ones_like(factor), factor)).contiguous()
         if self._merge_backup is not None:
             indices, values = self._merge_backup
             restored.view(-1)[indices.to(restored.device)] = values.to(restored.device, torch.float32)
         return restored
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """``α · R(A) ⊙ b ⊙ W`` in fp32, with ``W`` the unmerged base weight: zero wherever ``W`` is."""
+        """``α · R(A) ⊙ b ⊙ W`` in fp32, with ``W`` the unmerged base weight: zero wherever ``W`` is.
+
+        Out x in like the mask, whatever the base stores (a ``Conv1D`` holds its transpose).
+        """
         A, b = self.spp_A[adapter_name], self.spp_b[adapter_name]
         return spp_delta_weight(self._unmerged_weight(), A.float(), b.float(), self.alpha[adapter_name])
 
@@ -123,7 +127,8 @@ class Linear(nn.Module, SPPLayer):
         to_merge = list(self.merged_adapters) + adapter_names
         if self.merged:
             self.unmerge()
-        weight = self.get_base_layer().weight
+        # Out x in (a Conv1D's transposed view): copy_ into it below writes the stored weight in place.
+        weight = base_view(self).weight
         original = weight.detach()
         factor = self._merge_factor(to_merge)
         merged = original.float() * factor
@@ -142,7 +147,7 @@ class Linear(nn.Module, SPPLayer):
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
-        weight = self.get_base_layer().weight
+        weight = base_view(self).weight  # out x in view: copy_ writes the stored weight in place
         restored = self._unmerged_weight()
         with torch.no_grad():
             weight.copy_(restore_mask(restored.to(weight.dtype), self.sparsity_mask))
@@ -159,10 +164,12 @@ class Linear(nn.Module, SPPLayer):
         fused = self._fused_adapter(x)
         if fused is not None:
             # One CUDA kernel for base + delta: W ⊙ (1 + α R(A) ⊙ b) is built tile by tile, never stored.
+            # A Conv1D's weight goes as its transposed view: the kernel reads W through its strides.
             base = self.get_base_layer()
-            return ops.spp_linear(x, base.weight, self.spp_A[fused], self.spp_b[fused], self.alpha[fused], base.bias)
+            return ops.spp_linear(x, base_view(self).weight, self.spp_A[fused], self.spp_b[fused], self.alpha[fused],
+                                  base.bias)
         result = self.base_layer(x, *args, **kwargs)
-        weight = self.get_base_layer().weight
+        weight = base_view(self).weight
         for name in self.active_adapters:
             if name not in self.spp_A:
                 continue
@@ -174,14 +181,14 @@ class Linear(nn.Module, SPPLayer):
     def _fused_adapter(self, x: torch.Tensor) -> Optional[str]:
         """The adapter to run through the fused ``ops.spp_linear`` kernel, or ``None`` for the
         reference path: only CUDA inputs, one active SPP adapter without dropout, a plain frozen
-        ``nn.Linear`` base whose dtype matches ``x`` (CPU behaviour is unchanged)."""
+        ``nn.Linear`` or ``Conv1D`` base whose dtype matches ``x`` (CPU behaviour is unchanged)."""
         if not x.is_cuda:
             return None
         active = [name for name in self.active_adapters if name in self.spp_A]
         if len(active) != 1 or not isinstance(self.spp_dropout[active[0]], nn.Identity):
             return None
         base = self.get_base_layer()
-        if type(base) is not nn.Linear or base.weight.requires_grad or base.weight.dtype != x.dtype:
+        if type(base) not in LINEAR_TYPES or base.weight.requires_grad or base.weight.dtype != x.dtype:
             return None
         if base._forward_hooks or base._forward_pre_hooks:
             return None  # hooks on the base layer expect it to be called
