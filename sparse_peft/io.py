@@ -149,7 +149,10 @@ def _packed_layers(model: nn.Module) -> dict[str, PackedBitmask | nn.Linear]:
         if isinstance(module, BitmaskLinear):
             layers[f"{name}.weight"] = module.packed
     for name, linear in named_linears(model):
-        layers[f"{name}.weight"] = linear
+        # BitmaskLinear computes x Wᵀ from an out x in weight; a Conv1D (GPT-2) stores its weight
+        # in x out and is kept as a plain tensor: exact, just not compressed.
+        if isinstance(linear, nn.Linear):
+            layers[f"{name}.weight"] = linear
     return layers
 
 

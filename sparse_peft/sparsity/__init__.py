@@ -1,8 +1,11 @@
 """Masks, N:M patterns, sparsity reports, schedules and pruners."""
 
 from .masks import (
+    LinearView,
     check_nm_divides,
+    is_linear,
     is_nm_sparse,
+    linear_view,
     mask_fingerprint,
     named_linears,
     parse_pattern,
@@ -21,8 +24,11 @@ __all__ = [
     "cubic_sparsity",
     "prune",
     "sparsity_report",
+    "LinearView",
     "check_nm_divides",
+    "is_linear",
     "is_nm_sparse",
+    "linear_view",
     "mask_fingerprint",
     "named_linears",
     "parse_pattern",

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .._progress import progress
-from .masks import named_linears
+from .masks import is_linear, named_linears
 
 
 class _StopForward(Exception):
@@ -86,27 +86,27 @@ def as_calibration_batches(calibration) -> list[CalibrationBatch]:
 
 def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The ``nn.ModuleList`` of repeated decoder blocks (``model.layers``, ``gpt_neox.layers``,
-    ``model.decoder.layers``, ...): among ModuleLists whose entries share one class and hold linear
-    layers, the one with the most parameters."""
+    ``model.decoder.layers``, GPT-2's ``transformer.h``, ...): among ModuleLists whose entries share
+    one class and hold linear layers (``nn.Linear`` or ``Conv1D``), the one with the most parameters."""
     best_name, best_blocks, best_size = None, None, -1
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
         if len({type(block) for block in module}) != 1:
             continue
-        if not any(isinstance(m, nn.Linear) for m in module[0].modules()):
+        if not any(is_linear(m) for m in module[0].modules()):
             continue
         size = sum(p.numel() for p in module.parameters())
         if size > best_size:
             best_name, best_blocks, best_size = name, module, size
     if best_blocks is None:
         raise ValueError(f"no decoder blocks found in {type(model).__name__}: expected an nn.ModuleList of "
-                         "identical blocks holding nn.Linear layers (e.g. model.model.layers)")
+                         "identical blocks holding nn.Linear or Conv1D layers (e.g. model.model.layers)")
     return best_name, best_blocks
 
 
-def block_linears(blocks_name: str, blocks: nn.ModuleList) -> list[list[tuple[str, nn.Linear]]]:
-    """Per block, ``(full module name, linear)`` for every linear inside it."""
+def block_linears(blocks_name: str, blocks: nn.ModuleList) -> list[list[tuple[str, nn.Module]]]:
+    """Per block, ``(full module name, linear)`` for every linear (``nn.Linear`` or ``Conv1D``) inside it."""
     prefix = f"{blocks_name}." if blocks_name else ""
     return [[(f"{prefix}{index}.{name}", linear) for name, linear in named_linears(block)]
             for index, block in enumerate(blocks)]

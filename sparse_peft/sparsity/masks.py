@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+#: The layer types pruning and the sparse tuners handle: ``nn.Linear`` (weight out x in,
+#: ``y = x Wᵀ + b``) and transformers' ``Conv1D`` (GPT-2 family: weight in x out, ``y = x W + b``).
+LINEAR_TYPES = (nn.Linear, Conv1D)
 
 # Odd multiplier for the positional checksum (Knuth's multiplicative hash); the modulus keeps each
 # term below 2**31 so the int64 sum cannot overflow for layers of up to 2**32 positions.
@@ -69,15 +74,64 @@ def mask_fingerprint(mask: torch.Tensor) -> torch.Tensor:
     )
 
 
+def is_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is a linear layer pruning and the sparse tuners handle (``LINEAR_TYPES``)."""
+    return isinstance(module, LINEAR_TYPES)
+
+
+class LinearView:
+    """A linear-like module seen as ``y = x Wᵀ + b`` with ``W`` out x in, whatever its storage.
+
+    Scores, masks, N:M groups, reports and adapters all work in the out x in sense (a row per
+    output, N:M groups along consecutive inputs), so they mean the same for ``nn.Linear`` and for
+    transformers' ``Conv1D``, which stores ``W`` transposed. ``weight`` is a view (``Conv1D``:
+    ``weight.T``, no copy): in-place writes to it (``copy_``, index assignment) land in the stored
+    weight. ``to_stored`` turns an out x in tensor into the stored layout, for assigning
+    ``.weight.data``. Properties are read on access, so a view stays valid after ``.data`` is
+    replaced.
+    """
+
+    __slots__ = ("module", "transposed")
+
+    def __init__(self, module: nn.Module):
+        if not is_linear(module):
+            raise TypeError(f"expected torch.nn.Linear or transformers' Conv1D, got {type(module).__name__}")
+        self.module = module
+        self.transposed = isinstance(module, Conv1D)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight as out x in (a view of the parameter, not a copy)."""
+        return self.module.weight.T if self.transposed else self.module.weight
+
+    @property
+    def out_features(self) -> int:
+        return self.module.weight.shape[1 if self.transposed else 0]
+
+    @property
+    def in_features(self) -> int:
+        return self.module.weight.shape[0 if self.transposed else 1]
+
+    def to_stored(self, out_in: torch.Tensor) -> torch.Tensor:
+        """An out x in tensor in the layout the module stores its weight in (contiguous)."""
+        return out_in.T.contiguous() if self.transposed else out_in
+
+
+def linear_view(module: nn.Module) -> LinearView:
+    """``module`` (``nn.Linear`` or ``Conv1D``) as an out x in linear; see ``LinearView``."""
+    return LinearView(module)
+
+
 def named_linears(model: nn.Module, include_lm_head: bool = False):
-    """Yield ``(name, nn.Linear)`` for the linear layers that pruning and sparse adapters target.
+    """Yield ``(name, module)`` for the linear layers that pruning and sparse adapters target:
+    ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2 family; see ``linear_view`` for its layout).
 
     The output head (and anything tied to the input embeddings) is left out unless asked for:
     pruning it costs far more accuracy than it saves.
     """
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
+        if not is_linear(module):
             continue
         if not include_lm_head and (module is out_emb or name.split(".")[-1] == "lm_head"):
             continue

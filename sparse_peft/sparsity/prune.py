@@ -10,7 +10,7 @@ from torch import nn
 
 from .calibration import as_calibration_batches, block_linears, find_decoder_blocks, run_blockwise
 from .magnitude import MAGNITUDE_SCOPES, magnitude_keep_mask
-from .masks import check_nm_divides, named_linears, parse_pattern
+from .masks import check_nm_divides, linear_view, named_linears, parse_pattern
 from .owl import allocate_zero_counts, outlier_ratio, owl_block_sparsities
 from .report import SparsityReport, sparsity_report
 from .selection import unstructured_zero_count, write_masked_weight_
@@ -27,20 +27,26 @@ def _check_sparsity(sparsity) -> float:
     return float(sparsity)
 
 
-def _prunable_linears(model: nn.Module, need_blocks: bool) -> list[list[tuple[str, nn.Linear]]]:
-    """The linears of each decoder block. Magnitude pruning of a model without decoder blocks
-    falls back to every linear but the output head (as one group)."""
+def _prunable_linears(model: nn.Module, need_blocks: bool) -> list[list[tuple[str, nn.Module]]]:
+    """The linears (``nn.Linear`` / ``Conv1D``) of each decoder block. Magnitude pruning of a model
+    without decoder blocks falls back to every linear but the output head (as one group)."""
     try:
-        return block_linears(*find_decoder_blocks(model))
+        groups = block_linears(*find_decoder_blocks(model))
     except ValueError:
         if need_blocks:
             raise
-        return [list(named_linears(model))]
+        groups = [list(named_linears(model))]
+    if not any(groups):
+        # Reporting "0 layers pruned" would look like success; a model whose layers are of another
+        # type (or that has no linear besides its head) must say so.
+        raise ValueError(f"nothing to prune in {type(model).__name__}: it has no torch.nn.Linear or transformers "
+                         "Conv1D layer besides the output head")
+    return groups
 
 
 def _make_stat(method: str):
     stat_class = HessianStat if method == "sparsegpt" else InputNormStat
-    return lambda linear: stat_class(linear.in_features, device=linear.weight.device)
+    return lambda linear: stat_class(linear_view(linear).in_features, device=linear.weight.device)
 
 
 def _owl_zero_counts(model, calibration, groups, sparsity, owl_threshold, owl_lambda, show_progress) -> dict[str, int]:
@@ -48,7 +54,7 @@ def _owl_zero_counts(model, calibration, groups, sparsity, owl_threshold, owl_la
     ratios: list[float] = []
 
     def measure_block(index, stats):
-        scores = [wanda_scores(linear.weight, stat) for linear, stat in stats.values()]
+        scores = [wanda_scores(linear_view(linear).weight, stat) for linear, stat in stats.values()]
         ratios.append(outlier_ratio(scores, owl_threshold))
 
     # Outlier ratios come from the dense model (nothing is pruned in this pass).
@@ -86,6 +92,8 @@ def prune(
 
     Args:
         model: a transformers causal LM (not yet peft-wrapped). The output head is never pruned.
+            Its linears may be ``nn.Linear`` or transformers' ``Conv1D`` (GPT-2 family, weight
+            stored in x out): rows, per-row comparison and N:M groups always mean out x in.
         method: ``"magnitude"`` (smallest |W|), ``"wanda"`` (|W_ij| * ||X_j||_2 per output row) or
             ``"sparsegpt"`` (OBS with compensating updates).
         sparsity: unstructured target in [0, 1). Layer ``i`` gets exactly ``round(sparsity *
@@ -121,7 +129,8 @@ def prune(
 
     Raises ValueError for: an unknown method/allocation/scope (listing the choices), both or
     neither of sparsity/pattern, sparsity outside [0, 1), a malformed pattern or one whose M does not
-    divide a layer's in_features (naming the layer), OWL with a pattern, missing calibration.
+    divide a layer's in_features (naming the layer), OWL with a pattern, missing calibration, a
+    model with nothing to prune (no ``nn.Linear`` / ``Conv1D`` besides the output head).
     """
     if method not in METHODS:
         raise ValueError(f"unknown pruning method {method!r}; choose one of {METHODS}")
@@ -155,7 +164,7 @@ def prune(
     if nm is not None:
         for group in groups:
             for name, linear in group:
-                check_nm_divides(linear.in_features, nm[1], name)
+                check_nm_divides(linear_view(linear).in_features, nm[1], name)
     if needs_calibration:
         if calibration is None:
             what = (f"method={method!r}" if method != "magnitude" else "allocation='owl'" if allocation == "owl"
@@ -200,17 +209,19 @@ def prune(
         if method == "magnitude":
             for group in groups:
                 for name, linear in group:
-                    keep = magnitude_keep_mask(linear.weight, n_zeros(name), nm, magnitude_scope)
+                    # Scores, masks and N:M groups are out x in (rows = outputs) for Conv1D too.
+                    keep = magnitude_keep_mask(linear_view(linear).weight, n_zeros(name), nm, magnitude_scope)
                     write_masked_weight_(linear, keep)
             return sparsity_report(model)
 
         def prune_block(index, stats):
             for name, (linear, stat) in stats.items():
+                weight = linear_view(linear).weight  # out x in, whatever the layer stores
                 if method == "wanda":
-                    keep = wanda_keep_mask(linear.weight, stat, n_zeros(name), nm)
+                    keep = wanda_keep_mask(weight, stat, n_zeros(name), nm)
                     write_masked_weight_(linear, keep)
                 else:
-                    keep, new_weight = sparsegpt_prune(linear.weight, stat, n_zeros(name), nm, blocksize, percdamp)
+                    keep, new_weight = sparsegpt_prune(weight, stat, n_zeros(name), nm, blocksize, percdamp)
                     write_masked_weight_(linear, keep, new_weight)
 
         run_blockwise(model, calibration, _make_stat(method), prune_block, desc=f"{method} pruning",

@@ -1,5 +1,9 @@
 """Sparsity reports: how many exact zeros each linear layer holds, and which N:M pattern it meets.
 
+Linear layers are ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2 family); shapes and N:M
+groups are reported in the out x in sense for both (``linear_view``), so a ``Conv1D`` reads like
+the ``nn.Linear`` it stands for.
+
 Works on a plain transformers model and on a peft-wrapped one: a tuner layer (anything with
 ``get_base_layer()``) is reported through its base linear, under the base model's module name,
 so a report taken before wrapping and one taken after (or after ``merge_and_unload``) line up.
@@ -12,7 +16,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .masks import is_nm_sparse
+from .masks import is_linear, is_nm_sparse, linear_view
 
 # Patterns worth naming, strictest first (2:4 implies 4:8, so the first match is the most useful).
 _REPORTED_PATTERNS = ((2, 4), (4, 8))
@@ -87,7 +91,7 @@ def _unwrap_peft(model: nn.Module) -> nn.Module:
 
 
 def _reported_linears(model: nn.Module):
-    """Yield ``(base-model name, nn.Linear)``: base layers of tuner layers, then plain linears,
+    """Yield ``(base-model name, linear)``: base layers of tuner layers, then plain linears,
     each once, in module order, without the output head and without adapter-internal linears."""
     model = _unwrap_peft(model)
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -101,10 +105,10 @@ def _reported_linears(model: nn.Module):
             base = module.get_base_layer()  # innermost, also through nested tuner layers
             # Only linear wrappers stand for their base; a tuner wrapping a whole block (SPT wraps
             # attention) is walked into so the linears inside it are reported.
-            if base is not module and isinstance(base, nn.Linear):
+            if base is not module and is_linear(base):
                 tuner_prefixes.append(name + ".")
                 module = base
-        if not isinstance(module, nn.Linear) or id(module) in seen:
+        if not is_linear(module) or id(module) in seen:
             continue
         base_name = _base_name(name)
         if module is out_emb or base_name.split(".")[-1] == "lm_head":
@@ -114,6 +118,7 @@ def _reported_linears(model: nn.Module):
 
 
 def layer_sparsity(weight) -> LayerSparsity:
+    """Zeros and N:M pattern of an out x in weight (N:M groups run along its rows)."""
     kept = weight.detach() != 0
     numel = kept.numel()
     zeros = numel - int(kept.count_nonzero().item())
@@ -131,7 +136,7 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
     ``sum(zeros) / sum(numel)`` over them."""
     layers: OrderedDict[str, LayerSparsity] = OrderedDict()
     for name, linear in _reported_linears(model):
-        layers[name] = layer_sparsity(linear.weight)
+        layers[name] = layer_sparsity(linear_view(linear).weight)
     numel = sum(layer.numel for layer in layers.values())
     zeros = sum(layer.zeros for layer in layers.values())
     return SparsityReport(global_sparsity=zeros / numel if numel else 0.0, layers=layers)

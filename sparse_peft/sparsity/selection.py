@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .masks import restore_mask
+from .masks import linear_view, restore_mask
 
 
 def unstructured_zero_count(sparsity: float, numel: int) -> int:
@@ -65,8 +65,11 @@ def nm_keep_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def write_masked_weight_(linear: torch.nn.Linear, keep: torch.Tensor, new_weight: torch.Tensor | None = None) -> int:
+def write_masked_weight_(linear: torch.nn.Module, keep: torch.Tensor, new_weight: torch.Tensor | None = None) -> int:
     """Store ``new_weight`` (default: the current weight) with the pruned positions set to ``+0.0``.
+
+    ``keep`` and ``new_weight`` are out x in, as the pruners score (``linear_view``); they are
+    written through the out x in view, so a ``Conv1D`` keeps its in x out storage.
 
     A *kept* weight that is exactly zero in the model's dtype (already zero before pruning, a
     SparseGPT update that lands on 0, or underflow when casting down) would add an unpromised zero.
@@ -74,7 +77,7 @@ def write_masked_weight_(linear: torch.nn.Linear, keep: torch.Tensor, new_weight
     1e-38 in fp32/bf16, 6e-5 in fp16), far below anything that changes an output, so the layer's
     zero count, and ``weight != 0``, are exactly the chosen mask. Returns how many were replaced.
     """
-    weight = linear.weight
+    weight = linear_view(linear).weight
     source = (weight if new_weight is None else new_weight).detach()
     value = source.to(weight.dtype)
     n_kept_zero = int((keep & (value == 0)).sum().item())

@@ -81,7 +81,8 @@ def sparsegpt_prune(weight: torch.Tensor, stat: HessianStat, n_zeros: int | None
     upper = _inverse_hessian_factor(hessian, percdamp).float()
     dead = dead.to(weight.device)
 
-    w = weight.detach().float().clone()
+    # A contiguous copy: ``weight`` may be a transposed view (Conv1D), and the sweep reads columns.
+    w = weight.detach().float().clone(memory_format=torch.contiguous_format)
     keep = torch.ones(rows, cols, dtype=torch.bool, device=weight.device)
     block_zeros = _block_zero_counts(n_zeros, cols, blocksize) if nm is None else None
 

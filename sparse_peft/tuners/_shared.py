@@ -11,7 +11,7 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
-from ..sparsity.masks import mask_fingerprint
+from ..sparsity.masks import LINEAR_TYPES, is_linear, linear_view, mask_fingerprint
 
 
 class FingerprintDict(BufferDict):
@@ -69,6 +69,12 @@ def mask_fingerprints(layer: BaseTunerLayer) -> FingerprintDict:
     return FingerprintDict(partial(check_mask_fingerprint, layer))
 
 
+def base_view(layer: BaseTunerLayer):
+    """The layer's base linear seen as out x in (``linear_view``): the base weight as the tuners'
+    math uses it, whether the base is an ``nn.Linear`` or a ``Conv1D`` (stored in x out)."""
+    return linear_view(layer.get_base_layer())
+
+
 def attach_sparsity_mask(layer: BaseTunerLayer, method: str) -> None:
     """Check the wrapped layer is a linear and record its shape on a tuner layer.
 
@@ -76,11 +82,18 @@ def attach_sparsity_mask(layer: BaseTunerLayer, method: str) -> None:
     pruner and every merge keeps that with ``restore_mask``), so ``DerivedMask.sparsity_mask``
     derives it when it is needed. Each adapter saves a fingerprint of it (``mask_fingerprints``).
     ``layer_name`` names the layer in messages; the tuner sets it.
+
+    Layout: the mask, and everything the tuners compute from it (adapter deltas, flat positions,
+    ``get_delta_weight``, fingerprints), is out x in for every base, ``Conv1D`` included (its
+    weight is read through the transposed view ``base_view``). So a fingerprint does not depend on
+    how the base stores its weight, and only the writes into the base weight (merge, unmerge) and
+    ``merge_target_mask`` convert to the stored layout.
     """
     base = layer.get_base_layer()
-    if not isinstance(base, nn.Linear):
-        raise TypeError(f"{method} supports torch.nn.Linear only, got {type(base).__name__}")
-    layer.in_features, layer.out_features = base.in_features, base.out_features
+    if not is_linear(base):
+        raise TypeError(f"{method} supports torch.nn.Linear and transformers' Conv1D only, got {type(base).__name__}")
+    view = linear_view(base)
+    layer.in_features, layer.out_features = view.in_features, view.out_features
     layer.layer_name = type(base).__name__
 
 
@@ -95,14 +108,15 @@ def adapter_dtype(base_weight: torch.Tensor) -> torch.dtype:
 def fuses_base(layer: BaseTunerLayer, active: list[str], dropouts: nn.ModuleDict, x: torch.Tensor) -> bool:
     """Whether the base GEMM and an adapter's update can share one weight ``W + ΔW``: one active
     adapter without dropout (dropout applies to the adapter's input alone), a plain frozen
-    ``nn.Linear`` base without hooks (they expect it to be called) whose weight has ``x``'s dtype.
+    ``nn.Linear`` or ``Conv1D`` base without hooks (they expect it to be called) whose weight has
+    ``x``'s dtype.
 
     In bf16/fp16 the sum ``W + ΔW`` is then rounded to the base dtype before the GEMM, which is what
     the merged model computes; an update below half a unit in the last place of its weight shows in
     the forward only once it grows (its gradient does not depend on that rounding).
     """
     base = layer.get_base_layer()
-    return (len(active) == 1 and isinstance(dropouts[active[0]], nn.Identity) and type(base) is nn.Linear
+    return (len(active) == 1 and isinstance(dropouts[active[0]], nn.Identity) and type(base) in LINEAR_TYPES
             and not base._forward_hooks and not base._forward_pre_hooks and base.weight.dtype == x.dtype
             and not base.weight.requires_grad)
 
@@ -112,13 +126,14 @@ class DerivedMask:
     use and never kept, so a layer holds no byte per weight for it (a tuner layer mixes this in)."""
 
     def unmerged_base_weight(self) -> torch.Tensor:
-        """The base weight as it is without any merged adapter (a layer whose merge changes the
-        topology overrides this)."""
-        return self.get_base_layer().weight
+        """The base weight, out x in, as it is without any merged adapter (a layer whose merge
+        changes the topology overrides this)."""
+        return base_view(self).weight
 
     @property
     def sparsity_mask(self) -> torch.Tensor:
-        return self.unmerged_base_weight().detach() != 0
+        # contiguous: flat positions (SEFT) and fingerprints index the out x in mask row-major.
+        return (self.unmerged_base_weight().detach() != 0).contiguous()
 
 
 class SparseMaskTuner(BaseTuner):
@@ -143,8 +158,9 @@ class SparseMaskTuner(BaseTuner):
         if isinstance(target, BaseTunerLayer):
             raise TypeError(f"layer {current_key!r} already carries a {type(target).__name__} adapter; "
                             f"{self.method} cannot stack on another method")
-        if not isinstance(target, nn.Linear):
-            raise TypeError(f"layer {current_key!r} is a {type(target).__name__}; {self.method} targets torch.nn.Linear")
+        if not is_linear(target):
+            raise TypeError(f"layer {current_key!r} is a {type(target).__name__}; {self.method} targets "
+                            "torch.nn.Linear and transformers' Conv1D")
         new_module = self.linear_cls(target, adapter_name, **kwargs)
         new_module.layer_name = current_key
         if adapter_name not in self.active_adapters:

@@ -19,7 +19,7 @@ from torch import nn
 
 from ...delta_linear import delta_linear
 from ...sparsity.masks import mask_fingerprint, restore_mask
-from .._shared import DerivedMask, adapter_dtype, attach_sparsity_mask, fuses_base, mask_fingerprints
+from .._shared import DerivedMask, adapter_dtype, attach_sparsity_mask, base_view, fuses_base, mask_fingerprints
 
 
 class MaskedLoraLayer(DerivedMask, BaseTunerLayer):
@@ -74,10 +74,12 @@ class MaskedLoraLayer(DerivedMask, BaseTunerLayer):
         return rows
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """``scaling · (B A) ⊙ M`` (fp32 or wider, dense): exactly zero at every pruned position."""
-        weight = self.get_base_layer().weight
+        """``scaling · (B A) ⊙ M`` (fp32 or wider, dense): exactly zero at every pruned position.
+
+        Out x in like the mask, whatever the base stores (a ``Conv1D`` holds its transpose).
+        """
         with torch.no_grad():
-            return self.delta_rows(adapter_name)(0, self.out_features, weight.detach())
+            return self.delta_rows(adapter_name)(0, self.out_features, self.unmerged_base_weight().detach())
 
 
 class Linear(nn.Module, MaskedLoraLayer):
@@ -94,10 +96,11 @@ class Linear(nn.Module, MaskedLoraLayer):
             if name not in self.masked_lora_A:
                 continue
             base = self.get_base_layer()
-            merged = base.weight.data.float() + self.get_delta_weight(name)
+            view = base_view(self)  # out x in, as the delta; a Conv1D stores the transpose
+            merged = view.weight.detach().float() + self.get_delta_weight(name)
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(f"NaNs or infs in the merged weights: adapter {name!r} seems to be broken")
-            base.weight.data = restore_mask(merged.to(base.weight.dtype), self.sparsity_mask)
+            base.weight.data = view.to_stored(restore_mask(merged.to(base.weight.dtype), self.sparsity_mask))
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -109,8 +112,9 @@ class Linear(nn.Module, MaskedLoraLayer):
             if name not in self.masked_lora_A:
                 continue
             base = self.get_base_layer()
-            restored = base.weight.data.float() - self.get_delta_weight(name)
-            base.weight.data = restore_mask(restored.to(base.weight.dtype), self.sparsity_mask)
+            view = base_view(self)  # out x in, as the delta; a Conv1D stores the transpose
+            restored = view.weight.detach().float() - self.get_delta_weight(name)
+            base.weight.data = view.to_stored(restore_mask(restored.to(base.weight.dtype), self.sparsity_mask))
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disable_adapters:
@@ -121,7 +125,7 @@ class Linear(nn.Module, MaskedLoraLayer):
         if self.merged or not active:
             return self.base_layer(x, *args, **kwargs)
         base = self.get_base_layer()
-        weight = base.weight.detach()
+        weight = self.unmerged_base_weight().detach()  # out x in (a Conv1D's transposed view)
         if fuses_base(self, active, self.masked_lora_dropout, x):
             # One GEMM with W + ΔW per block of rows, forward and backward: what LoRA costs plus the
             # dYᵀ X product the masked update needs.

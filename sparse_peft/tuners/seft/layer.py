@@ -6,7 +6,8 @@ State per adapter (all O(|A|) or O(changes), never out x in):
   what they learned) and ``-W`` for re-grown positions that must start at 0;
 - ``seft_added`` / ``seft_removed``: how the topology differs from the base's mask (always the same
   count, so the layer's nonzero count never changes).
-The base weight is never edited until ``merge``.
+The base weight is never edited until ``merge``. Positions index the out x in weight row-major, for a
+``Conv1D`` base too (read through its transposed view, ``base_view``), so they mean the same for every base.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from ...sparsity.masks import is_nm_sparse, mask_fingerprint, restore_mask
-from .._shared import DerivedMask, adapter_dtype, attach_sparsity_mask, mask_fingerprints
+from .._shared import DerivedMask, adapter_dtype, attach_sparsity_mask, base_view, mask_fingerprints
 from .functional import (coalesce, effective_weight, grow_within_groups, largest, smallest, smallest_per_group,
                          sparse_delta_linear, without)
 
@@ -78,7 +79,7 @@ class SEFTLayer(DerivedMask, BaseTunerLayer):
             raise ValueError(f"SEFT density={density} asks for {size} trainable positions in a {n}:{m}-sparse layer "
                              f"with {nnz} nonzeros; keeping the pattern needs at most half of them trainable, "
                              f"so use density <= {nnz / 2 / numel:.4f}")
-        weight = self.get_base_layer().weight
+        weight = base_view(self).weight
         device = weight.device
         nonzero = mask.view(-1).nonzero().squeeze(-1)
         if init_indices == "random":
@@ -86,7 +87,7 @@ class SEFTLayer(DerivedMask, BaseTunerLayer):
             generator = torch.Generator().manual_seed(seed * 1_000_003 + layer_seed)
             chosen = nonzero[torch.randperm(nonzero.numel(), generator=generator)[:size].to(device)]
         elif init_indices == "magnitude":
-            magnitude = weight.detach().view(-1)[nonzero].abs().float()
+            magnitude = weight.detach().reshape(-1)[nonzero].abs().float()
             chosen = nonzero[largest(magnitude, size)]
         else:
             raise ValueError(f"SEFT init_indices must be 'random' or 'magnitude', got {init_indices!r}")
@@ -122,18 +123,20 @@ class SEFTLayer(DerivedMask, BaseTunerLayer):
 
     def merge_target_mask(self, adapter_names: Optional[list[str]] = None) -> torch.Tensor:
         """The mask a merge of ``adapter_names`` (default: the active SEFT adapter) ends with: its
-        evolved topology, not the base's (``sp.merge_and_unload_sparse`` re-masks with this)."""
+        evolved topology, not the base's (``sp.merge_and_unload_sparse`` re-masks with this). In the
+        base weight's stored layout (transposed for a ``Conv1D``), as it is compared with that weight."""
         names = [n for n in (adapter_names or self.active_adapters) if n in self.seft_delta]
         if len(names) != 1:
             raise ValueError(f"SEFT merges one adapter per layer, got {names}")
-        return self.current_mask(names[0])
+        return base_view(self).to_stored(self.current_mask(names[0]))
 
     def unmerged_base_weight(self) -> torch.Tensor:
-        """The base weight without the merged adapter (a merge moves SEFT's topology; the backup undoes it)."""
-        weight = self.get_base_layer().weight
+        """The base weight without the merged adapter (a merge moves SEFT's topology; the backup undoes
+        it), out x in (a ``Conv1D``'s is a transposed view)."""
+        weight = base_view(self).weight
         if not self.merged:
             return weight
-        original = weight.detach().clone()
+        original = weight.detach().clone(memory_format=torch.contiguous_format)  # row-major for the flat positions
         positions, values = self._merge_backup
         original.view(-1)[positions] = values
         return original
@@ -145,7 +148,8 @@ class SEFTLayer(DerivedMask, BaseTunerLayer):
                                 self.seft_removed[adapter_name])
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """``W_eff - W`` (fp32, transient): what merging this adapter adds to the base weight."""
+        """``W_eff - W`` (fp32, transient, out x in): what merging this adapter adds to the base weight
+        (for a ``Conv1D`` base, its transpose)."""
         return self.effective_weight(adapter_name) - self.unmerged_base_weight().float()
 
     # --- dense gradient for growing ---------------------------------------------------------------
@@ -157,9 +161,9 @@ class SEFTLayer(DerivedMask, BaseTunerLayer):
         positions by |gradient|): one weight-sized tensor per layer from the first collecting
         backward until the topology update frees it.
         """
-        if self.grad_accum is None:
+        if self.grad_accum is None:  # out x in, as the flat positions
             weight = self.get_base_layer().weight
-            self.grad_accum = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
+            self.grad_accum = torch.zeros(self.out_features, self.in_features, dtype=weight.dtype, device=weight.device)
         self.grad_accum[start:stop] += grad_rows.to(self.grad_accum.dtype)
 
     def start_collecting(self) -> None:
@@ -246,7 +250,7 @@ class SEFTLayer(DerivedMask, BaseTunerLayer):
                                        f"in a group (a bug: grow_within_groups guarantees one)")
             # A re-grown position starts at exactly 0: cancel whatever W + F holds there.
             frozen_index, frozen_delta = without(frozen_index, frozen_delta, torch.cat([regrown, pruned]))
-            original = self.unmerged_base_weight().detach().view(-1)
+            original = self.unmerged_base_weight().detach().reshape(-1)
             cancel = -original[regrown].float()
             frozen_index = torch.cat([frozen_index, regrown[cancel != 0]])
             frozen_delta = torch.cat([frozen_delta, cancel[cancel != 0]])
@@ -319,7 +323,7 @@ class Linear(nn.Module, SEFTLayer):
             raise ValueError(f"SEFT merges one adapter per layer (each has its own topology); asked to merge "
                              f"{adapter_names} with {self.merged_adapters} already merged")
         name = adapter_names[0]
-        weight = self.get_base_layer().weight
+        weight = base_view(self).weight  # out x in view: copy_ below writes the stored weight in place
         merged = self.effective_weight(name)
         if safe_merge and not torch.isfinite(merged).all():
             raise ValueError(f"NaNs or infs in the merged weights: adapter {name!r} seems to be broken")
@@ -327,7 +331,7 @@ class Linear(nn.Module, SEFTLayer):
         # Every position the merge may change: A, frozen deltas and the topology's switches.
         changed = torch.unique(torch.cat([self.seft_index[name], self.seft_frozen_index[name],
                                           self.seft_added[name], self.seft_removed[name]]))
-        self._merge_backup = (changed, weight.detach().view(-1)[changed].clone())
+        self._merge_backup = (changed, weight.detach().reshape(-1)[changed].clone())
         with torch.no_grad():
             weight.copy_(restore_mask(merged.to(weight.dtype), mask))
         self.merged_adapters.append(name)
@@ -338,7 +342,8 @@ class Linear(nn.Module, SEFTLayer):
             return
         positions, values = self._merge_backup
         with torch.no_grad():
-            self.get_base_layer().weight.view(-1)[positions] = values
+            # (row, column) of the out x in view: writes through to a Conv1D's transposed storage too.
+            base_view(self).weight[positions // self.in_features, positions % self.in_features] = values
         self.merged_adapters.clear()
         self._merge_backup = None
 
@@ -351,7 +356,7 @@ class Linear(nn.Module, SEFTLayer):
         if self.merged or name is None:
             return self.base_layer(x, *args, **kwargs)
         base = self.get_base_layer()
-        result = sparse_delta_linear(x, self.seft_delta[name], base.weight, self.seft_index[name],
+        result = sparse_delta_linear(x, self.seft_delta[name], base_view(self).weight, self.seft_index[name],
                                      self.seft_frozen_index[name], self.seft_frozen_delta[name],
                                      self.seft_removed[name], self if self.training else None)
         if base.bias is not None:

@@ -11,7 +11,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from ...sparsity.masks import mask_fingerprint, restore_mask
-from .._shared import DerivedMask, adapter_dtype, attach_sparsity_mask, fuses_base, mask_fingerprints
+from .._shared import DerivedMask, adapter_dtype, attach_sparsity_mask, base_view, fuses_base, mask_fingerprints
 from .functional import merge_factor, spp_delta_reference, spp_delta_weight, spp_linear_fused
 from ... import ops
 
@@ -79,7 +79,7 @@ class SPPLayer(DerivedMask, BaseTunerLayer):
         Summing (not multiplying one factor per adapter) is what the unmerged forward computes when
         several adapters are active, so merged and unmerged outputs agree.
         """
-        weight = self.get_base_layer().weight
+        weight = base_view(self).weight
         factor = torch.ones(weight.shape, dtype=torch.float32, device=weight.device)
         for name in adapter_names:
             A, b = self.spp_A[name], self.spp_b[name]
@@ -87,20 +87,24 @@ class SPPLayer(DerivedMask, BaseTunerLayer):
         return factor
 
     def _unmerged_weight(self) -> torch.Tensor:
-        """The base weight as it was before merging (fp32)."""
-        weight = self.get_base_layer().weight.detach()
+        """The base weight as it was before merging (fp32, out x in)."""
+        weight = base_view(self).weight.detach()
         if not self.merged:
             return weight.float()
         factor = self._merge_factor(self.merged_adapters)
         # A factor of exactly 0 (only possible with the backup disabled) leaves the merged value in place.
-        restored = weight.float() / torch.where(factor == 0, torch.ones_like(factor), factor)
+        # contiguous: the backup's flat positions index it row-major (a Conv1D's view is transposed).
+        restored = (weight.float() / torch.where(factor == 0, torch.ones_like(factor), factor)).contiguous()
         if self._merge_backup is not None:
             indices, values = self._merge_backup
             restored.view(-1)[indices.to(restored.device)] = values.to(restored.device, torch.float32)
         return restored
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """``α · R(A) ⊙ b ⊙ W`` in fp32, with ``W`` the unmerged base weight: zero wherever ``W`` is."""
+        """``α · R(A) ⊙ b ⊙ W`` in fp32, with ``W`` the unmerged base weight: zero wherever ``W`` is.
+
+        Out x in like the mask, whatever the base stores (a ``Conv1D`` holds its transpose).
+        """
         A, b = self.spp_A[adapter_name], self.spp_b[adapter_name]
         return spp_delta_weight(self._unmerged_weight(), A.float(), b.float(), self.alpha[adapter_name])
 
@@ -124,7 +128,8 @@ class Linear(nn.Module, SPPLayer):
         to_merge = list(self.merged_adapters) + adapter_names
         if self.merged:
             self.unmerge()
-        weight = self.get_base_layer().weight
+        # Out x in (a Conv1D's transposed view): copy_ into it below writes the stored weight in place.
+        weight = base_view(self).weight
         original = weight.detach()
         factor = self._merge_factor(to_merge)
         merged = original.float() * factor
@@ -143,7 +148,7 @@ class Linear(nn.Module, SPPLayer):
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
-        weight = self.get_base_layer().weight
+        weight = base_view(self).weight  # out x in view: copy_ writes the stored weight in place
         restored = self._unmerged_weight()
         with torch.no_grad():
             weight.copy_(restore_mask(restored.to(weight.dtype), self.sparsity_mask))
@@ -161,16 +166,17 @@ class Linear(nn.Module, SPPLayer):
         if not active:
             return self.base_layer(x, *args, **kwargs)
         base = self.get_base_layer()
+        weight = base_view(self).weight.detach()  # out x in (a Conv1D's transposed view)
         if fuses_base(self, active, self.spp_dropout, x):
-            # W ⊙ (1 + α R(A) ⊙ b) in one GEMM: on CUDA the Triton kernel builds it tile by tile; elsewhere
-            # delta_linear builds it a block of rows at a time. Neither keeps an out x in tensor.
+            # W ⊙ (1 + α R(A) ⊙ b) in one GEMM: on CUDA the Triton kernel builds it tile by tile (reading a
+            # Conv1D's weight through its strides); elsewhere delta_linear builds it a block of rows at a
+            # time. Neither keeps an out x in tensor.
             name = active[0]
             A, b, alpha = self.spp_A[name], self.spp_b[name], self.alpha[name]
             if x.is_cuda:
-                return ops.spp_linear(x, base.weight, A, b, alpha, base.bias)
-            return spp_linear_fused(x, base.weight, A, b, alpha, base.bias)
+                return ops.spp_linear(x, weight, A, b, alpha, base.bias)
+            return spp_linear_fused(x, weight, A, b, alpha, base.bias)
         result = self.base_layer(x, *args, **kwargs)
-        weight = base.weight.detach()
         for name in active:
             x_in = self.spp_dropout[name](x)
             delta = spp_delta_reference(x_in, weight, self.spp_A[name], self.spp_b[name], self.alpha[name])
