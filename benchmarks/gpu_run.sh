@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# The kernels' GPU check and benchmark as ONE call of the device tool (a lent GPU machine: 15 min of
-# device time per session, 10 min per call). Prepared so that a session with a GPU spends it measuring.
+# The GPU check and benchmark in one script: the GPU tests, the kernels' accuracy check and their
+# benchmark grid, each stage under its own timeout, so that a short stay on a GPU machine is spent measuring.
 #
 # Here, once (the device image has older peft/transformers than pyproject pins; these three wheels,
 # 14.5 MiB, are pure Python and the image has their other needs):
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_17_x86_64 -d .whl peft==0.21.2 transformers==5.23.0 accelerate==1.15.0
-# Then the device tool's run, with carry [".whl"] and timeout_s 590:
+# Then, on the GPU machine, with .whl/ copied beside the checkout (under 10 minutes in all):
 #   bash benchmarks/gpu_run.sh
 # What it leaves in $OUT: env.txt, gpu_tests.log, accuracy.log, accuracy.jsonl, grid.log, rows.jsonl,
 # kernels.md.

@@ -1,6 +1,6 @@
 """Perplexity of one-shot pruning: dense, then every method x sparsity on a fresh copy of the model.
 
-    python benchmarks/pruning.py                      # SmolLM2-135M GGUF, WikiText-2, the DESIGN.md grid
+    python benchmarks/pruning.py                      # SmolLM2-135M GGUF, WikiText-2, the reference grid
     python benchmarks/pruning.py --model HuggingFaceTB/SmolLM2-135M --methods wanda --sparsities 0.5
     python benchmarks/pruning.py --methods wanda,sparsegpt --sparsities 0.7,2:4 --induce   # with vs without
 
@@ -39,9 +39,9 @@ from common import (  # noqa: E402
 import sparse_peft.sparsity as sps  # noqa: E402
 from sparse_peft.sparsity.prune import ALLOCATIONS  # noqa: E402
 
-# DESIGN.md's measured figures for the default model (SmolLM2-135M-Instruct Q4_1 GGUF, 24 x 512
+# Reference figures measured on the default model before this script existed (SmolLM2-135M-Instruct Q4_1 GGUF, 24 x 512
 # tokens of wiki.test.raw): what this script should reproduce.
-DESIGN_PPL = {
+REFERENCE_PPL = {
     ("dense", "-"): 32.3,
     ("magnitude", "0.5"): 418.6, ("wanda", "0.5"): 72.9, ("sparsegpt", "0.5"): 65.3,
     ("magnitude", "0.7"): 28305.0, ("wanda", "0.7"): 1117.5, ("sparsegpt", "0.7"): 337.3,
@@ -82,10 +82,10 @@ def target_kwargs(target: str) -> dict:
 
 
 def results_table(rows: list[dict], with_reference: bool) -> str:
-    header = "| method | target | ppl | DESIGN.md ppl | ratio | global sparsity | prune time |"
+    header = "| method | target | ppl | reference ppl | ratio | global sparsity | prune time |"
     lines = [header, "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for row in rows:
-        reference = DESIGN_PPL.get((row["method"], row["target"])) if with_reference else None
+        reference = REFERENCE_PPL.get((row["method"], row["target"])) if with_reference else None
         ref_text = f"{reference:,.1f}" if reference else "-"
         ratio = f"{row['ppl'] / reference:.3f}" if reference else "-"
         lines.append(f"| {row['method']} | {row['target']} | {row['ppl']:,.1f} | {ref_text} | {ratio} | "

@@ -19,7 +19,7 @@ $R --method spt --sparsity 0.5 --lr 1e-2 --spt-prompt-length 8 --spt-prune-steps
 $R --method lora --sparsity 0 --lr 1e-3 --save-merged runs/teacher-dense-lora
 
 # 2026-11-25: SquareHead at 70% (two λ) and the 2:4 rows, with ARC-Easy on 500 questions; then the
-# rest of issue 7's grid (every row above again with ARC-Easy, SquareHead for seft/spt) and the render.
+# rest of the recovery grid (every row above again with ARC-Easy, SquareHead for seft/spt) and the render.
 S="python benchmarks/sweep.py --no-dense --teacher runs/teacher-dense-lora --arc-easy 500 --threads ${THREADS:-1} --no-render"
 $S --methods masked_lora,spp --targets 0.7 --losses squarehead --squarehead-lambda 1,0.1
 $S --methods masked_lora,spp,lora --targets 2:4 --losses ce
@@ -35,7 +35,7 @@ $S --pruner sparsegpt --methods masked_lora --targets 0.5 --losses ce --lr maske
 $S --pruner sparsegpt --methods masked_lora --targets 0.5 --losses squarehead --squarehead-targets 0.5 \
    --squarehead-lambda 0.1 --lr masked_lora=2e-3 --extra-args="--induce --r 32 --logit-lambda 1"
 
-# 2026-11-30 (second session): the 50% CE rows again with ARC-Easy; SEFT and SPT at 2:4 (they keep N:M
+# 2026-11-30 (second run): the 50% CE rows again with ARC-Easy; SEFT and SPT at 2:4 (they keep N:M
 # now); plain SquareHead λ=0.1 for seft/spt at 70%; rank 64 / 128 and logit λ=2 on the 50% recipe.
 $S --methods masked_lora,spp,seft,spt,lora --targets 0.5 --losses ce
 $S --methods seft,spt --targets 2:4 --losses ce
@@ -44,6 +44,6 @@ for extra in "--induce --r 64 --logit-lambda 1" "--induce --r 128 --logit-lambda
   $S --pruner sparsegpt --methods masked_lora --targets 0.5 --losses squarehead --squarehead-targets 0.5 \
      --squarehead-lambda 0.1 --lr masked_lora=2e-3 --extra-args="$extra"
 done
-# 2026-11-30 (third session): the hidden-state-only SquareHead rows still missing at 70%
+# 2026-11-30 (third run): the hidden-state-only SquareHead rows still missing at 70%
 $S --methods spt --targets 0.7 --losses squarehead --squarehead-lambda 0.1
 $S --methods seft,spt --targets 0.7 --losses squarehead --squarehead-lambda 1

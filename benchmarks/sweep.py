@@ -4,7 +4,7 @@
     python benchmarks/sweep.py --threads 1        # run every missing row, then render
     python benchmarks/sweep.py --render-only      # markdown tables + PNG from the results file
 
-The default plan is issue 7's table: every method (masked_lora, spp, seft, spt, lora) at 50%, 70% and 2:4
+The default plan is the recovery table: every method (masked_lora, spp, seft, spt, lora) at 50%, 70% and 2:4
 with CE, SquareHead for the four sparse methods at 70% (plain LoRA is the reference they are compared
 with), and the dense reference row (``--method lora --sparsity 0``). Every row gets the same tokens and
 schedule (``--steps``, ``--seq-len``, ``--batch-size``, ``--seed``); only the lr differs per method.
@@ -55,7 +55,7 @@ DENSE = "dense"
 RECOVERY_DEFAULTS = dict(eval_windows=24, eval_seq_len=512, calib_samples=128, calib_seq_len=512,
                          squarehead_lambda=1.0, teacher="dense (untuned)")
 LOSS_LABELS = recovery_table.LOSS_LABELS
-DEFAULT_SQUAREHEAD_TARGET = "0.7"  # issue 7: SquareHead for every method at 70%
+DEFAULT_SQUAREHEAD_TARGET = "0.7"  # SquareHead for every method at 70%
 
 
 class RowKey(NamedTuple):
@@ -318,7 +318,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     losses_given = args.losses is not None
     if not losses_given:
         args.losses = list(LOSS_LABELS)
-    if args.squarehead_targets is None:  # the issue's SquareHead rows are at 70%, when the sweep has it
+    if args.squarehead_targets is None:  # the recovery table's SquareHead rows are at 70%, when the sweep has it
         args.squarehead_targets = [t for t in (DEFAULT_SQUAREHEAD_TARGET,) if t in args.targets]
     elif args.squarehead_targets.strip() == "all":
         args.squarehead_targets = list(args.targets)
