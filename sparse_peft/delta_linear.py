@@ -4,29 +4,28 @@ trainable tensors, with nothing of size out x in kept between the forward and th
 Masked LoRA (``ΔW = s · (B A) ⊙ M``) and SPP (``ΔW = α · R(A) ⊙ b ⊙ W``) are both of this shape.
 Written with plain autograd, ``ΔW`` (or ``W + ΔW``) is an out x in tensor per layer that autograd
 keeps alive until the backward: for an 8B model that is about 28 GB in fp32, where LoRA keeps only
-activations. Here the update is a function of a block of rows, ``delta_rows(start, stop, weight_rows)``,
-and both passes rebuild it one block of rows at a time:
+activations. Here a ``RowUpdate`` builds the effective weight one block of rows at a time, and both
+passes rebuild it:
 
     forward    y[:, rows]  = x (W[rows] + ΔW[rows])ᵀ
     backward   dx         += dy[:, rows] (W[rows] + ΔW[rows])
                G[rows]     = dy[:, rows]ᵀ x          the gradient of ΔW[rows]
-               d(params)  += autograd of ΔW[rows] = delta_rows(...) against G[rows]
+               d(params)  += RowUpdate.param_grads(rows, G[rows])
 
 What is saved for the backward is ``x`` and references to ``W`` and the trainable tensors, what
-LoRA saves. Each transient is at most ``block_elements`` elements. The GEMMs run in ``x``'s dtype
-(bf16 tensor cores / AMX where there are), the update is summed onto ``W`` in the wider dtype.
-``grad_sink(start, stop, G_rows)``, when given, sees the dense gradient of the effective weight one
-block at a time (SEFT accumulates it before a topology update). With ``with_base=False`` the
-update alone is applied (``y = x ΔWᵀ``; the caller runs the base layer itself, e.g. when the base
-layer has hooks or the update's input went through dropout).
+LoRA saves. Each transient is at most ``BLOCK_ELEMENTS`` elements. The big GEMMs run in ``x``'s dtype
+(bf16 tensor cores / AMX where there are); a ``RowUpdate`` forms ``W + ΔW`` in that dtype with one
+rounding (what the merged model holds) and turns ``G`` into fp32 gradients for its parameters. With
+``with_base=False`` the update alone is applied (``y = x ΔWᵀ``; the caller runs the base layer
+itself, e.g. when the base layer has hooks or the update's input went through dropout).
 
 The mask of a pruned layer is ``W != 0`` (every merge in this package keeps that exact), so an
-update that needs it derives it from ``weight_rows`` inside ``delta_rows``: no mask is stored.
+update that needs it derives it from the block of ``W`` it is given: no mask is stored.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Optional, Protocol, Sequence
 
 import torch
 
@@ -34,7 +33,30 @@ import torch
 #: enough that each block is an efficient GEMM, small next to a 7B model's activations.
 BLOCK_ELEMENTS = 1 << 22
 
-DeltaRows = Callable[[int, int, torch.Tensor], torch.Tensor]
+#: A parameter's gradient contribution from one block: (index into ``params``, the rows of the
+#: parameter it covers or ``None`` for the whole parameter, the gradient).
+GradPiece = tuple[int, Optional[slice], torch.Tensor]
+
+
+class RowUpdate(Protocol):
+    """How one method's ``ΔW`` is built and differentiated a block of rows at a time."""
+
+    params: Sequence[torch.Tensor]
+
+    def mask_rows(self, weight_rows: torch.Tensor, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """What the block's two backward calls share (its mask), or None: computed once per block."""
+        ...
+
+    def weight_rows(self, start: int, stop: int, weight_rows: torch.Tensor, dtype: torch.dtype,
+                    with_base: bool, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``W[rows] + ΔW[rows]`` (``with_base``) or ``ΔW[rows]``, in ``dtype``, without autograd."""
+        ...
+
+    def param_grads(self, start: int, stop: int, weight_rows: torch.Tensor, grad_rows: torch.Tensor,
+                    mask: Optional[torch.Tensor] = None) -> list[GradPiece]:
+        """The parameters' gradients from ``G[rows]`` (``grad_rows``, in the activations' dtype; the
+        update may overwrite it)."""
+        ...
 
 
 def row_blocks(out_features: int, in_features: int, block_elements: Optional[int] = None):
@@ -45,112 +67,170 @@ def row_blocks(out_features: int, in_features: int, block_elements: Optional[int
         yield start, min(out_features, start + rows)
 
 
-def _block_weight(weight_rows: torch.Tensor, delta: torch.Tensor, with_base: bool, dtype: torch.dtype) -> torch.Tensor:
-    """``W[rows] + ΔW[rows]`` (or ``ΔW[rows]``) in ``dtype``, summed in the wider of the two dtypes."""
-    if not with_base:
-        return delta.to(dtype)
-    wide = torch.promote_types(weight_rows.dtype, delta.dtype)
-    return (weight_rows.to(wide) + delta.to(wide)).to(dtype)
-
-
-def blockwise_linear(x_2d: torch.Tensor, weight: torch.Tensor, delta_rows: DeltaRows, with_base: bool,
+def blockwise_linear(x_2d: torch.Tensor, weight: torch.Tensor, update: RowUpdate, with_base: bool,
                      block_elements: Optional[int] = None) -> torch.Tensor:
-    """``x (W + ΔW)ᵀ`` (or ``x ΔWᵀ``) for 2-D ``x``, no autograd, one block of rows of ``ΔW`` at a time."""
+    """``x (W + ΔW)ᵀ`` (or ``x ΔWᵀ``) for 2-D ``x``, no autograd, one block of rows at a time."""
     out_features, in_features = weight.shape
     pieces = []
     with torch.no_grad():
         for start, stop in row_blocks(out_features, in_features, block_elements):
-            weight_rows = weight[start:stop]
-            block = _block_weight(weight_rows, delta_rows(start, stop, weight_rows), with_base, x_2d.dtype)
+            block = update.weight_rows(start, stop, weight[start:stop], x_2d.dtype, with_base)
             pieces.append(x_2d @ block.t())
     return torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
 
 
-def blockwise_grad_input(grad_2d: torch.Tensor, weight: torch.Tensor, delta_rows: DeltaRows, with_base: bool,
+def blockwise_grad_input(grad_2d: torch.Tensor, weight: torch.Tensor, update: RowUpdate, with_base: bool,
                          block_elements: Optional[int] = None) -> torch.Tensor:
     """``dy (W + ΔW)`` (or ``dy ΔW``) for 2-D ``dy``, no autograd, one block of rows at a time."""
     out_features, in_features = weight.shape
     grad_x = grad_2d.new_zeros(grad_2d.shape[0], in_features)
     with torch.no_grad():
         for start, stop in row_blocks(out_features, in_features, block_elements):
-            weight_rows = weight[start:stop]
-            block = _block_weight(weight_rows, delta_rows(start, stop, weight_rows), with_base, grad_2d.dtype)
+            block = update.weight_rows(start, stop, weight[start:stop], grad_2d.dtype, with_base)
             grad_x.addmm_(grad_2d[:, start:stop], block)
     return grad_x
 
 
-def weight_grad_rows(grad_rows: torch.Tensor, x_2d: torch.Tensor) -> torch.Tensor:
-    """``G[rows] = dy[:, rows]ᵀ x``, the gradient of the effective weight's rows, in fp32 (or wider):
-    the GEMM runs in the inputs' dtype, its result feeds fp32 optimizer state."""
-    return (grad_rows.t() @ x_2d).to(torch.promote_types(x_2d.dtype, torch.float32))
-
-
 class DeltaLinear(torch.autograd.Function):
-    """See the module docstring. ``params`` are the tensors ``delta_rows`` reads (their gradients)."""
+    """See the module docstring. ``params`` are ``update.params`` (autograd needs them as inputs)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, delta_rows, with_base, block_elements, grad_sink, *params):
+    def forward(ctx, x, weight, bias, update, with_base, block_elements, *params):
         ctx.save_for_backward(x, weight, *params)
-        ctx.delta_rows, ctx.with_base, ctx.block_elements = delta_rows, with_base, block_elements
-        ctx.grad_sink = grad_sink
+        ctx.update, ctx.with_base, ctx.block_elements = update, with_base, block_elements
         ctx.has_bias = bias is not None
         out_features, in_features = weight.shape
-        y = blockwise_linear(x.reshape(-1, in_features), weight, delta_rows, with_base, block_elements)
+        y = blockwise_linear(x.reshape(-1, in_features), weight, update, with_base, block_elements)
         if bias is not None and with_base:
             y = y + bias.to(y.dtype)
         return y.view(*x.shape[:-1], out_features)
 
     @staticmethod
+    @torch.no_grad()
     def backward(ctx, grad_y):
         x, weight, *params = ctx.saved_tensors
+        update = ctx.update
         out_features, in_features = weight.shape
         x_2d = x.reshape(-1, in_features)
-        grad_2d = grad_y.reshape(-1, out_features)
+        grad_2d = grad_y.reshape(-1, out_features).to(x.dtype)
         need_x = ctx.needs_input_grad[0]
-        need_params = [ctx.needs_input_grad[7 + i] for i in range(len(params))]
+        need_params = any(ctx.needs_input_grad[6:])
         grad_x = torch.zeros_like(x_2d) if need_x else None
         grad_params: list[Optional[torch.Tensor]] = [None] * len(params)
-        trainable = [p for p, need in zip(params, need_params) if need]
         for start, stop in row_blocks(out_features, in_features, ctx.block_elements):
             weight_rows = weight[start:stop]
             grad_rows = grad_2d[:, start:stop]
-            with torch.enable_grad():
-                delta = ctx.delta_rows(start, stop, weight_rows)
+            mask = update.mask_rows(weight_rows, x.dtype) if need_x and need_params else None
             if need_x:
-                grad_x.addmm_(grad_rows, _block_weight(weight_rows, delta.detach(), ctx.with_base, x.dtype))
-            train_block = bool(trainable) and delta.requires_grad
-            if train_block or ctx.grad_sink is not None:
-                grad_delta = weight_grad_rows(grad_rows, x_2d)
-                if ctx.grad_sink is not None:
-                    ctx.grad_sink(start, stop, grad_delta)
-            if train_block:
-                # autograd of the small graph delta_rows built turns G[rows] into the parameters' gradients
-                block_grads = iter(torch.autograd.grad(delta, trainable, grad_delta.to(delta.dtype), allow_unused=True))
-                for i, need in enumerate(need_params):
-                    if need:
-                        g = next(block_grads)
-                        if g is not None:
-                            grad_params[i] = g if grad_params[i] is None else grad_params[i] + g
-            del delta
-        grad_bias = None
-        if ctx.has_bias and ctx.with_base and ctx.needs_input_grad[2]:
-            grad_bias = grad_2d.sum(dim=0)
+                grad_x.addmm_(grad_rows, update.weight_rows(start, stop, weight_rows, x.dtype, ctx.with_base, mask))
+            if need_params:
+                pieces = update.param_grads(start, stop, weight_rows, grad_rows.t() @ x_2d, mask)
+                for index, rows, piece in pieces:
+                    _accumulate(grad_params, index, rows, piece, params[index])
+        grad_bias = grad_2d.sum(dim=0) if ctx.has_bias and ctx.with_base and ctx.needs_input_grad[2] else None
+        grad_params = [g.to(p.dtype) if g is not None else None for g, p in zip(grad_params, params)]
         grad_x = grad_x.view(x.shape) if grad_x is not None else None
-        return (grad_x, None, grad_bias, None, None, None, None, *grad_params)
+        return (grad_x, None, grad_bias, None, None, None, *grad_params)
 
 
-def delta_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], delta_rows: DeltaRows,
-                 params: Sequence[torch.Tensor], *, with_base: bool = True, block_elements: Optional[int] = None,
-                 grad_sink: Optional[Callable[[int, int, torch.Tensor], None]] = None) -> torch.Tensor:
-    """``x (W + ΔW)ᵀ + bias`` (``with_base``) or ``x ΔWᵀ``, ``ΔW[start:stop] = delta_rows(start, stop, W[start:stop])``.
+def _accumulate(grads: list, index: int, rows: Optional[slice], piece: torch.Tensor, param: torch.Tensor) -> None:
+    if grads[index] is None:
+        grads[index] = torch.zeros(param.shape, dtype=piece.dtype, device=piece.device)
+    if rows is None:
+        grads[index] += piece
+    else:
+        grads[index][rows] += piece
 
-    ``weight`` (out, in) is frozen (no gradient is computed for it); ``params`` are the trainable
-    tensors ``delta_rows`` reads, in any dtype (the update is summed onto ``W`` in the wider dtype,
-    and the GEMMs run in ``x``'s dtype). ``delta_rows`` must be a pure function of its arguments and
-    ``params``: the backward calls it again.
+
+def delta_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], update: RowUpdate, *,
+                 with_base: bool = True, block_elements: Optional[int] = None) -> torch.Tensor:
+    """``x (W + ΔW)ᵀ + bias`` (``with_base``) or ``x ΔWᵀ``, ``ΔW`` built by ``update`` a block of rows at a time.
+
+    ``weight`` (out, in) is frozen (no gradient is computed for it); ``update.params`` are the
+    trainable tensors, in any dtype (their gradients are accumulated in fp32 and cast to it).
     """
     if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"delta_linear: input with {x.shape[-1]} features for a weight of shape {tuple(weight.shape)}")
     if weight.requires_grad and torch.is_grad_enabled():
         raise ValueError("delta_linear keeps the base weight frozen, but weight.requires_grad is True")
-    return DeltaLinear.apply(x, weight, bias, delta_rows, with_base, block_elements, grad_sink, *params)
+    return DeltaLinear.apply(x, weight, bias, update, with_base, block_elements, *update.params)
+
+
+def _wide(grad_rows: torch.Tensor, param: torch.Tensor) -> torch.dtype:
+    """The dtype parameter gradients are formed in: fp32, or wider when the inputs are (fp64 gradcheck)."""
+    return torch.promote_types(torch.promote_types(grad_rows.dtype, param.dtype), torch.float32)
+
+
+def kept(weight_rows: torch.Tensor) -> torch.Tensor:
+    """The mask ``W != 0`` as 0/1 in ``W``'s dtype (``|sign(W)|``): multiplying by it is one vectorized
+    pass, where a bool mask's ``masked_fill``/``where`` on bf16 runs several times slower on a CPU."""
+    return weight_rows.sign().abs_()
+
+
+class MaskedLowRankUpdate:
+    """``ΔW = s · (B A) ⊙ M`` with ``M = W != 0`` (masked LoRA): ``A`` (r, in), ``B`` (out, r)."""
+
+    def __init__(self, A: torch.Tensor, B: torch.Tensor, scaling: float):
+        self.params, self.scaling = (A, B), float(scaling)
+
+    def mask_rows(self, weight_rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return kept(weight_rows).to(dtype)
+
+    def weight_rows(self, start, stop, weight_rows, dtype, with_base, mask=None):
+        A, B = self.params
+        low_rank = (B[start:stop].detach() * self.scaling).to(dtype) @ A.detach().to(dtype)
+        mask = self.mask_rows(weight_rows, dtype) if mask is None else mask
+        if with_base:  # W + s·(B A) ⊙ M, rounded once to dtype
+            return torch.addcmul(weight_rows.to(dtype), low_rank, mask)
+        return low_rank.mul_(mask)
+
+    def param_grads(self, start, stop, weight_rows, grad_rows, mask=None):
+        # dB = s (G ⊙ M) Aᵀ, dA = s Bᵀ (G ⊙ M). The two thin GEMMs run in G's dtype (AMX / tensor
+        # cores for bf16, fp32 accumulation inside) and their small results are summed in fp32.
+        A, B = self.params
+        dtype, wide = grad_rows.dtype, _wide(grad_rows, A)
+        masked = grad_rows.mul_(self.mask_rows(weight_rows, dtype) if mask is None else mask)
+        grad_B_rows = masked @ (A.detach() * self.scaling).to(dtype).t()
+        grad_A = (B[start:stop].detach() * self.scaling).to(dtype).t() @ masked
+        return [(0, None, grad_A.to(wide)), (1, slice(start, stop), grad_B_rows.to(wide))]
+
+
+class RowScaleUpdate:
+    """``ΔW = α · R(A) ⊙ b ⊙ W`` (SPP): ``A`` (r, in), ``b`` (out, 1), ``R(A)[i] = A[i · r // out]``.
+
+    ``α · R(A) ⊙ b`` for a block of rows is ``P A`` with ``P[i, g] = α b_i`` where ``g`` is row ``i``'s
+    group of ``A`` (a rows x r matrix): one small GEMM instead of repeating ``A``'s rows. ``ΔW`` is
+    zero wherever ``W`` is, so no mask is needed.
+    """
+
+    def __init__(self, A: torch.Tensor, b: torch.Tensor, alpha: float):
+        self.params, self.alpha = (A, b), float(alpha)
+
+    def _group_weights(self, start, stop, dtype):
+        A, b = self.params
+        groups = torch.arange(start, stop, device=A.device) * A.shape[0] // b.shape[0]
+        weights = torch.zeros(stop - start, A.shape[0], dtype=torch.promote_types(b.dtype, torch.float32),
+                              device=A.device)
+        weights[torch.arange(stop - start, device=A.device), groups] = b[start:stop, 0].detach().to(weights.dtype) * self.alpha
+        return groups, weights.to(dtype)
+
+    def mask_rows(self, weight_rows: torch.Tensor, dtype: torch.dtype) -> None:
+        return None  # W ⊙ change is zero wherever W is
+
+    def weight_rows(self, start, stop, weight_rows, dtype, with_base, mask=None):
+        # W + W ⊙ (α R(A) ⊙ b) in one pass, rounded once to dtype. Never 1 + change in a low precision:
+        # near 1 a bf16 would round the small change away; W ⊙ change keeps its relative precision.
+        change = self._group_weights(start, stop, dtype)[1] @ self.params[0].detach().to(dtype)
+        weight_rows = weight_rows.to(dtype)
+        return torch.addcmul(weight_rows, weight_rows, change) if with_base else change.mul_(weight_rows)
+
+    def param_grads(self, start, stop, weight_rows, grad_rows, mask=None):
+        A, b = self.params
+        wide = _wide(grad_rows, A)
+        groups, weights = self._group_weights(start, stop, wide)
+        sampled = grad_rows.mul(weight_rows.to(grad_rows.dtype)).to(wide)  # S = G ⊙ W: G at the nonzeros only
+        # db_i = α Σ_j S_ij A_{g(i), j}: row i of S Aᵀ at column g(i)
+        per_group = sampled @ A.detach().to(wide).t()
+        grad_b_rows = per_group.gather(1, groups[:, None]).mul_(self.alpha)
+        grad_A = weights.t() @ sampled  # dA_g = Σ_{i in g} α b_i S_i
+        return [(0, None, grad_A), (1, slice(start, stop), grad_b_rows)]

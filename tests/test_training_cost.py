@@ -9,7 +9,8 @@ from peft import get_peft_model
 
 import sparse_peft as sp
 import sparse_peft.delta_linear as delta_linear_module
-from sparse_peft.delta_linear import delta_linear
+from sparse_peft.delta_linear import MaskedLowRankUpdate, RowScaleUpdate, delta_linear
+from sparse_peft.tuners.spp.functional import expand_rows
 from sparse_peft.sparsity.masks import restore_mask
 
 CONFIGS = {
@@ -29,28 +30,36 @@ def sparse_weight(shape, sparsity=0.5, seed=0, dtype=torch.float64):
 
 
 @pytest.mark.parametrize("with_base", [True, False])
-def test_delta_linear_gradcheck_over_several_row_blocks(with_base):
+@pytest.mark.parametrize("update", ["masked_low_rank", "row_scale"])
+def test_delta_linear_gradcheck_over_several_row_blocks(update, with_base):
+    """fp64 gradients through 2-row blocks equal the numerical ones, and the output equals the dense
+    formula (7 output rows, 3 rows of A for SPP: groups that do not divide evenly)."""
     weight = sparse_weight((7, 5))
     bias = torch.randn(7, dtype=torch.float64, requires_grad=True)
     A = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
-    B = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
     x = torch.randn(2, 4, 5, dtype=torch.float64, requires_grad=True)
+    if update == "masked_low_rank":
+        second = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)  # B
+        make = lambda A_, B_: MaskedLowRankUpdate(A_, B_, 0.7)  # noqa: E731
+        dense = lambda A_, B_: (B_ @ A_) * 0.7 * (weight != 0)  # noqa: E731
+    else:
+        second = torch.randn(7, 1, dtype=torch.float64, requires_grad=True)  # b
+        make = lambda A_, b_: RowScaleUpdate(A_, b_, 0.7)  # noqa: E731
+        dense = lambda A_, b_: 0.7 * expand_rows(A_, 7) * b_ * weight  # noqa: E731
 
-    def rows(start, stop, weight_rows):
-        return (B[start:stop] @ A) * 0.7 * (weight_rows != 0)
+    def fn(x, bias, A, second):
+        return delta_linear(x, weight, bias, make(A, second), with_base=with_base, block_elements=10)
 
-    def fn(x, bias, A, B):
-        return delta_linear(x, weight, bias, rows, (A, B), with_base=with_base, block_elements=10)  # 2 rows a block
-
-    assert torch.autograd.gradcheck(fn, (x, bias, A, B))
-    expected = F.linear(x, (weight if with_base else 0) + (B @ A) * 0.7 * (weight != 0), bias if with_base else None)
-    assert torch.allclose(fn(x, bias, A, B), expected)
+    assert torch.autograd.gradcheck(fn, (x, bias, A, second))
+    expected = F.linear(x, (weight if with_base else 0) + dense(A, second), bias if with_base else None)
+    assert torch.allclose(fn(x, bias, A, second), expected)
 
 
 def test_delta_linear_refuses_a_trainable_base_weight():
     weight = sparse_weight((4, 3)).requires_grad_(True)
+    update = MaskedLowRankUpdate(torch.randn(2, 3, dtype=torch.float64), torch.zeros(4, 2, dtype=torch.float64), 1.0)
     with pytest.raises(ValueError, match="frozen"):
-        delta_linear(torch.randn(2, 3, dtype=torch.float64), weight, None, lambda *a: a[2] * 0, ())
+        delta_linear(torch.randn(2, 3, dtype=torch.float64), weight, None, update)
 
 
 def layer_weights(peft_model):

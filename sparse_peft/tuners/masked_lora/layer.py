@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from ...delta_linear import delta_linear
+from ...delta_linear import MaskedLowRankUpdate, delta_linear
 from ...sparsity.masks import mask_fingerprint, restore_mask
 from .._shared import DerivedMask, adapter_dtype, attach_sparsity_mask, base_view, fuses_base, mask_fingerprints
 
@@ -61,25 +61,19 @@ class MaskedLoraLayer(DerivedMask, BaseTunerLayer):
         self.masked_lora_fingerprint[adapter_name] = mask_fingerprint(self.sparsity_mask).to(weight.device)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
-    def delta_rows(self, adapter_name: str):
-        """``(start, stop, W[start:stop]) -> scaling · (B[start:stop] A) ⊙ (W[start:stop] != 0)`` in the
-        adapter's dtype (at least fp32): one block of rows of the update, its mask derived from ``W``."""
-        A, B, scaling = self.masked_lora_A[adapter_name], self.masked_lora_B[adapter_name], self.scaling[adapter_name]
-        dtype = torch.promote_types(A.dtype, torch.float32)
-
-        def rows(start: int, stop: int, weight_rows: torch.Tensor) -> torch.Tensor:
-            update = (B[start:stop].to(dtype) @ A.to(dtype)) * scaling
-            return update * (weight_rows != 0)
-
-        return rows
+    def update(self, adapter_name: str) -> MaskedLowRankUpdate:
+        """The adapter's ``s · (B A) ⊙ M`` as ``delta_linear`` builds it, a block of rows at a time."""
+        return MaskedLowRankUpdate(self.masked_lora_A[adapter_name], self.masked_lora_B[adapter_name],
+                                   self.scaling[adapter_name])
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``scaling · (B A) ⊙ M`` (fp32 or wider, dense): exactly zero at every pruned position.
 
         Out x in like the mask, whatever the base stores (a ``Conv1D`` holds its transpose).
         """
-        with torch.no_grad():
-            return self.delta_rows(adapter_name)(0, self.out_features, self.unmerged_base_weight().detach())
+        weight = self.unmerged_base_weight().detach()
+        dtype = torch.promote_types(self.masked_lora_A[adapter_name].dtype, torch.float32)
+        return self.update(adapter_name).weight_rows(0, self.out_features, weight, dtype, with_base=False)
 
 
 class Linear(nn.Module, MaskedLoraLayer):
@@ -129,15 +123,12 @@ class Linear(nn.Module, MaskedLoraLayer):
         if fuses_base(self, active, self.masked_lora_dropout, x):
             # One GEMM with W + ΔW per block of rows, forward and backward: what LoRA costs plus the
             # dYᵀ X product the masked update needs.
-            name = active[0]
-            return delta_linear(x, weight, base.bias, self.delta_rows(name),
-                                (self.masked_lora_A[name], self.masked_lora_B[name]))
+            return delta_linear(x, weight, base.bias, self.update(active[0]))
         result = self.base_layer(x, *args, **kwargs)
         for name in active:
             x_in = self.masked_lora_dropout[name](x)
-            update = delta_linear(x_in, weight, None, self.delta_rows(name),
-                                  (self.masked_lora_A[name], self.masked_lora_B[name]), with_base=False)
-            result = result + update.to(result.dtype)
+            delta = delta_linear(x_in, weight, None, self.update(name), with_base=False)
+            result = result + delta.to(result.dtype)
         return result
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:

@@ -11,33 +11,43 @@ from typing import Optional
 
 import torch
 
-from ...delta_linear import blockwise_grad_input, blockwise_linear, row_blocks, weight_grad_rows
+from ...delta_linear import blockwise_grad_input, blockwise_linear, row_blocks
 
 
-def seft_delta_rows(base_weight: torch.Tensor, delta_index: torch.Tensor, delta: torch.Tensor,
-                    frozen_index: torch.Tensor, frozen_delta: torch.Tensor, removed_index: torch.Tensor):
-    """``(start, stop, W[start:stop]) -> (F + Δ)[rows]`` with ``-W`` at the removed positions, so that
-    ``W + ΔW`` is the effective weight's block (fp32 or wider, without autograd: ``Δ``'s gradient
-    is a sampled product, see ``SparseDeltaLinear``).
+class SparseUpdate:
+    """SEFT's effective weight ``(W + F + Δ) ⊙ M`` a block of rows at a time, for ``delta_linear``'s
+    blockwise GEMMs: a copy of ``W[rows]`` in the compute dtype with the few changed positions
+    rewritten (``F + Δ`` added in fp32 or wider, the removed positions set to 0). ``Δ``'s gradient is a
+    sampled product (``SparseDeltaLinear``), so this builds no autograd graph.
 
     ``frozen_index`` and ``removed_index`` are sorted (``coalesce`` and the layer keep them so);
-    ``delta_index`` may be in any order."""
-    in_features = base_weight.shape[1]
-    dtype = torch.promote_types(torch.promote_types(base_weight.dtype, delta.dtype), torch.float32)
+    ``delta_index`` may be in any order.
+    """
 
-    def rows(start: int, stop: int, weight_rows: torch.Tensor) -> torch.Tensor:
-        low, high = start * in_features, stop * in_features
-        block = torch.zeros((stop - start) * in_features, dtype=dtype, device=weight_rows.device)
-        lo, hi = torch.searchsorted(frozen_index, torch.tensor([low, high], device=frozen_index.device)).tolist()
-        block.index_add_(0, frozen_index[lo:hi] - low, frozen_delta[lo:hi].detach().to(dtype))
-        inside = (delta_index >= low) & (delta_index < high)
-        block.index_add_(0, delta_index[inside] - low, delta.detach()[inside].to(dtype))
-        lo, hi = torch.searchsorted(removed_index, torch.tensor([low, high], device=removed_index.device)).tolist()
-        removed = removed_index[lo:hi] - low
-        block[removed] = -weight_rows.reshape(-1)[removed].to(dtype)
-        return block.view(stop - start, in_features)
+    def __init__(self, base_weight, delta_index, delta, frozen_index, frozen_delta, removed_index):
+        self.in_features = base_weight.shape[1]
+        self.wide = torch.promote_types(torch.promote_types(base_weight.dtype, delta.dtype), torch.float32)
+        # Every changed position once, sorted, with its total change (F + Δ); removed ones are set to 0.
+        positions = torch.cat([frozen_index, delta_index, removed_index])
+        amounts = torch.cat([frozen_delta.detach().to(self.wide), delta.detach().to(self.wide)])
+        self.positions, inverse = torch.unique(positions, return_inverse=True)
+        self.amounts = torch.zeros(self.positions.numel(), dtype=self.wide, device=positions.device)
+        self.amounts.index_add_(0, inverse[: amounts.numel()], amounts)
+        self.removed = torch.zeros(self.positions.numel(), dtype=torch.bool, device=positions.device)
+        self.removed[inverse[amounts.numel():]] = True
 
-    return rows
+    def mask_rows(self, weight_rows: torch.Tensor, dtype: torch.dtype) -> None:
+        return None
+
+    def weight_rows(self, start, stop, weight_rows, dtype, with_base=True, mask=None):
+        low, high = start * self.in_features, stop * self.in_features
+        lo, hi = torch.searchsorted(self.positions, torch.tensor([low, high], device=self.positions.device)).tolist()
+        touched = self.positions[lo:hi] - low
+        block = weight_rows.to(dtype, copy=True, memory_format=torch.contiguous_format)
+        flat = block.view(-1)
+        values = flat[touched].to(self.wide).add_(self.amounts[lo:hi])
+        flat[touched] = values.masked_fill_(self.removed[lo:hi], 0).to(dtype)  # switched off: exactly 0
+        return block
 
 
 def _sampled_grad(grad_2d: torch.Tensor, x_2d: torch.Tensor, flat_index: torch.Tensor) -> torch.Tensor:
@@ -53,8 +63,8 @@ def _sampled_grad(grad_2d: torch.Tensor, x_2d: torch.Tensor, flat_index: torch.T
     for start, stop in row_blocks(out_features, in_features):
         inside = (flat_index >= start * in_features) & (flat_index < stop * in_features)
         if bool(inside.any()):
-            dense = weight_grad_rows(grad_2d[:, start:stop], x_2d)
-            values[inside] = dense.view(-1)[flat_index[inside] - start * in_features]
+            dense = grad_2d[:, start:stop].t() @ x_2d  # G[rows], in the activations' dtype
+            values[inside] = dense.view(-1)[flat_index[inside] - start * in_features].to(values.dtype)
     return values
 
 
@@ -72,25 +82,25 @@ class SparseDeltaLinear(torch.autograd.Function):
     def forward(ctx, x, delta, base_weight, delta_index, frozen_index, frozen_delta, removed_index, grad_sink):
         ctx.save_for_backward(x, delta, base_weight, delta_index, frozen_index, frozen_delta, removed_index)
         ctx.grad_sink = grad_sink
-        rows = seft_delta_rows(base_weight, delta_index, delta, frozen_index, frozen_delta, removed_index)
-        y = blockwise_linear(x.reshape(-1, x.shape[-1]), base_weight.detach(), rows, True)
+        update = SparseUpdate(base_weight, delta_index, delta, frozen_index, frozen_delta, removed_index)
+        y = blockwise_linear(x.reshape(-1, x.shape[-1]), base_weight.detach(), update, True)
         return y.view(*x.shape[:-1], base_weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_y):
         x, delta, base_weight, delta_index, frozen_index, frozen_delta, removed_index = ctx.saved_tensors
         out_features, in_features = base_weight.shape
-        grad_2d = grad_y.reshape(-1, out_features)
+        grad_2d = grad_y.reshape(-1, out_features).to(x.dtype)
         x_2d = x.reshape(-1, in_features)
         grad_x = grad_delta = None
         if ctx.needs_input_grad[0]:
-            rows = seft_delta_rows(base_weight, delta_index, delta, frozen_index, frozen_delta, removed_index)
-            grad_x = blockwise_grad_input(grad_2d, base_weight.detach(), rows, True).view(x.shape)
+            update = SparseUpdate(base_weight, delta_index, delta, frozen_index, frozen_delta, removed_index)
+            grad_x = blockwise_grad_input(grad_2d, base_weight.detach(), update, True).view(x.shape)
         sink = ctx.grad_sink
         if sink is not None and sink.collecting:
             grad_delta = torch.empty(delta_index.numel(), dtype=torch.float32, device=delta.device)
             for start, stop in row_blocks(out_features, in_features):
-                dense = weight_grad_rows(grad_2d[:, start:stop], x_2d)
+                dense = grad_2d[:, start:stop].t() @ x_2d  # G[rows], in the activations' dtype
                 sink.accumulate_rows(start, stop, dense)
                 inside = (delta_index >= start * in_features) & (delta_index < stop * in_features)
                 grad_delta[inside] = dense.view(-1)[delta_index[inside] - start * in_features].float()
@@ -112,11 +122,10 @@ def effective_weight(base_weight: torch.Tensor, delta_index: torch.Tensor, delta
     ``M`` is the base's mask with ``removed_index`` switched off (switched-on positions have
     ``W = 0`` and get their value from ``F`` or ``Δ``).
     """
-    rows = seft_delta_rows(base_weight, delta_index, delta, frozen_index, frozen_delta, removed_index)
+    update = SparseUpdate(base_weight, delta_index, delta, frozen_index, frozen_delta, removed_index)
     weight = base_weight.detach()
     with torch.no_grad():
-        update = rows(0, weight.shape[0], weight)
-        return update.add_(weight.to(update.dtype))
+        return update.weight_rows(0, weight.shape[0], weight, update.wide)
 
 
 def sparse_delta_linear(x, delta, base_weight, delta_index, frozen_index, frozen_delta, removed_index,

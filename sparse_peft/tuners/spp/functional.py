@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ...delta_linear import delta_linear
+from ...delta_linear import RowScaleUpdate, delta_linear
 
 
 def row_groups(out_features: int, r: int, device=None) -> torch.Tensor:
@@ -52,19 +52,6 @@ def merge_factor(weight_shape: torch.Size, A: torch.Tensor, b: torch.Tensor, alp
     return expand_rows(A, weight_shape[0]) * (b * alpha)
 
 
-def spp_delta_rows(A: torch.Tensor, b: torch.Tensor, alpha: float):
-    """``(start, stop, W[start:stop]) -> α · R(A)[start:stop] ⊙ b[start:stop] ⊙ W[start:stop]``: one block
-    of rows of ``ΔW``, in the wider of the adapter's dtype and fp32 (b's early updates are tiny
-    relative to 1, so they are not rounded to a bf16 base's precision)."""
-    dtype = torch.promote_types(A.dtype, torch.float32)
-
-    def rows(start: int, stop: int, weight_rows: torch.Tensor) -> torch.Tensor:
-        groups = torch.arange(start, stop, device=A.device, dtype=torch.int64) * A.shape[0] // b.shape[0]
-        return A.to(dtype).index_select(0, groups) * (b[start:stop].to(dtype) * alpha) * weight_rows.to(dtype)
-
-    return rows
-
-
 def _check_shapes(x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, b: torch.Tensor) -> None:
     if weight.dim() != 2 or A.dim() != 2 or A.shape[1] != weight.shape[1] or tuple(b.shape) != (weight.shape[0], 1):
         raise ValueError(f"SPP shapes do not fit: weight {tuple(weight.shape)}, A {tuple(A.shape)}, "
@@ -84,7 +71,7 @@ def spp_delta_reference(x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, 
         alpha: scaling.
     """
     _check_shapes(x, weight, A, b)
-    return delta_linear(x, weight.detach(), None, spp_delta_rows(A, b, float(alpha)), (A, b), with_base=False)
+    return delta_linear(x, weight.detach(), None, RowScaleUpdate(A, b, alpha), with_base=False)
 
 
 def spp_linear_fused(x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, b: torch.Tensor, alpha: float,
@@ -92,4 +79,4 @@ def spp_linear_fused(x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, b: 
     """``x (W ⊙ (1 + α R(A) ⊙ b))ᵀ + bias``: the base GEMM and the delta as one GEMM per block of rows
     (``W + ΔW`` rounded to ``x``'s dtype, what the merged model computes)."""
     _check_shapes(x, weight, A, b)
-    return delta_linear(x, weight.detach(), bias, spp_delta_rows(A, b, float(alpha)), (A, b))
+    return delta_linear(x, weight.detach(), bias, RowScaleUpdate(A, b, alpha))
