@@ -13,7 +13,8 @@ from peft import PeftModel, get_peft_model
 
 import sparse_peft as sp
 from sparse_peft.training.seft import drop_fraction_at, seft_summary
-from sparse_peft.tuners.seft import SEFTLayer, SparseDeltaLinear, effective_weight
+from sparse_peft.tuners.seft import SEFTLayer, effective_weight
+from sparse_peft.tuners.seft.functional import sparse_delta_linear
 from sparse_peft.tuners.seft.functional import grow_within_groups, smallest_per_group
 
 
@@ -194,7 +195,7 @@ def test_sparse_delta_gradients_match_dense_autograd():
     delta = torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True)
 
     def fn(x, delta):
-        return SparseDeltaLinear.apply(x, delta, weight, delta_index, frozen_index, frozen_delta, removed_index, None)
+        return sparse_delta_linear(x, delta, weight, delta_index, frozen_index, frozen_delta, removed_index)
 
     assert torch.autograd.gradcheck(fn, (x, delta))
     # The same numbers as building the dense effective weight with autograd.
@@ -409,3 +410,24 @@ def test_data_parallel_ranks_agree(tmp_path):
     assert int(rank0["regrown_total"]) > 0
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
+
+
+def test_layout_cache_follows_every_topology_change():
+    """The layer reuses its sorted layout between steps; after an update, and after loading other
+    index sets in place, the forward uses the new topology (same logits as a fresh layout)."""
+    peft_model = get_peft_model(pruned_tiny_model("llama", 0.5),
+                                sp.SEFTConfig(density=0.05, update_interval=2, drop_decay="constant"))
+    layer = seft_layers(peft_model)["model.layers.0.mlp.up_proj"]
+    first = layer.layout("default")
+    assert layer.layout("default") is first  # reused while nothing changed
+    train_seft(peft_model, steps=4)
+    assert layer.seft_added["default"].numel() or layer.seft_frozen_index["default"].numel()
+    x = torch.randn(2, 3, layer.in_features)
+    fresh = sparse_delta_linear(x, layer.seft_delta["default"], layer.get_base_layer().weight,
+                                layer.seft_index["default"], layer.seft_frozen_index["default"],
+                                layer.seft_frozen_delta["default"], layer.seft_removed["default"])
+    assert torch.equal(layer(x), fresh)  # llama's linears have no bias
+    before = layer.layout("default")
+    with torch.no_grad():  # an in-place change of an index set (as a state-dict load does) is seen too
+        layer.seft_index["default"].copy_(torch.flip(layer.seft_index["default"], [0]))
+    assert layer.layout("default") is not before

@@ -22,8 +22,8 @@ from torch import nn
 
 from ...sparsity.masks import is_nm_sparse, mask_fingerprint, restore_mask
 from .._shared import DerivedMask, adapter_dtype, attach_sparsity_mask, base_view, mask_fingerprints
-from .functional import (coalesce, effective_weight, grow_within_groups, largest, smallest, smallest_per_group,
-                         sparse_delta_linear, without)
+from .functional import (SparseLayout, coalesce, effective_weight, grow_within_groups, largest, smallest,
+                         smallest_per_group, sparse_delta_linear, sparse_layout, without)
 
 # Buffers whose length changes as the topology evolves; loading resizes them to the saved length.
 VARIABLE_BUFFERS = ("seft_frozen_index", "seft_frozen_delta", "seft_added", "seft_removed")
@@ -50,6 +50,7 @@ class SEFTLayer(DerivedMask, BaseTunerLayer):
         # Dense gradient accumulated during the steps before a topology update (None otherwise).
         self.grad_accum: Optional[torch.Tensor] = None
         self.collecting = False
+        self._layouts: dict = {}  # adapter name -> (index tensors, their versions, SparseLayout)
         # (n, m) when the base layer is exactly N:M sparse: topology updates stay inside groups.
         self.nm_pattern: Optional[tuple[int, int]] = None
         attach_sparsity_mask(self, "SEFT")
@@ -151,6 +152,20 @@ class SEFTLayer(DerivedMask, BaseTunerLayer):
         """``W_eff - W`` (fp32, transient, out x in): what merging this adapter adds to the base weight
         (for a ``Conv1D`` base, its transpose)."""
         return self.effective_weight(adapter_name) - self.unmerged_base_weight().float()
+
+    def layout(self, adapter_name: str) -> SparseLayout:
+        """Where the adapter's changes sit (``sparse_layout``), kept until an index set changes (a
+        topology update, a load): sorting them on every forward would cost more than the rest of it."""
+        index_sets = (self.seft_frozen_index[adapter_name], self.seft_index[adapter_name],
+                      self.seft_removed[adapter_name])
+        versions = tuple(t._version for t in index_sets)
+        cached = self._layouts.get(adapter_name)
+        # The cache holds the index tensors themselves: the same objects at the same versions (no
+        # in-place change, no replacement) mean the same topology.
+        if cached is None or any(a is not b for a, b in zip(cached[0], index_sets)) or cached[1] != versions:
+            cached = (index_sets, versions, sparse_layout(*index_sets, (self.out_features, self.in_features)))
+            self._layouts[adapter_name] = cached
+        return cached[2]
 
     # --- dense gradient for growing ---------------------------------------------------------------
 
@@ -358,7 +373,7 @@ class Linear(nn.Module, SEFTLayer):
         base = self.get_base_layer()
         result = sparse_delta_linear(x, self.seft_delta[name], base_view(self).weight, self.seft_index[name],
                                      self.seft_frozen_index[name], self.seft_frozen_delta[name],
-                                     self.seft_removed[name], self if self.training else None)
+                                     self.seft_removed[name], self if self.training else None, self.layout(name))
         if base.bias is not None:
             result = result + base.bias.to(result.dtype)
         return result
