@@ -10,17 +10,23 @@
 # Then, on the GPU machine, with .whl/ copied beside the checkout (under 10 minutes in all):
 #   bash benchmarks/gpu_run.sh
 # What it leaves in $OUT: env.txt, gpu_tests.log, accuracy.log, accuracy.jsonl, grid.log, rows.jsonl,
-# kernels.md.
+# kernels.md, decode.log, decode.md.
 # rows.jsonl is written row by row, so a grid cut short by its timeout still returns what it measured.
-# Then paste kernels.md (device, command and table) into docs/benchmarks.md.
+# Then paste kernels.md (device, command and table) into docs/benchmarks.md, and decode.md into its
+# section "Decoding from packed checkpoints".
 #
 # Stages and their time limits (seconds; the sum stays under the call's 600):
 #   0. tests/test_gpu.py: the SPP and SEFT layers train through the kernels on CUDA and match
 #      their PyTorch path; 2:4 takes the sparse GEMM (a failure is reported, the stages go on) TESTS_S=90
 #   1. accuracy at small odd shapes, bf16 and fp32 (compiles every kernel; a failure here means the
 #      kernels are wrong on this GPU, and the grid is skipped)                   ACCURACY_S=130
-#   2. the grid (GRID: extra arguments to kernels.py, e.g. "--quick")            GRID_S=340
-# KERNELS_ARGS go to both stages: KERNELS_ARGS="--device cpu" GRID="--shapes 40x24 --tokens 1,20"
+#   2. the grid (GRID: extra arguments to kernels.py, e.g. "--quick")            GRID_S=260
+#   3. greedy decoding from packed checkpoints (benchmarks/decode.py): dense, packed (the Triton
+#      decode kernel) and 2:4 on two Llama-shaped random decoder layers, 50% and 70%, tokens/s and
+#      memory; exits 1 if packed tokens differ from dense past a near-tie (DECODE: its arguments)
+#                                                                                 DECODE_S=100
+# KERNELS_ARGS go to stages 1 and 2: KERNELS_ARGS="--device cpu" GRID="--shapes 40x24 --tokens 1,20"
+# DECODE="--device cpu --model random --hidden 256 --intermediate 512 --layers 2 --vocab 512"
 # rehearses the whole script on a machine without a GPU (the kernels in Triton's interpreter).
 set -uo pipefail
 # shellcheck disable=SC2086 # KERNELS_ARGS and GRID are lists of arguments
@@ -66,9 +72,17 @@ if [ "$status" -ne 0 ]; then
 fi
 echo "accuracy: every op matches its reference at the small shapes"
 
-timeout "${GRID_S:-340}" python3 benchmarks/kernels.py ${KERNELS_ARGS:-} ${GRID:-} --jsonl "$OUT/rows.jsonl" \
+timeout "${GRID_S:-260}" python3 benchmarks/kernels.py ${KERNELS_ARGS:-} ${GRID:-} --jsonl "$OUT/rows.jsonl" \
     --markdown "$OUT/kernels.md" 2>&1 | tee "$OUT/grid.log"
 grid_status=${PIPESTATUS[0]}
+
+# Rows are printed as they are measured, so a stage cut short by its timeout still logs them.
+timeout "${DECODE_S:-100}" python3 benchmarks/decode.py ${DECODE:---device cuda --layers 2 --repeats 3} \
+    --markdown "$OUT/decode.md" > "$OUT/decode.log" 2>&1
+decode_status=$?
+tail -12 "$OUT/decode.log"
 [ "$tests_status" -ne 0 ] && echo "tests/test_gpu.py failed (status $tests_status): see gpu_tests.log"
+[ "$decode_status" -ne 0 ] && echo "decode stage failed (status $decode_status): see decode.log"
 [ "$grid_status" -ne 0 ] && exit "$grid_status"
-exit "$tests_status"
+[ "$tests_status" -ne 0 ] && exit "$tests_status"
+exit "$decode_status"

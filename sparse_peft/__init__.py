@@ -7,7 +7,7 @@ Importing this package registers its PEFT methods with peft, so ``get_peft_model
 from ._peft_registry import register_all as _register_all
 from . import ops, sparsity
 from .merge import MergeReport, merge_and_unload_sparse
-from .io import export_dense, load_sparse, save_sparse
+from .io import decode_cache_bytes, drop_decode_cache, export_dense, load_sparse, save_sparse, set_decode_cache
 from .evaluation import evaluate
 from .sparsity import (
     SparsityReport,
@@ -83,6 +83,9 @@ __all__ = [
     "export_dense",
     "load_sparse",
     "save_sparse",
+    "set_decode_cache",
+    "drop_decode_cache",
+    "decode_cache_bytes",
     "parse_pattern",
     "weight_mask",
 ]

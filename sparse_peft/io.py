@@ -20,6 +20,8 @@ import copy
 import hashlib
 import json
 import os
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,7 +41,8 @@ VALUES_SUFFIX = ".sparse_values"
 BITS_SUFFIX = ".sparse_bits"
 _HASH_CHUNK = 1 << 22
 
-__all__ = ["BitmaskLinear", "export_dense", "load_sparse", "read_format", "save_sparse", "checkpoint_bytes"]
+__all__ = ["BitmaskLinear", "checkpoint_bytes", "decode_cache_bytes", "drop_decode_cache", "export_dense", "load_sparse",
+           "read_format", "save_sparse", "set_decode_cache"]
 
 
 # --- the packed linear used by load_sparse(packed=True) -------------------------------------------
@@ -60,14 +63,40 @@ def bitmask_linear_reference(x: torch.Tensor, packed: PackedBitmask, bias: torch
     return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
+def _reference_runs_on(device: torch.device) -> bool:
+    """Whether ``bitmask_linear`` takes its PyTorch reference (decode the whole weight, then a dense
+    GEMM) for inputs on ``device``: on the CPU, or wherever the torch backend is forced."""
+    try:
+        from .ops import resolve_backend
+    except ImportError:
+        return True
+    return resolve_backend(None, device) == "torch"
+
+
+@dataclass
+class _DecodeCache:
+    """A layer's decoded weight and what it was decoded from (to notice a changed ``values``)."""
+
+    weight: torch.Tensor
+    values: weakref.ref
+    versions: tuple[int, int]
+
+
 class BitmaskLinear(nn.Module):
     """A linear layer whose weight stays packed (values + bitmask) and is decoded per call.
 
     The packed parts are buffers, so ``.to(device)`` moves them; they are not persistent (a
     ``state_dict`` of a packed model has no weight for this layer: save it with ``save_sparse``).
+
+    Where ``bitmask_linear`` would take its PyTorch reference (CPU inputs), decoding the whole
+    weight on every call costs ~50x the dense GEMV it feeds. With ``decode_cache`` on (the default)
+    the first such call keeps the decoded dense weight, built once, bit-identical to
+    ``unpack_bitmask``, so decoding runs at dense speed with the same outputs; it costs the dense
+    weight's bytes on top of the packed parts until ``drop_decode_cache()`` (or moving or casting
+    the module) frees it. The Triton path (CUDA) never builds it.
     """
 
-    def __init__(self, packed: PackedBitmask, bias: torch.Tensor | None = None):
+    def __init__(self, packed: PackedBitmask, bias: torch.Tensor | None = None, decode_cache: bool = True):
         super().__init__()
         self.in_features, self.out_features = packed.in_features, packed.out_features
         self.register_buffer("values", packed.values, persistent=False)
@@ -75,13 +104,61 @@ class BitmaskLinear(nn.Module):
         self.register_buffer("row_offsets", packed.row_offsets, persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self._op = _bitmask_linear_op()
+        self.decode_cache = decode_cache
+        self._decode_cache: _DecodeCache | None = None
 
     @property
     def packed(self) -> PackedBitmask:
         return PackedBitmask(self.values, self.bits, self.row_offsets, (self.out_features, self.in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.decode_cache and self._cache_serves(x):
+            return F.linear(x, self._decoded_weight(), self.bias)
         return self._op(x, self.packed, self.bias)
+
+    # The two helpers below run on every call of every layer while decoding: they read the buffers
+    # from ``_buffers`` directly, as nn.Module's attribute lookup costs more than the checks.
+
+    def _cache_serves(self, x: torch.Tensor) -> bool:
+        # Only the ordinary case: a mismatched dtype or device goes to the op, which says what is wrong.
+        values = self._buffers["values"]
+        return x.dtype == values.dtype and x.device == values.device and _reference_runs_on(x.device)
+
+    def _decoded_weight(self) -> torch.Tensor:
+        values, bits = self._buffers["values"], self._buffers["bits"]
+        versions = (values._version, bits._version)
+        cache = self._decode_cache
+        if cache is None or cache.values() is not values or cache.versions != versions:
+            self._decode_cache = None  # free the stale copy before decoding the new one
+            # A plain tensor even under inference_mode: a later call with autograd on may save it.
+            with torch.inference_mode(False), torch.no_grad():
+                weight = unpack_bitmask(self.packed)
+            cache = self._decode_cache = _DecodeCache(weight, weakref.ref(values), versions)
+        return cache.weight
+
+    @property
+    def decode_cache_bytes(self) -> int:
+        """Bytes held by the decoded weight now (0 when there is none)."""
+        cache = self._decode_cache
+        return 0 if cache is None else cache.weight.numel() * cache.weight.element_size()
+
+    def drop_decode_cache(self) -> int:
+        """Free the decoded weight (the next CPU call decodes it again if ``decode_cache`` is on);
+        returns the bytes freed."""
+        freed = self.decode_cache_bytes
+        self._decode_cache = None
+        return freed
+
+    def __getstate__(self):
+        # Pickling and deepcopy leave the decoded weight behind: it is rebuilt on demand.
+        state = self.__dict__.copy()
+        state["_decode_cache"] = None
+        return state
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(), .cuda(), .half() build new buffers: a copy decoded from the old ones must not linger.
+        self.drop_decode_cache()
+        return super()._apply(fn, *args, **kwargs)
 
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` with the decoded weight (bit-identical)."""
@@ -96,7 +173,30 @@ class BitmaskLinear(nn.Module):
 
     def extra_repr(self) -> str:
         p = self.packed
-        return f"in_features={self.in_features}, out_features={self.out_features}, nnz={p.nnz}, sparsity={p.sparsity:.4f}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, nnz={p.nnz}, "
+                f"sparsity={p.sparsity:.4f}, decode_cache={self.decode_cache}")
+
+
+def set_decode_cache(model: nn.Module, enabled: bool) -> int:
+    """Turn the CPU decode cache of every ``BitmaskLinear`` in ``model`` on or off (off frees it);
+    returns the number of packed layers."""
+    layers = [m for m in model.modules() if isinstance(m, BitmaskLinear)]
+    for layer in layers:
+        layer.decode_cache = enabled
+        if not enabled:
+            layer.drop_decode_cache()
+    return len(layers)
+
+
+def drop_decode_cache(model: nn.Module) -> int:
+    """Free every ``BitmaskLinear``'s decoded weight in ``model`` (rebuilt on the next CPU call while
+    the cache is on); returns the bytes freed."""
+    return sum(m.drop_decode_cache() for m in model.modules() if isinstance(m, BitmaskLinear))
+
+
+def decode_cache_bytes(model: nn.Module) -> int:
+    """Bytes the decoded weights of ``model``'s ``BitmaskLinear`` layers hold now."""
+    return sum(m.decode_cache_bytes for m in model.modules() if isinstance(m, BitmaskLinear))
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -321,13 +421,27 @@ def _unpacked_layer(name: str, info: dict, tensors: dict, expected: torch.Tensor
 
 
 def load_sparse(directory: str | os.PathLike, packed: bool = False, device=None, verify_checksum: bool = True,
-                show_progress: bool = True):
+                show_progress: bool = True, decode_cache: bool = True):
     """Load a checkpoint written by ``save_sparse`` into a plain transformers causal LM.
 
-    Every tensor comes back bit-identical to the saved model. With ``packed=True`` the packed
-    linears become ``BitmaskLinear`` modules that keep values + bitmask in memory and decode per
-    call (``sparse_peft.ops.bitmask_linear`` when available, a PyTorch reference otherwise).
-    The tokenizer, if saved, loads with ``AutoTokenizer.from_pretrained(directory)``.
+    Every tensor comes back bit-identical to the saved model. The tokenizer, if saved, loads with
+    ``AutoTokenizer.from_pretrained(directory)``.
+
+    With ``packed=True`` the packed linears become ``BitmaskLinear`` modules that keep values +
+    bitmask in memory (``(1 - s) * bytes per element + 1/8`` bytes per position, plus 8 bytes per
+    row for the row offsets) and compute ``sparse_peft.ops.bitmask_linear`` (a PyTorch reference
+    when the ops module is missing). What that costs:
+
+    * CUDA: the Triton kernel decodes the weight tile by tile for up to 16 tokens, so GPU memory
+      holds only the packed parts; more tokens decode one layer at a time into a transient dense
+      weight. ``decode_cache`` plays no part.
+    * CPU (and wherever the torch backend is forced): the reference decodes the whole weight per
+      call, ~50x a dense GEMV, so generation runs at ~0.1x dense. With ``decode_cache=True`` (the
+      default) each layer keeps its decoded weight after its first call: decoding then runs at
+      dense speed with bit-identical outputs, but the process holds the packed parts AND the dense
+      linears, more than ``packed=False`` (fp32, 50%: ~1.5x the dense linears). On the CPU, packed
+      mode saves memory only with ``decode_cache=False`` (or after ``drop_decode_cache(model)``),
+      at ~0.1x speed; its saving that always holds is on disk.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -364,7 +478,7 @@ def load_sparse(directory: str | os.PathLike, packed: bool = False, device=None,
             module_name = name.removesuffix(".weight")
             # The bias stays in ``state``: load_state_dict below assigns it to the new module.
             bias = state.get(f"{module_name}.bias")
-            _set_module(model, module_name, BitmaskLinear(parts, bias))
+            _set_module(model, module_name, BitmaskLinear(parts, bias, decode_cache=decode_cache))
         expected = model.state_dict()
 
     missing = sorted(set(expected) - set(state))
