@@ -181,8 +181,8 @@ def gradual_prune_step(peft_model: nn.Module, step: int, calibration=None,
             new_zeros = _prune(tuner, config, plan, targets, to_prune, calibration)
             _refresh_fingerprints(tuner)
         plan.done_steps.append(event)
+        current = plan.recount()
         _restart_running_norms(tuner, config, plan)
-        current = plan.current_zeros()
     else:
         sparsity = None
     layers = {name: current[name] / lin.weight.numel() for name, lin in plan.linears.items()} if plan else {}
@@ -366,6 +366,7 @@ def load_pruning_state(peft_model: nn.Module, directory: str | os.PathLike,
     for name, keep in keeps.items():
         write_masked_weight_(plan.linears[name], keep)
     plan.done_steps = json.loads(metadata["done_steps"])
+    plan.recount()
     _refresh_fingerprints(tuner)
     _restart_running_norms(tuner, tuner.peft_config[adapter_name], plan)
     return list(plan.done_steps)

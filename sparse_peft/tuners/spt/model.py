@@ -96,9 +96,20 @@ class PruningPlan:
     final_zeros: dict[str, int]
     block_of: dict[str, int]
     done_steps: list[int] = field(default_factory=list)  # pruning events already applied
+    # The zeros counted after the last change this plan made (None: count again). Only pruning
+    # events and a resumed state change the base during training, so the steps between events
+    # need not scan every weight.
+    counted_zeros: Optional[dict[str, int]] = None
 
     def current_zeros(self) -> dict[str, int]:
-        return {name: int((lin.weight == 0).sum()) for name, lin in self.linears.items()}
+        """Each linear's zeros, counted once after every change the plan makes (``recount``)."""
+        if self.counted_zeros is None:
+            self.counted_zeros = {name: int((lin.weight == 0).sum()) for name, lin in self.linears.items()}
+        return self.counted_zeros
+
+    def recount(self) -> dict[str, int]:
+        self.counted_zeros = None
+        return self.current_zeros()
 
     @property
     def needs_pruning(self) -> bool:
