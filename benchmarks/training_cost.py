@@ -8,8 +8,9 @@ H/64 heads, ``--vocab`` tokens; no model hub), magnitude-pruned to 50% and, for 
 pruning (peft's default autocast keeps the adapters fp32). Every run trains all 7 projections with
 AdamW on ``--batch`` x ``--seq-len`` random token ids: LoRA and masked LoRA at r=16, SPP's default
 config, SEFT at density 0.02 between topology updates ("seft") and while its layers collect the
-dense gradient for the next update ("seft (collecting)"), SPT with a gradual-pruning event at every
-step (``sp.gradual_prune_step`` after each optimizer step, as ``GradualPruningCallback`` does).
+dense gradient for the next update ("seft (collecting)"), SPT with gradual pruning
+(``sp.gradual_prune_step`` after each optimizer step, as ``GradualPruningCallback`` does; two
+pruning events fall within the run, the median step is one without).
 
 Each (method, hidden, dtype, checkpointing) runs in a fresh subprocess (this script with
 ``--worker``), so that one run's memory never counts in another's. "Extra memory" is what the
@@ -22,11 +23,10 @@ training adds on top of the pruned model: ``get_peft_model`` + optimizer + warm-
   ``ru_maxrss`` at the end if ``ru_maxrss`` grew during that phase (then it is that phase's exact peak).
   extra = peak - baseline. A spike shorter than 5 ms under the build peak can be missed. glibc keeps
   freed blocks of up to 32 MiB in its heap once its mmap threshold has adapted, so with its default
-  settings the RSS peak also counts the fragmentation of many transient blocks (masked LoRA's and
-  SPP's row blocks measured about 2x LoRA this way, but about 1.1x with the threshold fixed). With
-  ``--malloc fixed`` (the default) the workers run with ``MALLOC_MMAP_THRESHOLD_=131072``: every block
-  of 128 KiB or more is its own mapping, returned on free, and the RSS follows the live tensors (the
-  page faults cost some step time); ``--malloc default`` measures what a plain process gets.
+  settings the RSS peak also counts the fragmentation of transient blocks. ``--malloc default`` (the
+  default) measures what a plain process gets; with ``--malloc fixed`` the workers run with
+  ``MALLOC_MMAP_THRESHOLD_=131072``: every block of 128 KiB or more is its own mapping, returned on
+  free, so the RSS follows the live tensors, but the page faults slow every step.
 - CUDA (``--device cuda``): ``torch.cuda.reset_peak_memory_stats()`` after pruning;
   extra = ``max_memory_allocated() - memory_allocated()`` at that point; steps timed with CUDA events.
 
@@ -79,9 +79,9 @@ def peft_config(method: str, total_steps: int):
         return sp.SPPConfig(target_modules="all-linear")
     if method.startswith("seft"):  # no topology update within the run
         return sp.SEFTConfig(density=0.02, update_interval=total_steps + 1000, target_modules="all-linear")
-    if method == "spt":  # an event at every step 0..total_steps: the model is at the target already
+    if method == "spt":  # two pruning events within the run (the model is at the target already)
         return sp.SPTConfig(base_prompt_length=8, target_sparsity=0.5, initial_sparsity=0.5, pruner="magnitude",
-                            prune_end_step=total_steps, num_prune_steps=total_steps)
+                            prune_end_step=total_steps, num_prune_steps=2)
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -288,7 +288,7 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=1, help="torch threads in each worker")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--malloc", default="fixed", choices=["fixed", "default"],
+    p.add_argument("--malloc", default="default", choices=["fixed", "default"],
                    help="CPU: glibc's mmap threshold fixed at 128 KiB in the workers, or glibc's default")
     p.add_argument("--tiny", action="store_true", help="quick check: hidden 128, 2 layers, seq 32")
     p.add_argument("--out", default=None, help="append the raw rows (JSON lines) here")
