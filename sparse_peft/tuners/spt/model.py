@@ -17,6 +17,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
+from ..._distributed import full_tensor
 from ...sparsity.calibration import block_linears, find_decoder_blocks
 from ...sparsity.owl import allocate_zero_counts
 from ...sparsity.selection import unstructured_zero_count
@@ -98,7 +99,8 @@ class PruningPlan:
     done_steps: list[int] = field(default_factory=list)  # pruning events already applied
 
     def current_zeros(self) -> dict[str, int]:
-        return {name: int((lin.weight == 0).sum()) for name, lin in self.linears.items()}
+        # full_tensor: under FSDP a rank holds some rows; the count is summed over the shards.
+        return {name: int(full_tensor((lin.weight.detach() == 0).sum())) for name, lin in self.linears.items()}
 
     @property
     def needs_pruning(self) -> bool:
