@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from .._distributed import full_tensor, write_full_
 from .masks import linear_view, restore_mask
 
 
@@ -76,10 +77,12 @@ def write_masked_weight_(linear: torch.nn.Module, keep: torch.Tensor, new_weight
     It is replaced by the smallest normal number of the dtype, with its sign (``finfo.tiny``: about
     1e-38 in fp32/bf16, 6e-5 in fp16), far below anything that changes an output, so the layer's
     zero count, and ``weight != 0``, are exactly the chosen mask. Returns how many were replaced.
+    Under FSDP (a sharded ``DTensor`` weight) ``keep`` and ``new_weight`` are whole on every rank
+    and each rank writes the rows it holds.
     """
     weight = linear_view(linear).weight
-    source = (weight if new_weight is None else new_weight).detach()
+    source = (full_tensor(weight) if new_weight is None else new_weight).detach()
     value = source.to(weight.dtype)
     n_kept_zero = int((keep & (value == 0)).sum().item())
-    weight.data.copy_(restore_mask(value, keep, sign_source=source))
+    write_full_(weight.data, restore_mask(value, keep, sign_source=source))
     return n_kept_zero

@@ -28,7 +28,8 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from functools import partial
+from typing import Callable, Optional
 
 import torch
 from safetensors import safe_open
@@ -37,6 +38,7 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .._distributed import full_tensor, is_sharded, rank
 from ..sparsity.bitmask import bits_to_mask, mask_to_bits, packed_row_bytes
 from ..sparsity.calibration import run_blockwise
 from ..sparsity.owl import outlier_ratio, owl_block_sparsities
@@ -143,13 +145,21 @@ def _targets(plan, current: dict[str, int], sparsity: float, final_sparsity: flo
 
 
 @torch.no_grad()
-def _prune_linear(linear: nn.Linear, scores: torch.Tensor, n_zeros: int,
+def _prune_linear(linear: nn.Linear, score: Callable[[torch.Tensor], torch.Tensor], n_zeros: int,
                   pattern: Optional[tuple[int, int]] = None) -> int:
-    keep = linear.weight != 0
+    """Prune ``linear`` to ``n_zeros`` zeros by ``score(weight)`` (lowest first).
+
+    The rule spreads zeros over all rows of the layer, so under FSDP the weight is gathered (every
+    rank calls this for the same layers in the same order), every rank computes the same mask, and
+    each writes back its own rows: one whole layer is transient at a time.
+    """
+    weight = full_tensor(linear.weight.detach())
+    keep = weight != 0
     before = int((~keep).sum())
+    scores = score(weight)
     new_keep = grow_keep_mask(scores, keep, n_zeros) if pattern is None else grow_keep_mask_nm(
         scores, keep, n_zeros, *pattern)
-    write_masked_weight_(linear, new_keep)
+    write_masked_weight_(linear, new_keep, weight)
     return n_zeros - before
 
 
@@ -211,8 +221,8 @@ def _restart_running_norms(tuner, config, plan) -> None:
 def _prune(tuner, config, plan, targets, to_prune, calibration) -> int:
     pattern = config.nm_pattern
     if config.pruner == "magnitude":
-        return sum(_prune_linear(plan.linears[name], plan.linears[name].weight.detach().abs().float(), targets[name],
-                                 pattern) for name in sorted(to_prune))
+        return sum(_prune_linear(plan.linears[name], lambda weight: weight.abs().float(), targets[name], pattern)
+                   for name in sorted(to_prune))
     if calibration is not None:
         by_module = {id(linear): name for name, linear in plan.linears.items()}
         pruned = [0]
@@ -221,7 +231,7 @@ def _prune(tuner, config, plan, targets, to_prune, calibration) -> int:
             for linear, stat in stats.values():
                 name = by_module.get(id(linear))
                 if name in to_prune:
-                    pruned[0] += _prune_linear(linear, wanda_scores(linear.weight, stat), targets[name], pattern)
+                    pruned[0] += _prune_linear(linear, partial(wanda_scores, stat=stat), targets[name], pattern)
 
         # Block-sequential as in sp.prune: block k is scored on the outputs of the already pruned blocks
         # before it, with the prompts in place (they are part of the model being pruned).
@@ -235,8 +245,7 @@ def _prune(tuner, config, plan, targets, to_prune, calibration) -> int:
                          "the last pruning event. Pass calibration=[token batches] to gradual_prune_step / "
                          "GradualPruningCallback, or run training forwards (model.train()) before this step.")
     # Under data parallelism each rank saw other tokens: sum the norms first so all ranks prune alike.
-    return sum(_prune_linear(plan.linears[name],
-                             wanda_scores(plan.linears[name].weight, tuner.running_norms[name].all_reduce_()),
+    return sum(_prune_linear(plan.linears[name], partial(wanda_scores, stat=tuner.running_norms[name].all_reduce_()),
                              targets[name], pattern) for name in sorted(to_prune))
 
 
@@ -295,19 +304,29 @@ def save_pruning_state(peft_model: nn.Module, save_directory: str | os.PathLike,
     changes the base model; ``load_pruning_state`` re-applies these masks to a fresh copy of the model
     the run started from, so training can resume. ``GradualPruningCallback`` writes this file into
     every checkpoint by itself. Returns the file's path.
+
+    Under FSDP the masks are gathered from the shards: call it on every rank; rank 0 writes the file.
     """
     _, adapter_name, plan = _pruning_plan(peft_model, adapter_name)
-    tensors = {}
-    for name, linear in plan.linears.items():
-        keep = linear.weight.detach() != 0
-        tensors[f"{name}.keep_bits"] = mask_to_bits(keep).cpu()
-        tensors[f"{name}.kept_checksum"] = torch.tensor(_kept_checksum(linear.weight, keep), dtype=torch.float64)
+    tensors = _pruning_state_tensors(plan)
     metadata = {"format": _STATE_FORMAT, "adapter": adapter_name, "done_steps": json.dumps(plan.done_steps),
                 "final_zeros": json.dumps(plan.final_zeros)}
     path = Path(save_directory) / PRUNING_STATE_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=metadata)
+    if rank() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path), metadata=metadata)
     return path
+
+
+def _pruning_state_tensors(plan) -> dict[str, torch.Tensor]:
+    """Each pruned linear's keep mask (bits) and kept checksum, from the whole (gathered) weight."""
+    tensors = {}
+    for name, linear in plan.linears.items():
+        weight = full_tensor(linear.weight.detach())
+        keep = weight != 0
+        tensors[f"{name}.keep_bits"] = mask_to_bits(keep).cpu()
+        tensors[f"{name}.kept_checksum"] = torch.tensor(_kept_checksum(weight, keep), dtype=torch.float64)
+    return tensors
 
 
 @torch.no_grad()
@@ -413,5 +432,9 @@ class GradualPruningCallback(TrainerCallback):
         checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         tuner = spt_tuner(model)
         adapter_name = self.adapter_name or tuner.active_adapters[0]
-        if state.is_world_process_zero and checkpoint.is_dir() and adapter_name in tuner.pruning_plans:
+        if adapter_name not in tuner.pruning_plans:
+            return
+        # Under FSDP gathering the masks is a collective: every rank takes part, rank 0 writes.
+        sharded = any(is_sharded(linear.weight) for linear in tuner.pruning_plans[adapter_name].linears.values())
+        if sharded or (state.is_world_process_zero and checkpoint.is_dir()):
             save_pruning_state(model, checkpoint, adapter_name)

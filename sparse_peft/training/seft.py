@@ -13,7 +13,6 @@ from typing import Optional
 
 import torch
 
-from .._distributed import all_reduce_sum_
 from ..tuners.seft.config import SEFTConfig
 from ..tuners.seft.layer import SEFTLayer
 
@@ -82,7 +81,7 @@ def seft_step(peft_model, optimizer: Optional[torch.optim.Optimizer], step: int,
                 raise RuntimeError(f"SEFT update at step {step}: no gradient was accumulated for {missing[:3]} "
                                    f"(were they used in the forward?)")
             for name, layer in layers.items():
-                all_reduce_sum_(layer.grad_accum)  # every rank decides on the same gradient
+                layer.sum_grad_accum_over_ranks()  # every rank decides on the same gradient
                 changes[name] = layer.update_topology(
                     adapter_name, fraction, drop_criterion=config.drop_criterion,
                     sensitivity_criterion=config.sensitivity_criterion, regrow_init=config.regrow_init,

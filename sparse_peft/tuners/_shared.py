@@ -11,6 +11,7 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
+from .._distributed import full_tensor
 from ..sparsity.masks import LINEAR_TYPES, is_linear, linear_view, mask_fingerprint
 
 
@@ -133,7 +134,8 @@ class DerivedMask:
     @property
     def sparsity_mask(self) -> torch.Tensor:
         # contiguous: flat positions (SEFT) and fingerprints index the out x in mask row-major.
-        return (self.unmerged_base_weight().detach() != 0).contiguous()
+        # Under FSDP the weight is a shard: the mask (one byte a weight) is gathered, transient.
+        return full_tensor(self.unmerged_base_weight().detach() != 0).contiguous()
 
 
 class SparseMaskTuner(BaseTuner):

@@ -7,6 +7,7 @@ only blocks of rows of one (``sparse_peft.delta_linear``) that live inside one f
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple, Optional
 
 import torch
@@ -85,9 +86,11 @@ def _sampled_grad(grad_2d: torch.Tensor, x_2d: torch.Tensor, flat_index: torch.T
     wide = torch.promote_types(x_2d.dtype, torch.float32)
     values = torch.empty(flat_index.numel(), dtype=wide, device=x_2d.device)
     if x_2d.dtype in (torch.float32, torch.float64):
-        pattern = torch.sparse_csr_tensor(layout.delta_crow, layout.delta_col,
-                                          torch.ones(flat_index.numel(), dtype=x_2d.dtype), (out_features, in_features),
-                                          check_invariants=False)
+        with warnings.catch_warnings():  # "CSR support is in beta": this use is tested, once per step is noise
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            pattern = torch.sparse_csr_tensor(layout.delta_crow, layout.delta_col,
+                                              torch.ones(flat_index.numel(), dtype=x_2d.dtype),
+                                              (out_features, in_features), check_invariants=False)
         values[layout.delta_order] = torch.sparse.sampled_addmm(pattern, grad_2d.t(), x_2d, beta=0.0).values()
         return values
     for start, stop in row_blocks(out_features, in_features):

@@ -20,6 +20,7 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from ..._distributed import RowShards, RowShardSum, all_reduce_sum_, full_tensor, set_rows_
 from ...sparsity.masks import is_nm_sparse, mask_fingerprint, restore_mask
 from .._shared import DerivedMask, adapter_dtype, attach_sparsity_mask, base_view, mask_fingerprints
 from .functional import (SparseLayout, coalesce, effective_weight, grow_within_groups, largest, smallest,
@@ -47,8 +48,11 @@ class SEFTLayer(DerivedMask, BaseTunerLayer):
         self.merged_adapters = []
         # (flat positions, original values) of every base weight the merge changed: unmerge is exact.
         self._merge_backup: Optional[tuple[torch.Tensor, torch.Tensor]] = None
-        # Dense gradient accumulated during the steps before a topology update (None otherwise).
+        # Dense gradient accumulated during the steps before a topology update (None otherwise);
+        # under FSDP only this rank's rows of it, summed over ranks (``_grad_shard_sum``).
         self.grad_accum: Optional[torch.Tensor] = None
+        self._grad_shard_sum: Optional[RowShardSum] = None
+        self._row_shards: Optional[RowShards] = None
         self.collecting = False
         self._layouts: dict = {}  # adapter name -> (index tensors, their versions, SparseLayout)
         # (n, m) when the base layer is exactly N:M sparse: topology updates stay inside groups.
@@ -114,9 +118,10 @@ class SEFTLayer(DerivedMask, BaseTunerLayer):
                              f"but {names} are active; call set_adapter with one of them")
         return names[0] if names else None
 
-    def current_mask(self, adapter_name: str) -> torch.Tensor:
-        """The adapter's topology ``M`` (bool, out x in, transient)."""
-        mask = self.sparsity_mask.clone()
+    def current_mask(self, adapter_name: str, base_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The adapter's topology ``M`` (bool, out x in, transient); ``base_mask``: the base's mask if
+        the caller has it already (derived from a gathered weight)."""
+        mask = (self.sparsity_mask if base_mask is None else base_mask).clone()
         flat = mask.view(-1)
         flat[self.seft_added[adapter_name]] = True
         flat[self.seft_removed[adapter_name]] = False
@@ -142,16 +147,22 @@ class SEFTLayer(DerivedMask, BaseTunerLayer):
         original.view(-1)[positions] = values
         return original
 
-    def effective_weight(self, adapter_name: str) -> torch.Tensor:
-        """``(W + F + Δ) ⊙ M`` (fp32): the weight this adapter makes (what merge writes)."""
-        return effective_weight(self.unmerged_base_weight(), self.seft_index[adapter_name], self.seft_delta[adapter_name],
+    def effective_weight(self, adapter_name: str, base_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``(W + F + Δ) ⊙ M`` (fp32): the weight this adapter makes (what merge writes). Under FSDP the
+        weight and ``Δ`` are gathered (every rank must call it); ``base_weight``: the whole unmerged
+        base weight if the caller has gathered it already."""
+        if base_weight is None:
+            base_weight = full_tensor(self.unmerged_base_weight().detach())
+        return effective_weight(base_weight, self.seft_index[adapter_name],
+                                full_tensor(self.seft_delta[adapter_name].detach()),
                                 self.seft_frozen_index[adapter_name], self.seft_frozen_delta[adapter_name],
                                 self.seft_removed[adapter_name])
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``W_eff - W`` (fp32, transient, out x in): what merging this adapter adds to the base weight
         (for a ``Conv1D`` base, its transpose)."""
-        return self.effective_weight(adapter_name) - self.unmerged_base_weight().float()
+        base_weight = full_tensor(self.unmerged_base_weight().detach())
+        return self.effective_weight(adapter_name, base_weight) - base_weight.float()
 
     def layout(self, adapter_name: str) -> SparseLayout:
         """Where the adapter's changes sit (``sparse_layout``), kept until an index set changes (a
@@ -174,19 +185,41 @@ class SEFTLayer(DerivedMask, BaseTunerLayer):
 
         The accumulator has the base weight's dtype (at least bf16 precision is enough to rank
         positions by |gradient|): one weight-sized tensor per layer from the first collecting
-        backward until the topology update frees it.
+        backward until the topology update frees it. Under FSDP each rank keeps the rows of its own
+        shard, summed over ranks as they come (the whole gradient would be out x in on every rank).
         """
+        if self._row_shards is not None:
+            if self._grad_shard_sum is None:
+                dtype = self.get_base_layer().weight.dtype
+                self._grad_shard_sum = RowShardSum(self._row_shards, self.in_features, dtype, grad_rows.device)
+                self.grad_accum = self._grad_shard_sum.local
+            self._grad_shard_sum.add(start, stop, grad_rows)
+            return
         if self.grad_accum is None:  # out x in, as the flat positions
             weight = self.get_base_layer().weight
             self.grad_accum = torch.zeros(self.out_features, self.in_features, dtype=weight.dtype, device=weight.device)
         self.grad_accum[start:stop] += grad_rows.to(self.grad_accum.dtype)
 
     def start_collecting(self) -> None:
+        # Called between steps, where FSDP's parameters are sharded: the backward (which sees the
+        # gathered weight) learns here which rows this rank owns.
+        self._row_shards = RowShards.of(base_view(self).weight, "SEFT")
         self.collecting = True
 
     def stop_collecting(self) -> None:
         self.collecting = False
         self.grad_accum = None
+        self._grad_shard_sum = None
+
+    def sum_grad_accum_over_ranks(self) -> None:
+        """Sum ``grad_accum`` over data-parallel ranks (DDP: each rank holds its own batch's gradient).
+        Under FSDP the backward summed each shard's rows already."""
+        if self._grad_shard_sum is None and self.grad_accum is not None:
+            all_reduce_sum_(self.grad_accum)
+
+    def _whole_grad_accum(self) -> torch.Tensor:
+        """The accumulated gradient of the whole layer (under FSDP gathered from the shards: transient)."""
+        return self.grad_accum if self._grad_shard_sum is None else self._grad_shard_sum.full()
 
     # --- topology update ------------------------------------------------------------------------
 
@@ -197,7 +230,10 @@ class SEFTLayer(DerivedMask, BaseTunerLayer):
         one active weight outside ``A`` per re-grown pruned position. Returns the counts.
 
         Requires ``grad_accum`` (collected by the backward while ``collecting``); under data
-        parallelism the caller all-reduces it first so every rank decides the same.
+        parallelism the caller sums it over ranks first (``sum_grad_accum_over_ranks``) so every rank
+        decides the same. Under FSDP the decision is made on the whole layer, gathered on every rank
+        (weight, ``Δ`` and gradient: transient, one layer at a time), and each rank writes back the
+        part of ``Δ`` and of its optimizer state it holds.
         """
         if self.merged:
             raise RuntimeError("SEFT cannot change the topology of a merged layer; unmerge first")
@@ -210,21 +246,23 @@ class SEFTLayer(DerivedMask, BaseTunerLayer):
         counts = dict(dropped=n_drop, grown=n_drop, regrown=0, pruned=0)
         if n_drop == 0:
             return counts
-        grad = self.grad_accum.view(-1).float() * grad_scale
-        weight = self.effective_weight(adapter_name).view(-1)
-        mask = self.current_mask(adapter_name).view(-1)
+        grad = self._whole_grad_accum().reshape(-1).float() * grad_scale
+        base_weight = full_tensor(self.unmerged_base_weight().detach())
+        delta_values = full_tensor(delta.detach())
+        weight = self.effective_weight(adapter_name, base_weight).view(-1)
+        mask = self.current_mask(adapter_name, (base_weight != 0).contiguous()).view(-1)
 
         # 1. drop: these slots stop training; their positions keep what they learned (frozen delta).
         if drop_criterion == "weight":
             drop_score = weight[index].abs()
         elif drop_criterion == "delta":
-            drop_score = delta.detach().abs()
+            drop_score = delta_values.abs()
         else:
             raise ValueError(f"SEFT drop_criterion must be 'weight' or 'delta', got {drop_criterion!r}")
         drop_slots = smallest(drop_score, n_drop)
         dropped = index[drop_slots]
         frozen_index = torch.cat([self.seft_frozen_index[adapter_name], dropped])
-        frozen_delta = torch.cat([self.seft_frozen_delta[adapter_name], delta.detach()[drop_slots].float()])
+        frozen_delta = torch.cat([self.seft_frozen_delta[adapter_name], delta_values[drop_slots].float()])
 
         # 2. grow at the largest |gradient| outside A (the just-dropped included in A: no flip-flop).
         grow_score = grad.abs().clone()
@@ -265,7 +303,7 @@ class SEFTLayer(DerivedMask, BaseTunerLayer):
                                        f"in a group (a bug: grow_within_groups guarantees one)")
             # A re-grown position starts at exactly 0: cancel whatever W + F holds there.
             frozen_index, frozen_delta = without(frozen_index, frozen_delta, torch.cat([regrown, pruned]))
-            original = self.unmerged_base_weight().detach().reshape(-1)
+            original = base_weight.reshape(-1)
             cancel = -original[regrown].float()
             frozen_index = torch.cat([frozen_index, regrown[cancel != 0]])
             frozen_delta = torch.cat([frozen_delta, cancel[cancel != 0]])
@@ -277,7 +315,7 @@ class SEFTLayer(DerivedMask, BaseTunerLayer):
         # 4. the slots take their new positions; their values and optimizer moments start over.
         with torch.no_grad():
             index.copy_(new_index)
-            delta[drop_slots] = 0.0
+            set_rows_(delta, drop_slots, 0.0)  # under FSDP each rank holds some of the slots
         if optimizer is not None:
             reset_optimizer_slots(optimizer, delta, drop_slots, grad[grown] if regrow_init == "gradient" else None)
         counts.update(regrown=int(regrown.numel()), pruned=int(pruned.numel()))
@@ -312,13 +350,13 @@ def reset_optimizer_slots(optimizer: torch.optim.Optimizer, param: torch.Tensor,
     for key, value in state.items():
         if not torch.is_tensor(value) or value.shape != param.shape:
             continue
-        with torch.no_grad():
-            if grad is not None and betas is not None and key == "exp_avg":
-                value[slots] = ((1 - betas[0]) * grad).to(value.dtype)
-            elif grad is not None and betas is not None and key == "exp_avg_sq":
-                value[slots] = ((1 - betas[1]) * grad.square()).to(value.dtype)
-            else:
-                value[slots] = 0
+        # set_rows_: under FSDP the state is sharded like the parameter, each rank writes its slots.
+        if grad is not None and betas is not None and key == "exp_avg":
+            set_rows_(value, slots, ((1 - betas[0]) * grad).to(value.dtype))
+        elif grad is not None and betas is not None and key == "exp_avg_sq":
+            set_rows_(value, slots, ((1 - betas[1]) * grad.square()).to(value.dtype))
+        else:
+            set_rows_(value, slots, 0)
 
 
 class Linear(nn.Module, SEFTLayer):

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from ..._distributed import full_tensor
 from ...sparsity.masks import mask_fingerprint
 from .._shared import FingerprintDict, adapter_dtype
 
@@ -108,7 +109,8 @@ class SPTLayer(BaseTunerLayer):
         return True
 
     def attention_masks(self) -> list[torch.Tensor]:
-        return [getattr(self.base_layer, name).weight.detach() != 0 for name in ATTENTION_PROJECTIONS]
+        # Under FSDP the weights are shards between steps: the masks are gathered (transient).
+        return [full_tensor(getattr(self.base_layer, name).weight.detach() != 0) for name in ATTENTION_PROJECTIONS]
 
     def current_fingerprint(self) -> torch.Tensor:
         """The fingerprints of the q/k/v/o masks as they are now (4 x 3, int64, CPU)."""

@@ -17,6 +17,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
+from ..._distributed import full_tensor
 from ...sparsity.calibration import block_linears, find_decoder_blocks
 from ...sparsity.owl import allocate_zero_counts
 from ...sparsity.selection import unstructured_zero_count
@@ -104,7 +105,9 @@ class PruningPlan:
     def current_zeros(self) -> dict[str, int]:
         """Each linear's zeros, counted once after every change the plan makes (``recount``)."""
         if self.counted_zeros is None:
-            self.counted_zeros = {name: int((lin.weight == 0).sum()) for name, lin in self.linears.items()}
+            # full_tensor: under FSDP a rank holds some rows; the count is summed over the shards.
+            self.counted_zeros = {name: int(full_tensor((lin.weight.detach() == 0).sum()))
+                                  for name, lin in self.linears.items()}
         return self.counted_zeros
 
     def recount(self) -> dict[str, int]:
