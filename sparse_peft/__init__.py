@@ -7,6 +7,7 @@ Importing this package registers its PEFT methods with peft, so ``get_peft_model
 from ._peft_registry import register_all as _register_all
 from . import ops, sparsity
 from .merge import MergeReport, merge_and_unload_sparse
+from .quantized import merge_and_unload_dequantized
 from .io import export_dense, load_sparse, save_sparse
 from .evaluation import evaluate
 from .sparsity import (
@@ -79,6 +80,7 @@ __all__ = [
     "is_nm_sparse",
     "mask_fingerprint",
     "merge_and_unload_sparse",
+    "merge_and_unload_dequantized",
     "evaluate",
     "export_dense",
     "load_sparse",

@@ -22,11 +22,15 @@ layer has hooks or the update's input went through dropout).
 
 The mask of a pruned layer is ``W != 0`` (every merge in this package keeps that exact), so an
 update that needs it derives it from ``weight_rows`` inside ``delta_rows``: no mask is stored.
+
+``weight`` may also be a function returning it (``weight()``, out x in): a quantized base keeps only
+its packed weight, so the forward and the backward each call it for a transient dequantized copy
+that is freed when the pass ends, instead of saving one out x in tensor per layer for the backward.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -35,6 +39,8 @@ import torch
 BLOCK_ELEMENTS = 1 << 22
 
 DeltaRows = Callable[[int, int, torch.Tensor], torch.Tensor]
+#: A frozen weight (out x in), or a function that returns it on each call (see the module docstring).
+WeightSource = Union[torch.Tensor, Callable[[], torch.Tensor]]
 
 
 def row_blocks(out_features: int, in_features: int, block_elements: Optional[int] = None):
@@ -90,7 +96,13 @@ class DeltaLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, delta_rows, with_base, block_elements, grad_sink, *params):
-        ctx.save_for_backward(x, weight, *params)
+        # A weight function is called again in the backward: only x and the parameters are saved.
+        ctx.weight_fn = weight if callable(weight) else None
+        if ctx.weight_fn is not None:
+            weight = _frozen(weight(), x)
+            ctx.save_for_backward(x, *params)
+        else:
+            ctx.save_for_backward(x, weight, *params)
         ctx.delta_rows, ctx.with_base, ctx.block_elements = delta_rows, with_base, block_elements
         ctx.grad_sink = grad_sink
         ctx.has_bias = bias is not None
@@ -102,7 +114,11 @@ class DeltaLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight, *params = ctx.saved_tensors
+        if ctx.weight_fn is not None:
+            x, *params = ctx.saved_tensors
+            weight = _frozen(ctx.weight_fn(), x)
+        else:
+            x, weight, *params = ctx.saved_tensors
         out_features, in_features = weight.shape
         x_2d = x.reshape(-1, in_features)
         grad_2d = grad_y.reshape(-1, out_features)
@@ -139,16 +155,26 @@ class DeltaLinear(torch.autograd.Function):
         return (grad_x, None, grad_bias, None, None, None, None, *grad_params)
 
 
-def delta_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], delta_rows: DeltaRows,
+def _frozen(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """What a weight function returned, checked against the input and detached."""
+    if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"delta_linear: input with {x.shape[-1]} features for a weight of shape {tuple(weight.shape)}")
+    return weight.detach()
+
+
+def delta_linear(x: torch.Tensor, weight: WeightSource, bias: Optional[torch.Tensor], delta_rows: DeltaRows,
                  params: Sequence[torch.Tensor], *, with_base: bool = True, block_elements: Optional[int] = None,
                  grad_sink: Optional[Callable[[int, int, torch.Tensor], None]] = None) -> torch.Tensor:
     """``x (W + ΔW)ᵀ + bias`` (``with_base``) or ``x ΔWᵀ``, ``ΔW[start:stop] = delta_rows(start, stop, W[start:stop])``.
 
-    ``weight`` (out, in) is frozen (no gradient is computed for it); ``params`` are the trainable
+    ``weight`` (out, in) is frozen (no gradient is computed for it), or a function returning it that
+    the forward and the backward each call once (a quantized base dequantized per call); ``params`` are the trainable
     tensors ``delta_rows`` reads, in any dtype (the update is summed onto ``W`` in the wider dtype,
     and the GEMMs run in ``x``'s dtype). ``delta_rows`` must be a pure function of its arguments and
     ``params``: the backward calls it again.
     """
+    if callable(weight):
+        return DeltaLinear.apply(x, weight, bias, delta_rows, with_base, block_elements, grad_sink, *params)
     if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"delta_linear: input with {x.shape[-1]} features for a weight of shape {tuple(weight.shape)}")
     if weight.requires_grad and torch.is_grad_enabled():
