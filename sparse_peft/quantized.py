@@ -76,6 +76,20 @@ def _is_cpu_packed(state) -> bool:
     return bool(getattr(state, "packing_format_for_cpu", False))
 
 
+def differentiable_layout_(module: nn.Module) -> None:
+    """Before a forward that needs gradients: put a 4-bit weight that an inference forward repacked
+    for the CPU kernel back in the standard packing. bitsandbytes runs a repacked weight through
+    ``gemv_4bit``, which has no autograd formula, so no gradient would flow back through the layer
+    (silently: torch only warns); in training mode bitsandbytes does not repack it again. Its own
+    converter is used, as bitsandbytes does before saving or moving the weight."""
+    if quantized_kind(module) != "4bit" or not _is_cpu_packed(module.weight.quant_state):
+        return
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    weight = module.weight
+    weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+
+
 def _dequantize_cpu_packed(weight: torch.Tensor) -> torch.Tensor:
     """Dequantize a 4-bit weight in bitsandbytes' CPU packing without converting it back in place
     (its own inverse edits the weight and re-quantizes nested statistics, so a model evaluated and

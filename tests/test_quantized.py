@@ -66,6 +66,8 @@ def train(model, steps: int = 6, lr: float = 1e-2) -> list[float]:
 
 
 def logits(model):
+    """Inference logits (eval mode: on a CPU with AVX512-BF16, bitsandbytes then repacks 4-bit weights)."""
+    model.eval()
     with torch.no_grad():
         return model(input_ids=IDS).logits.float()
 
@@ -173,6 +175,25 @@ def test_unmerge_is_exact(method):
     for name, m in layers.items():
         assert torch.equal(dequantized_weight(m), weights[name]), name
     assert torch.equal(logits(peft_model), before)
+
+
+def test_training_after_an_eval_forward_gets_the_same_gradients():
+    """After an inference forward on a CPU with AVX512-BF16, bitsandbytes runs a 4-bit layer through a
+    kernel without autograd: the layers must go back to the differentiable one before training."""
+    grads = []
+    for evaluate_first in (False, True):
+        torch.manual_seed(0)
+        peft_model = get_peft_model(quantized_tiny("nf4"), sp.MaskedLoraConfig(r=4, target_modules="all-linear",
+                                                                               init_lora_weights=False))
+        if evaluate_first:
+            logits(peft_model)
+        peft_model.train()
+        peft_model(input_ids=IDS, labels=IDS).loss.backward()
+        layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+        grads.append(layer.masked_lora_A["default"].grad.clone())
+    # equal up to the bf16 scales the repacking rounded (without the fix the gradient through every
+    # base layer is lost and this differs by far more)
+    assert (grads[1] - grads[0]).norm() < 0.05 * grads[0].norm()
 
 
 def test_eval_forward_keeps_the_mask():

@@ -168,9 +168,14 @@ class DerivedMask:
         """The frozen ``W`` ``delta_linear`` derives the update's mask (and SPP its values) from: the
         weight itself, or for a quantized base a function that dequantizes it on each call, so the
         forward and the backward each hold a dequantized copy only while they run (``delta_linear``
-        calls it once per pass) and nothing out x in is kept between them."""
+        calls it once per pass) and nothing out x in is kept between them. Called before the base
+        layer's forward: with gradients on, it also undoes bitsandbytes' CPU inference repacking,
+        through which no gradient flows (``quantized.differentiable_layout_``)."""
         if self.quantized_base:
-            return partial(quantized.dequantized_weight, self.get_base_layer())
+            base = self.get_base_layer()
+            if torch.is_grad_enabled():
+                quantized.differentiable_layout_(base)  # before the base's own forward runs
+            return partial(quantized.dequantized_weight, base)
         return self.unmerged_base_weight().detach()
 
     def merge_into_quantized(self, merged: torch.Tensor, names: list[str], safe_merge: bool) -> None:
