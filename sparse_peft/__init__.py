@@ -8,6 +8,7 @@ from ._peft_registry import register_all as _register_all
 from . import ops, sparsity
 from .merge import MergeReport, merge_and_unload_sparse
 from .io import decode_cache_bytes, drop_decode_cache, export_dense, load_sparse, save_sparse, set_decode_cache
+from .quantized import merge_and_unload_dequantized
 from .evaluation import evaluate
 from .sparsity import (
     SparsityReport,
@@ -79,6 +80,7 @@ __all__ = [
     "is_nm_sparse",
     "mask_fingerprint",
     "merge_and_unload_sparse",
+    "merge_and_unload_dequantized",
     "evaluate",
     "export_dense",
     "load_sparse",

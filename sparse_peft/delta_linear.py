@@ -21,17 +21,24 @@ itself, e.g. when the base layer has hooks or the update's input went through dr
 
 The mask of a pruned layer is ``W != 0`` (every merge in this package keeps that exact), so an
 update that needs it derives it from the block of ``W`` it is given: no mask is stored.
+
+``weight`` may also be a function returning it (``weight()``, out x in): a quantized base keeps only
+its packed weight, so the forward and the backward each call it for a transient dequantized copy
+that is freed when the pass ends, instead of saving one out x in tensor per layer for the backward.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Protocol, Sequence
+from typing import Callable, Optional, Protocol, Sequence, Union
 
 import torch
 
 #: Largest transient (elements) one block of rows may hold: 4 Mi elements, 16 MiB in fp32. Large
 #: enough that each block is an efficient GEMM, small next to a 7B model's activations.
 BLOCK_ELEMENTS = 1 << 22
+
+#: A frozen weight (out x in), or a function that returns it on each call (see the module docstring).
+WeightSource = Union[torch.Tensor, Callable[[], torch.Tensor]]
 
 #: A parameter's gradient contribution from one block: (index into ``params``, the rows of the
 #: parameter it covers or ``None`` for the whole parameter, the gradient).
@@ -96,7 +103,13 @@ class DeltaLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, update, with_base, block_elements, *params):
-        ctx.save_for_backward(x, weight, *params)
+        # A weight function is called again in the backward: only x and the parameters are saved.
+        ctx.weight_fn = weight if callable(weight) else None
+        if ctx.weight_fn is not None:
+            weight = _checked(weight(), x)
+            ctx.save_for_backward(x, *params)
+        else:
+            ctx.save_for_backward(x, weight, *params)
         ctx.update, ctx.with_base, ctx.block_elements = update, with_base, block_elements
         ctx.has_bias = bias is not None
         out_features, in_features = weight.shape
@@ -108,7 +121,11 @@ class DeltaLinear(torch.autograd.Function):
     @staticmethod
     @torch.no_grad()
     def backward(ctx, grad_y):
-        x, weight, *params = ctx.saved_tensors
+        if ctx.weight_fn is not None:
+            x, *params = ctx.saved_tensors
+            weight = _checked(ctx.weight_fn(), x)
+        else:
+            x, weight, *params = ctx.saved_tensors
         update = ctx.update
         out_features, in_features = weight.shape
         x_2d = x.reshape(-1, in_features)
@@ -142,15 +159,25 @@ def _accumulate(grads: list, index: int, rows: Optional[slice], piece: torch.Ten
         grads[index][rows] += piece
 
 
-def delta_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], update: RowUpdate, *,
+def _checked(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The weight (or what a weight function returned) checked against the input."""
+    if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"delta_linear: input with {x.shape[-1]} features for a weight of shape {tuple(weight.shape)}")
+    return weight.detach()
+
+
+def delta_linear(x: torch.Tensor, weight: WeightSource, bias: Optional[torch.Tensor], update: RowUpdate, *,
                  with_base: bool = True, block_elements: Optional[int] = None) -> torch.Tensor:
     """``x (W + ΔW)ᵀ + bias`` (``with_base``) or ``x ΔWᵀ``, ``ΔW`` built by ``update`` a block of rows at a time.
 
-    ``weight`` (out, in) is frozen (no gradient is computed for it); ``update.params`` are the
-    trainable tensors, in any dtype (their gradients are accumulated in fp32 and cast to it).
+    ``weight`` (out, in) is frozen (no gradient is computed for it), or a function returning it that
+    the forward and the backward each call once (a quantized base dequantized per call);
+    ``update.params`` are the trainable tensors, in any dtype (their gradients are accumulated in
+    fp32 and cast to it).
     """
-    if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"delta_linear: input with {x.shape[-1]} features for a weight of shape {tuple(weight.shape)}")
+    if callable(weight):
+        return DeltaLinear.apply(x, weight, bias, update, with_base, block_elements, *update.params)
+    _checked(weight, x)
     if weight.requires_grad and torch.is_grad_enabled():
         raise ValueError("delta_linear keeps the base weight frozen, but weight.requires_grad is True")
     return DeltaLinear.apply(x, weight, bias, update, with_base, block_elements, *update.params)

@@ -10,6 +10,7 @@ from torch import nn
 
 from .calibration import as_calibration_batches, block_linears, find_decoder_blocks, run_blockwise
 from .magnitude import MAGNITUDE_SCOPES, magnitude_keep_mask
+from ..quantized import refuse_quantized
 from .masks import check_nm_divides, linear_view, named_linears, parse_pattern
 from .owl import allocate_zero_counts, outlier_ratio, owl_block_sparsities
 from .report import SparsityReport, sparsity_report
@@ -130,7 +131,8 @@ def prune(
     Raises ValueError for: an unknown method/allocation/scope (listing the choices), both or
     neither of sparsity/pattern, sparsity outside [0, 1), a malformed pattern or one whose M does not
     divide a layer's in_features (naming the layer), OWL with a pattern, missing calibration, a
-    model with nothing to prune (no ``nn.Linear`` / ``Conv1D`` besides the output head).
+    model with nothing to prune (no ``nn.Linear`` / ``Conv1D`` besides the output head), a model
+    holding bitsandbytes-quantized layers (naming the first: prune before quantizing).
     """
     if method not in METHODS:
         raise ValueError(f"unknown pruning method {method!r}; choose one of {METHODS}")
@@ -142,6 +144,7 @@ def prune(
         raise ValueError(f"give exactly one of sparsity / pattern, got sparsity={sparsity!r}, pattern={pattern!r}")
     if hasattr(model, "peft_config"):
         raise ValueError("prune the base model before wrapping it with peft (got a peft-wrapped model)")
+    refuse_quantized(model, "sp.prune")
     nm = parse_pattern(pattern) if pattern is not None else None
     if nm is not None and allocation == "owl":
         raise ValueError(f"allocation='owl' sets non-uniform unstructured sparsities; it cannot be used with "

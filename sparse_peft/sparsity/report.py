@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from ..quantized import dequantized_weight, is_quantized_linear
 from .masks import is_linear, is_nm_sparse, linear_view
 
 # Patterns worth naming, strictest first (2:4 implies 4:8, so the first match is the most useful).
@@ -133,10 +134,12 @@ def layer_sparsity(weight) -> LayerSparsity:
 
 def sparsity_report(model: nn.Module) -> SparsityReport:
     """Exact zero counts of every linear layer (output head excluded), and the global sparsity
-    ``sum(zeros) / sum(numel)`` over them."""
+    ``sum(zeros) / sum(numel)`` over them (of a bitsandbytes-quantized layer: its dequantized weight)."""
     layers: OrderedDict[str, LayerSparsity] = OrderedDict()
     for name, linear in _reported_linears(model):
-        layers[name] = layer_sparsity(linear_view(linear).weight)
+        # a bitsandbytes layer stores packed codes: its zeros are those of the dequantized weight
+        weight = dequantized_weight(linear) if is_quantized_linear(linear) else linear_view(linear).weight
+        layers[name] = layer_sparsity(weight)
     numel = sum(layer.numel for layer in layers.values())
     zeros = sum(layer.zeros for layer in layers.values())
     return SparsityReport(global_sparsity=zeros / numel if numel else 0.0, layers=layers)

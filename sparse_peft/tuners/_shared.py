@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import warnings
 from functools import partial
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
+from .. import quantized
 from .._distributed import full_tensor
-from ..sparsity.masks import LINEAR_TYPES, is_linear, linear_view, mask_fingerprint
+from ..sparsity.masks import LINEAR_TYPES, is_linear, linear_view, mask_fingerprint, restore_mask
 
 
 class FingerprintDict(BufferDict):
@@ -76,7 +77,7 @@ def base_view(layer: BaseTunerLayer):
     return linear_view(layer.get_base_layer())
 
 
-def attach_sparsity_mask(layer: BaseTunerLayer, method: str) -> None:
+def attach_sparsity_mask(layer: BaseTunerLayer, method: str, quantized_ok: bool = True) -> None:
     """Check the wrapped layer is a linear and record its shape on a tuner layer.
 
     No mask is stored: by the package's invariant the mask is exactly ``W != 0`` of the base (every
@@ -89,13 +90,30 @@ def attach_sparsity_mask(layer: BaseTunerLayer, method: str) -> None:
     weight is read through the transposed view ``base_view``). So a fingerprint does not depend on
     how the base stores its weight, and only the writes into the base weight (merge, unmerge) and
     ``merge_target_mask`` convert to the stored layout.
+
+    A bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` base (``sparse_peft.quantized``) stores its
+    weight packed: its mask is the dequantized weight's nonzeros, and a method that cannot keep a
+    quantized base exact passes ``quantized_ok=False`` to refuse it.
     """
     base = layer.get_base_layer()
+    if quantized.is_quantized_linear(base):
+        if not quantized_ok:
+            raise TypeError(refuse_quantized_message(method, type(base).__name__))
+        layer.in_features, layer.out_features = base.in_features, base.out_features
+        layer.layer_name = type(base).__name__
+        return
     if not is_linear(base):
         raise TypeError(f"{method} supports torch.nn.Linear and transformers' Conv1D only, got {type(base).__name__}")
     view = linear_view(base)
     layer.in_features, layer.out_features = view.in_features, view.out_features
     layer.layer_name = type(base).__name__
+
+
+def refuse_quantized_message(method: str, what: str) -> str:
+    return (f"{method} does not support a bitsandbytes-quantized base ({what}): it moves the layer's topology "
+            "(re-grows pruned weights, prunes kept ones), which a quantized weight can neither hold exactly nor "
+            "give back on unmerge. Train masked LoRA or SPP on the quantized model, or this method on the "
+            "unquantized pruned model.")
 
 
 def adapter_dtype(base_weight: torch.Tensor) -> torch.dtype:
@@ -124,12 +142,64 @@ def fuses_base(layer: BaseTunerLayer, active: list[str], dropouts: nn.ModuleDict
 
 class DerivedMask:
     """``sparsity_mask``: the base's pruned topology (bool, out x in), derived from the weight on each
-    use and never kept, so a layer holds no byte per weight for it (a tuner layer mixes this in)."""
+    use and never kept, so a layer holds no byte per weight for it (a tuner layer mixes this in).
+
+    On a quantized base (``sparse_peft.quantized``) the weight is the dequantized one, made on each
+    use; a merge re-quantizes the base and keeps a snapshot of the quantized weight it replaced, so
+    the unmerged weight, the mask and the unmerge stay exact.
+    """
+
+    # Snapshot of a quantized base's weight from before the merge (None: not merged, or not quantized).
+    _quantized_backup: Optional[quantized.QuantizedSnapshot] = None
+    #: Kept weights the last merge into a quantized base rounded to exactly 0 (0 for a float base).
+    rounded_to_zero: int = 0
+
+    @property
+    def quantized_base(self) -> bool:
+        return quantized.is_quantized_linear(self.get_base_layer())
 
     def unmerged_base_weight(self) -> torch.Tensor:
         """The base weight, out x in, as it is without any merged adapter (a layer whose merge
-        changes the topology overrides this)."""
+        changes the topology overrides this). A quantized base's is dequantized (a new tensor)."""
+        if self.quantized_base:
+            return quantized.dequantized_weight(self.get_base_layer(), self._quantized_backup)
         return base_view(self).weight
+
+    def update_weight_source(self):
+        """The frozen ``W`` ``delta_linear`` derives the update's mask (and SPP its values) from: the
+        weight itself, or for a quantized base a function that dequantizes it on each call, so the
+        forward and the backward each hold a dequantized copy only while they run (``delta_linear``
+        calls it once per pass) and nothing out x in is kept between them. Called before the base
+        layer's forward: with gradients on, it also undoes bitsandbytes' CPU inference repacking,
+        through which no gradient flows (``quantized.differentiable_layout_``)."""
+        if self.quantized_base:
+            base = self.get_base_layer()
+            if torch.is_grad_enabled():
+                quantized.differentiable_layout_(base)  # before the base's own forward runs
+            return partial(quantized.dequantized_weight, base)
+        return self.unmerged_base_weight().detach()
+
+    def merge_into_quantized(self, merged: torch.Tensor, names: list[str], safe_merge: bool) -> None:
+        """Write ``merged`` (out x in: the unmerged base weight with the updates of the already merged
+        adapters and of ``names``) into the quantized base, re-masked with the unmerged mask.
+
+        Every merge re-quantizes from the unmerged weight (not on top of an earlier merge, which
+        would round twice); ``rounded_to_zero`` records how many kept weights it made 0."""
+        if safe_merge and not torch.isfinite(merged).all():
+            raise ValueError(f"NaNs or infs in the merged weights: adapters {names} seem to be broken")
+        base = self.get_base_layer()
+        mask = self.sparsity_mask
+        if self._quantized_backup is None:
+            self._quantized_backup = quantized.quantized_snapshot(base)
+        self.rounded_to_zero = quantized.requantize_masked_(base, restore_mask(merged, mask), mask)
+        self.merged_adapters.extend(name for name in names if name not in self.merged_adapters)
+
+    def unmerge_quantized(self) -> None:
+        """Put the quantized weight from before the merge back, bit for bit."""
+        quantized.restore_quantized_(self.get_base_layer(), self._quantized_backup)
+        self._quantized_backup = None
+        self.rounded_to_zero = 0
+        self.merged_adapters.clear()
 
     @property
     def sparsity_mask(self) -> torch.Tensor:
@@ -148,6 +218,8 @@ class SparseMaskTuner(BaseTuner):
     method: str
     linear_cls: type
     target_module_mapping: dict = {}
+    #: Whether the method trains on a bitsandbytes-quantized base (SEFT does not).
+    quantized_bases: bool = True
 
     def _layer_kwargs(self, config) -> dict:
         raise NotImplementedError
@@ -163,11 +235,25 @@ class SparseMaskTuner(BaseTuner):
         if not is_linear(target):
             raise TypeError(f"layer {current_key!r} is a {type(target).__name__}; {self.method} targets "
                             "torch.nn.Linear and transformers' Conv1D")
+        if quantized.is_quantized_linear(target) and not self.quantized_bases:
+            raise TypeError(refuse_quantized_message(self.method, f"layer {current_key!r} is a "
+                                                     f"{type(target).__name__}"))
         new_module = self.linear_cls(target, adapter_name, **kwargs)
         new_module.layer_name = current_key
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added adapter is not trainable until set_adapter
         self._replace_module(parent, target_name, new_module, target)
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: Optional[list[str]] = None) -> nn.Module:
+        """peft's ``merge_and_unload``; a merge into quantized bases warns once with how many kept
+        weights the re-quantization rounded to 0 (``sp.merge_and_unload_sparse`` reports them per layer)."""
+        layers = {name: m for name, m in self.model.named_modules()
+                  if isinstance(m, self.tuner_layer_cls) and m.quantized_base}
+        kept = {name: int(m.sparsity_mask.sum()) for name, m in layers.items()}
+        merged = super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
+        quantized.warn_rounded_to_zero({name: (m.rounded_to_zero, kept[name]) for name, m in layers.items()})
+        return merged
 
     def _post_injection_hook(self, model, config, adapter_name):
         layers = [m for m in model.modules() if isinstance(m, self.tuner_layer_cls)]

@@ -86,6 +86,15 @@ class Linear(nn.Module, MaskedLoraLayer):
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         adapter_names = check_adapters_to_merge(self, adapter_names)
+        if self.quantized_base:
+            names = [name for name in adapter_names if name in self.masked_lora_A]
+            if names:
+                # W + all merged updates, re-quantized once from the unmerged weight
+                merged = self.unmerged_base_weight().float()
+                for name in list(self.merged_adapters) + names:
+                    merged = merged + self.get_delta_weight(name)
+                self.merge_into_quantized(merged, names, safe_merge)
+            return
         for name in adapter_names:
             if name not in self.masked_lora_A:
                 continue
@@ -100,6 +109,9 @@ class Linear(nn.Module, MaskedLoraLayer):
     def unmerge(self) -> None:
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
+            return
+        if self.quantized_base:
+            self.unmerge_quantized()  # exact: the snapshot of the quantized weight goes back
             return
         while self.merged_adapters:
             name = self.merged_adapters.pop()
@@ -119,11 +131,13 @@ class Linear(nn.Module, MaskedLoraLayer):
         if self.merged or not active:
             return self.base_layer(x, *args, **kwargs)
         base = self.get_base_layer()
-        weight = self.unmerged_base_weight().detach()  # out x in (a Conv1D's transposed view)
         if fuses_base(self, active, self.masked_lora_dropout, x):
             # One GEMM with W + ΔW per block of rows, forward and backward: what LoRA costs plus the
             # dYᵀ X product the masked update needs.
+            weight = self.unmerged_base_weight().detach()  # out x in (a Conv1D's transposed view)
             return delta_linear(x, weight, base.bias, self.update(active[0]))
+        # The base runs itself (hooks, a quantized kernel); the update reads W only for its mask.
+        weight = self.update_weight_source()
         result = self.base_layer(x, *args, **kwargs)
         for name in active:
             x_in = self.masked_lora_dropout[name](x)

@@ -57,7 +57,7 @@ class SEFTLayer(DerivedMask, BaseTunerLayer):
         self._layouts: dict = {}  # adapter name -> (index tensors, their versions, SparseLayout)
         # (n, m) when the base layer is exactly N:M sparse: topology updates stay inside groups.
         self.nm_pattern: Optional[tuple[int, int]] = None
-        attach_sparsity_mask(self, "SEFT")
+        attach_sparsity_mask(self, "SEFT", quantized_ok=False)
         self.kwargs = kwargs
 
     # --- creation -------------------------------------------------------------------------------

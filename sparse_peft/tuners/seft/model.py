@@ -24,6 +24,7 @@ class SEFTModel(SparseMaskTuner):
     tuner_layer_cls = SEFTLayer
     linear_cls = Linear
     method = "SEFT"
+    quantized_bases = False  # SEFT moves the topology: see refuse_quantized_message
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
         # The layer's name seeds its random initial index set (crc32: the same in every process).

@@ -66,10 +66,12 @@ def spp_delta_reference(x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, 
 
     Args:
         x: input activations (..., in), any float dtype; the output has the same dtype.
-        weight: the frozen pruned base weight (out x in).
+        weight: the frozen pruned base weight (out x in), or a function returning it (dequantized per call).
         A: (r x in), ``r <= out``; ``b``: (out x 1). Usually fp32.
         alpha: scaling.
     """
+    if callable(weight):  # a quantized base's dequantizing function: delta_linear checks what it returns
+        return delta_linear(x, weight, None, RowScaleUpdate(A, b, alpha), with_base=False)
     _check_shapes(x, weight, A, b)
     return delta_linear(x, weight.detach(), None, RowScaleUpdate(A, b, alpha), with_base=False)
 

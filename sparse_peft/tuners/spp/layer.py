@@ -79,15 +79,17 @@ class SPPLayer(DerivedMask, BaseTunerLayer):
         Summing (not multiplying one factor per adapter) is what the unmerged forward computes when
         several adapters are active, so merged and unmerged outputs agree.
         """
-        weight = base_view(self).weight
-        factor = torch.ones(weight.shape, dtype=torch.float32, device=weight.device)
+        device = next(iter(self.spp_A.values())).device
+        factor = torch.ones(self.out_features, self.in_features, dtype=torch.float32, device=device)
         for name in adapter_names:
             A, b = self.spp_A[name], self.spp_b[name]
-            factor += merge_factor(weight.shape, A.detach().float(), b.detach().float(), self.alpha[name])
+            factor += merge_factor(factor.shape, A.detach().float(), b.detach().float(), self.alpha[name])
         return factor
 
     def _unmerged_weight(self) -> torch.Tensor:
         """The base weight as it was before merging (fp32, out x in)."""
+        if self.quantized_base:
+            return self.unmerged_base_weight().float()  # the snapshot of the quantized weight, exact
         weight = base_view(self).weight.detach()
         if not self.merged:
             return weight.float()
@@ -123,6 +125,11 @@ class Linear(nn.Module, SPPLayer):
         adapter_names = [n for n in check_adapters_to_merge(self, adapter_names) if n in self.spp_A]
         if not adapter_names:
             return
+        if self.quantized_base:
+            # W ⊙ (1 + Σ updates) from the unmerged weight, re-quantized once
+            factor = self._merge_factor(list(self.merged_adapters) + adapter_names)
+            self.merge_into_quantized(self._unmerged_weight() * factor, adapter_names, safe_merge)
+            return
         # Merging on top of merged adapters: go back to the original weight and merge them all at
         # once, so the result is W ⊙ (1 + sum of updates) exactly as in the unmerged forward.
         to_merge = list(self.merged_adapters) + adapter_names
@@ -148,6 +155,9 @@ class Linear(nn.Module, SPPLayer):
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
+        if self.quantized_base:
+            self.unmerge_quantized()  # exact: the snapshot of the quantized weight goes back
+            return
         weight = base_view(self).weight  # out x in view: copy_ writes the stored weight in place
         restored = self._unmerged_weight()
         with torch.no_grad():
@@ -166,8 +176,8 @@ class Linear(nn.Module, SPPLayer):
         if not active:
             return self.base_layer(x, *args, **kwargs)
         base = self.get_base_layer()
-        weight = base_view(self).weight.detach()  # out x in (a Conv1D's transposed view)
         if fuses_base(self, active, self.spp_dropout, x):
+            weight = base_view(self).weight.detach()  # out x in (a Conv1D's transposed view)
             # W ⊙ (1 + α R(A) ⊙ b) in one GEMM: on CUDA the Triton kernel builds it tile by tile (reading a
             # Conv1D's weight through its strides); elsewhere delta_linear builds it a block of rows at a
             # time. Neither keeps an out x in tensor.
@@ -176,6 +186,9 @@ class Linear(nn.Module, SPPLayer):
             if x.is_cuda:
                 return ops.spp_linear(x, weight, A, b, alpha, base.bias)
             return spp_linear_fused(x, weight, A, b, alpha, base.bias)
+        # The base runs itself (hooks, a quantized kernel); the update reads W (dequantized per call
+        # for a quantized base) a block of rows at a time.
+        weight = self.update_weight_source()
         result = self.base_layer(x, *args, **kwargs)
         for name in active:
             x_in = self.spp_dropout[name](x)

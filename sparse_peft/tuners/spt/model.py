@@ -18,6 +18,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from ..._distributed import full_tensor
+from ...quantized import first_quantized_linear
 from ...sparsity.calibration import block_linears, find_decoder_blocks
 from ...sparsity.owl import allocate_zero_counts
 from ...sparsity.selection import unstructured_zero_count
@@ -279,6 +280,11 @@ class SPTModel(BaseTuner):
             f"{target}, calibration))")
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **optional_kwargs):
+        found = first_quantized_linear(self.model)
+        if found is not None:
+            raise TypeError(f"SPT does not support bitsandbytes-quantized layers ({found[0]!r} is a "
+                            f"{type(found[1]).__name__}): it fingerprints and prunes the decoder's float weights "
+                            "during training. Run SPT on the unquantized pruned model.")
         match = ATTENTION_KEY.search(current_key)
         if match is None:
             raise ValueError(f"SPT targets decoder layers' self_attn modules, got {current_key!r}")
