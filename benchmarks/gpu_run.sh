@@ -10,21 +10,24 @@
 # Then, on the GPU machine, with .whl/ copied beside the checkout (under 10 minutes in all):
 #   bash benchmarks/gpu_run.sh
 # What it leaves in $OUT: env.txt, gpu_tests.log, accuracy.log, accuracy.jsonl, grid.log, rows.jsonl,
-# kernels.md, decode.log, decode.md.
+# kernels.md, decode.log, decode.md, training_cost.log, training_cost.jsonl.
 # rows.jsonl is written row by row, so a grid cut short by its timeout still returns what it measured.
 # Then paste kernels.md (device, command and table) into docs/benchmarks.md, and decode.md into its
 # section "Decoding from packed checkpoints".
 #
 # Stages and their time limits (seconds; the sum stays under the call's 600):
 #   0. tests/test_gpu.py: the SPP and SEFT layers train through the kernels on CUDA and match
-#      their PyTorch path; 2:4 takes the sparse GEMM (a failure is reported, the stages go on) TESTS_S=90
+#      their PyTorch path; 2:4 takes the sparse GEMM (a failure is reported, the stages go on) TESTS_S=80
 #   1. accuracy at small odd shapes, bf16 and fp32 (compiles every kernel; a failure here means the
-#      kernels are wrong on this GPU, and the grid is skipped)                   ACCURACY_S=130
-#   2. the grid (GRID: extra arguments to kernels.py, e.g. "--quick")            GRID_S=260
+#      kernels are wrong on this GPU, and the grid is skipped)                   ACCURACY_S=110
+#   2. the grid (GRID: extra arguments to kernels.py, e.g. "--quick")            GRID_S=200
 #   3. greedy decoding from packed checkpoints (benchmarks/decode.py): dense, packed (the Triton
 #      decode kernel) and 2:4 on two Llama-shaped random decoder layers, 50% and 70%, tokens/s and
 #      memory; exits 1 if packed tokens differ from dense past a near-tie (DECODE: its arguments)
-#                                                                                 DECODE_S=100
+#                                                                                 DECODE_S=90
+#   4. training cost against peft's LoRA (benchmarks/training_cost.py): peak CUDA memory and
+#      CUDA-event step times of every method, bf16, hidden 2048, one process per row (COST: its
+#      arguments); the table goes to training_cost.log                            COST_S=110
 # KERNELS_ARGS go to stages 1 and 2: KERNELS_ARGS="--device cpu" GRID="--shapes 40x24 --tokens 1,20"
 # DECODE="--device cpu --model random --hidden 256 --intermediate 512 --layers 2 --vocab 512"
 # rehearses the whole script on a machine without a GPU (the kernels in Triton's interpreter).
@@ -55,14 +58,14 @@ tail -1 "$OUT/env.txt"
 tests_status=0
 if [ -z "${KERNELS_ARGS:-}" ]; then  # the layers take the kernels for CUDA inputs only
     # -P: the checkout itself must not shadow $SITE (its sparse_peft has no kernels/ inside)
-    TRITON_INTERPRET=0 timeout "${TESTS_S:-90}" python3 -P -m pytest -q -p no:cacheprovider tests/test_gpu.py \
+    TRITON_INTERPRET=0 timeout "${TESTS_S:-80}" python3 -P -m pytest -q -p no:cacheprovider tests/test_gpu.py \
         > "$OUT/gpu_tests.log" 2>&1 || tests_status=$?
     tail -3 "$OUT/gpu_tests.log"
 fi
 
 status=0
 for dtype in bfloat16 float32; do
-    timeout $((${ACCURACY_S:-130} / 2)) python3 benchmarks/kernels.py ${KERNELS_ARGS:-} --shapes 37x45,130x33,64x96 \
+    timeout $((${ACCURACY_S:-110} / 2)) python3 benchmarks/kernels.py ${KERNELS_ARGS:-} --shapes 37x45,130x33,64x96 \
         --tokens 1,5,16,33 --sparsities 0.5,0.9 --dtype "$dtype" --rep 5 --jsonl "$OUT/accuracy.jsonl" \
         >> "$OUT/accuracy.log" 2>&1 || status=$?
 done
@@ -72,15 +75,21 @@ if [ "$status" -ne 0 ]; then
 fi
 echo "accuracy: every op matches its reference at the small shapes"
 
-timeout "${GRID_S:-260}" python3 benchmarks/kernels.py ${KERNELS_ARGS:-} ${GRID:-} --jsonl "$OUT/rows.jsonl" \
+timeout "${GRID_S:-200}" python3 benchmarks/kernels.py ${KERNELS_ARGS:-} ${GRID:-} --jsonl "$OUT/rows.jsonl" \
     --markdown "$OUT/kernels.md" 2>&1 | tee "$OUT/grid.log"
 grid_status=${PIPESTATUS[0]}
 
 # Rows are printed as they are measured, so a stage cut short by its timeout still logs them.
-timeout "${DECODE_S:-100}" python3 benchmarks/decode.py ${DECODE:---device cuda --layers 2 --repeats 3} \
+timeout "${DECODE_S:-90}" python3 benchmarks/decode.py ${DECODE:---device cuda --layers 2 --repeats 3} \
     --markdown "$OUT/decode.md" > "$OUT/decode.log" 2>&1
 decode_status=$?
 tail -12 "$OUT/decode.log"
+
+timeout "${COST_S:-110}" python3 benchmarks/training_cost.py ${COST:---device cuda --hidden 2048 --dtypes bf16 \
+    --checkpointing off --warmup 1 --steps 3} --out "$OUT/training_cost.jsonl" > "$OUT/training_cost.log" 2>&1
+cost_status=$?
+tail -12 "$OUT/training_cost.log"
+[ "$cost_status" -ne 0 ] && echo "training-cost stage failed (status $cost_status): see training_cost.log"
 [ "$tests_status" -ne 0 ] && echo "tests/test_gpu.py failed (status $tests_status): see gpu_tests.log"
 [ "$decode_status" -ne 0 ] && echo "decode stage failed (status $decode_status): see decode.log"
 [ "$grid_status" -ne 0 ] && exit "$grid_status"
