@@ -21,6 +21,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from .delta_linear import RowScaleUpdate, delta_linear
 from .kernels._checks import check_bitmask_linear, check_masked_linear, check_sddmm, check_spp_linear
 from .kernels.semi_structured import semi_structured_unsupported_reason, to_semi_structured
 from .sparsity.bitmask import PackedBitmask, pack_bitmask, unpack_bitmask
@@ -60,14 +61,13 @@ def _kernel(name: str):
 
 def spp_linear_reference(x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, b: torch.Tensor, alpha: float,
                          bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x Wᵀ + bias + α · x (R(A) ⊙ b ⊙ W)ᵀ``: the dense base GEMM plus SPP's memory-lean delta path."""
-    from .tuners.spp.functional import spp_delta_reference
-
+    """``x (W + α R(A) ⊙ b ⊙ W)ᵀ + bias`` through ``delta_linear`` (one GEMM per block of rows of the
+    effective weight, nothing of the weight's size kept for the backward)."""
     check_spp_linear(x, weight, A, b, bias)
     if weight.requires_grad and torch.is_grad_enabled():
         raise ValueError("spp_linear keeps the base weight frozen, but weight.requires_grad is True "
                          "(freeze it, or detach it, before calling)")
-    return F.linear(x, weight, bias) + spp_delta_reference(x, weight, A, b, alpha).to(x.dtype)
+    return delta_linear(x, weight, bias, RowScaleUpdate(A, b, alpha))
 
 
 def spp_linear(x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, b: torch.Tensor, alpha: float,

@@ -76,9 +76,3 @@ def spp_delta_reference(x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, 
     return delta_linear(x, weight.detach(), None, RowScaleUpdate(A, b, alpha), with_base=False)
 
 
-def spp_linear_fused(x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, b: torch.Tensor, alpha: float,
-                     bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x (W ⊙ (1 + α R(A) ⊙ b))ᵀ + bias``: the base GEMM and the delta as one GEMM per block of rows
-    (``W + ΔW`` rounded to ``x``'s dtype, what the merged model computes)."""
-    _check_shapes(x, weight, A, b)
-    return delta_linear(x, weight.detach(), bias, RowScaleUpdate(A, b, alpha))

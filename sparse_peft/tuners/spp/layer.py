@@ -12,7 +12,7 @@ from torch import nn
 
 from ...sparsity.masks import mask_fingerprint, restore_mask
 from .._shared import DerivedMask, adapter_dtype, attach_sparsity_mask, base_view, fuses_base, mask_fingerprints
-from .functional import merge_factor, spp_delta_reference, spp_delta_weight, spp_linear_fused
+from .functional import merge_factor, spp_delta_reference, spp_delta_weight
 from ... import ops
 
 
@@ -179,13 +179,10 @@ class Linear(nn.Module, SPPLayer):
         if fuses_base(self, active, self.spp_dropout, x):
             weight = base_view(self).weight.detach()  # out x in (a Conv1D's transposed view)
             # W ⊙ (1 + α R(A) ⊙ b) in one GEMM: on CUDA the Triton kernel builds it tile by tile (reading a
-            # Conv1D's weight through its strides); elsewhere delta_linear builds it a block of rows at a
-            # time. Neither keeps an out x in tensor.
+            # Conv1D's weight through its strides); elsewhere its PyTorch twin builds it a block of rows at
+            # a time (sp.ops picks). Neither keeps an out x in tensor.
             name = active[0]
-            A, b, alpha = self.spp_A[name], self.spp_b[name], self.alpha[name]
-            if x.is_cuda:
-                return ops.spp_linear(x, weight, A, b, alpha, base.bias)
-            return spp_linear_fused(x, weight, A, b, alpha, base.bias)
+            return ops.spp_linear(x, weight, self.spp_A[name], self.spp_b[name], self.alpha[name], base.bias)
         # The base runs itself (hooks, a quantized kernel); the update reads W (dequantized per call
         # for a quantized base) a block of rows at a time.
         weight = self.update_weight_source()
