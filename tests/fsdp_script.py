@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from conftest import pruned_tiny_model
+# the data-parallel script's methods, batches and steps, so the two runs compare
+from multiprocess_script import GLOBAL_BATCH, SEQ_LEN, STEPS, configs
 from peft import get_peft_model
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -23,19 +25,6 @@ from torch.distributed.fsdp import fully_shard
 
 import sparse_peft as sp
 from sparse_peft._distributed import full_tensor
-
-GLOBAL_BATCH, SEQ_LEN, STEPS = 4, 12, 8
-
-
-def configs():
-    return {
-        "masked_lora": sp.MaskedLoraConfig(r=4),
-        "spp": sp.SPPConfig(r=4),
-        "seft": sp.SEFTConfig(density=0.05, update_interval=3, drop_fraction=0.5, drop_decay="constant"),
-        "spt": sp.SPTConfig(base_prompt_length=2, target_sparsity=0.7, pruner="wanda", prune_end_step=6,
-                            num_prune_steps=3),
-    }
-
 
 def shard(peft_model):
     """What users do with FSDP2 (and what accelerate's FSDP2 plugin does): one unit per decoder layer,
