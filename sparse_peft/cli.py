@@ -86,17 +86,23 @@ def _try_tokenizer(path: str):
         return None
 
 
-def read_ids(tokenizer, data_path: str, min_tokens: int = 2) -> torch.Tensor:
-    from .data import load_text, token_ids
+def read_text(data_path: str) -> str:
+    """The text of ``--data``, or a one-line error naming it."""
+    from .data import load_text
 
     path = Path(data_path)
     if not path.is_file():
         raise CliError(f"--data {data_path!r}: no such file")
     try:
-        text = load_text(path)
+        return load_text(path)
     except UnicodeDecodeError:
         raise CliError(f"--data {data_path!r}: not UTF-8 text") from None
-    ids = token_ids(tokenizer, text)
+
+
+def read_ids(tokenizer, data_path: str, min_tokens: int = 2) -> torch.Tensor:
+    from .data import token_ids
+
+    ids = token_ids(tokenizer, read_text(data_path))
     if ids.numel() < min_tokens:
         raise CliError(f"--data {data_path!r}: {ids.numel()} tokens, need at least {min_tokens}")
     return ids
@@ -343,17 +349,11 @@ def demo_texts(data: str | None, out: Path) -> dict[str, str]:
     the first white space after 80% and after 90% of its characters (training, calibration, held-out
     from the end), written under ``out/text``.
     """
-    from .data import BUNDLED_TEXT_PARTS, bundled_text, load_text
+    from .data import BUNDLED_TEXT_PARTS, bundled_text
 
     if data is None:
         return {part: str(bundled_text(part)) for part in BUNDLED_TEXT_PARTS}
-    path = Path(data)
-    if not path.is_file():
-        raise CliError(f"--data {data!r}: no such file")
-    try:
-        text = load_text(path)
-    except UnicodeDecodeError:
-        raise CliError(f"--data {data!r}: not UTF-8 text") from None
+    text = read_text(data)
     cuts = [next((i for i in range(len(text) * tenths // 10, len(text)) if text[i].isspace()), len(text))
             for tenths in (8, 9)]
     parts = {"train": text[: cuts[0]], "calibration": text[cuts[0]: cuts[1]], "heldout": text[cuts[1]:]}
