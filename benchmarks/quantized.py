@@ -1,123 +1,248 @@
-"""Masked LoRA on an NF4-quantized pruned model against the same on the float pruned model.
+"""Masked LoRA and SPP on an NF4-quantized pruned model against the same runs on fp32 and bf16 bases.
 
-Prunes SmolLM2-135M (default; ``--model`` for any other) with Wanda, trains masked LoRA for a short
-budget on the float pruned model and, from the same pruned weights loaded with bitsandbytes NF4, on
-the quantized one; prints the held-out perplexity of each stage, the kept weights NF4 rounded to 0
-(at loading and at the merge) and checks every pruned weight is exactly 0 after each merge:
+Prunes the model once (Wanda, SmolLM2-135M by default), saves it, then runs each (base, method) row
+in a fresh process: load the pruned checkpoint as fp32, bf16 or bitsandbytes NF4 (bf16 compute,
+``prepare_model_for_kbit_training``), train the same batches, merge, measure. A row reports the
+bytes held by the base's linear weights (NF4: packed codes and block statistics), the peak RSS
+while building the adapter and training (sampled every 5 ms, a fresh process per row), the median
+step time, and the held-out perplexity after merging (NF4: merged into the 4-bit layers, i.e.
+after re-quantization, and merged into dequantized bf16 weights), with a check that every layer
+keeps exactly its zeros:
 
-    python benchmarks/quantized.py --steps 20
+    python benchmarks/quantized.py --bases fp32 bf16 nf4 --methods masked_lora spp --steps 200
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 import warnings
+from pathlib import Path
 
 import torch
-from peft import get_peft_model, prepare_model_for_kbit_training
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import sparse_peft as sp
-from sparse_peft.data import load_model_and_tokenizer, perplexity, random_windows, text_splits, token_ids
+from sparse_peft.data import load_model_and_tokenizer, load_text, perplexity, random_windows, text_splits, token_ids
 from sparse_peft.quantized import dequantized_weight, is_quantized_linear
 
+from common import assets_dir, machine_info
 
-def masks_of(model) -> dict[str, torch.Tensor]:
-    """Each prunable linear's mask, float or quantized (dequantized), by its name in the plain model."""
+LR = {"masked_lora": 1e-3, "spp": 4e-3}  # the recovery sweep's learning rates at this budget
+
+
+def token_splits(tokenizer, args) -> dict[str, torch.Tensor]:
+    """Training / calibration / held-out ids: WikiText-2 from the development assets when present
+    (train and calibrate on wiki.valid.tokens, evaluate on wiki.test.raw, as the recovery sweep),
+    else the bundled excerpt or ``--data``."""
+    data = Path(args.data) if args.data else (assets_dir() / "data" / "wikitext-2" if assets_dir() else None)
+    if data is not None and data.is_dir():
+        train = token_ids(tokenizer, load_text(data / "wiki.valid.tokens"))
+        return {"train": train, "calibration": train, "heldout": token_ids(tokenizer, load_text(data / "wiki.test.raw"))}
+    return text_splits(lambda text: token_ids(tokenizer, text), args.data)
+
+
+def linear_masks(model) -> dict[str, torch.Tensor]:
+    """Each prunable linear's nonzero pattern (quantized ones dequantized), by its plain-model name."""
     masks = {}
     for name, module in model.named_modules():
-        name = name.replace("base_model.model.", "").replace(".base_layer", "")
+        plain = name.replace("base_model.model.", "").replace(".base_layer", "")
         if is_quantized_linear(module):
-            masks[name] = dequantized_weight(module) != 0
-    if not masks:
-        masks = {name: linear.weight != 0 for name, linear in sp.sparsity.named_linears(model)}
-    return masks
+            masks[plain] = dequantized_weight(module) != 0
+    return masks or {name: linear.weight != 0 for name, linear in sp.sparsity.named_linears(model)}
 
 
-def pruned_zero(model, masks: dict[str, torch.Tensor]) -> bool:
-    now = masks_of(model)
-    return all(not bool((now[name] & ~mask).any()) for name, mask in masks.items())
+def linear_weight_bytes(model) -> int:
+    """Bytes the base's prunable linear weights hold: the tensor itself, or NF4's packed codes plus
+    its quantization statistics (absmax, and the nested ones' when double-quantized)."""
+    total = 0
+    for module in model.modules():
+        if is_quantized_linear(module):
+            total += module.weight.numel() * module.weight.element_size()
+            state = getattr(module.weight, "quant_state", None)
+            for stats in (state, getattr(state, "state2", None)):
+                if stats is not None:
+                    total += sum(t.numel() * t.element_size() for t in (stats.absmax, stats.code) if t is not None)
+    if total == 0:
+        total = sum(linear.weight.numel() * linear.weight.element_size() for _, linear in sp.sparsity.named_linears(model))
+    return total
 
 
-def train(peft_model, batches, lr: float) -> float:
-    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
+class PeakRSS:
+    """Peak resident memory of this process while the ``with`` block runs, sampled every 5 ms."""
+
+    def __init__(self):
+        self.peak, self._stop = 0, threading.Event()
+
+    @staticmethod
+    def now() -> int:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _sample(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self.now())
+
+    def __enter__(self):
+        self.peak = self.now()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.now())
+
+
+def load_base(path: str, base: str):
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if base == "nf4":
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb, device_map="cpu")
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return AutoModelForCausalLM.from_pretrained(path, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[base])
+
+
+def train(peft_model, batches, lr: float) -> list[float]:
+    """AdamW + cosine without warm-up over ``batches`` (as the recovery sweep); the step times."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=0, num_training_steps=len(batches))
     peft_model.train()
-    start = time.time()
+    times = []
     for batch in batches:
+        start = time.perf_counter()
         peft_model(input_ids=batch, labels=batch).loss.backward()
         optimizer.step()
-        optimizer.zero_grad()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
     peft_model.eval()
-    return time.time() - start
+    return times
+
+
+def same_zeros(model, masks: dict[str, torch.Tensor]) -> bool:
+    """Every layer holds exactly the zeros it had before training (pruned positions 0, none added)."""
+    now = linear_masks(model)
+    return now.keys() == masks.keys() and all(torch.equal(now[name], mask) for name, mask in masks.items())
+
+
+def run_row(args) -> dict:
+    """One (base, method) row, in this process."""
+    from peft import get_peft_model
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(args.seed)
+    model = load_base(args.pruned, args.base)
+    tokenizer = AutoTokenizer.from_pretrained(args.pruned)
+    ids = token_splits(tokenizer, args)
+    batches = random_windows(ids["train"], n=args.steps, seq_len=args.seq_len, seed=args.seed + 1,
+                             batch_size=args.batch_size)
+    n_eval = min(args.eval_windows, ids["heldout"].numel() // args.eval_seq_len)
+
+    def ppl(m):
+        return perplexity(m, ids["heldout"], n_windows=n_eval, seq_len=args.eval_seq_len, show_progress=False)
+
+    masks = linear_masks(model)
+    row = dict(base=args.base, method=args.method, steps=args.steps, lr=LR[args.method],
+               linear_weight_mb=linear_weight_bytes(model) / 2**20, ppl_pruned=ppl(model))
+    config = (sp.MaskedLoraConfig(r=8, lora_alpha=16) if args.method == "masked_lora" else sp.SPPConfig(r=16, alpha=1.0))
+    rss_before = PeakRSS.now()
+    with PeakRSS() as peak:
+        peft_model = get_peft_model(model, config)
+        times = train(peft_model, batches, LR[args.method])
+    row.update(rss_before_mb=rss_before / 2**20, peak_training_rss_mb=peak.peak / 2**20,
+               step_time_s=statistics.median(times))
+    if args.base == "nf4":
+        with warnings.catch_warnings():  # the re-quantization's rounded-to-0 count is reported below
+            warnings.simplefilter("ignore")
+            peft_model.merge_adapter()
+        row["rounded_to_zero_at_merge"] = sum(getattr(m, "rounded_to_zero", 0) for m in peft_model.modules())
+        row["ppl_merged_nf4"] = ppl(peft_model)
+        now = linear_masks(peft_model)  # re-quantization may round kept weights to 0, never the reverse
+        row["zeros_kept_nf4"] = all(not bool((now[name] & ~mask).any()) for name, mask in masks.items())
+        peft_model.unmerge_adapter()
+        merged, _ = sp.merge_and_unload_dequantized(peft_model, torch.bfloat16)
+    else:
+        merged = peft_model.merge_and_unload()
+    row["ppl_merged"] = ppl(merged)
+    row["zeros_kept"] = same_zeros(merged, masks)
+    row["sparsity"] = sp.sparsity_report(merged).global_sparsity
+    return row
+
+
+def prepare(args, directory: Path) -> dict:
+    """Load, prune once and save the pruned checkpoint every row starts from."""
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    ids = token_splits(tokenizer, args)
+    n_eval = min(args.eval_windows, ids["heldout"].numel() // args.eval_seq_len)
+    dense = perplexity(model, ids["heldout"], n_windows=n_eval, seq_len=args.eval_seq_len, show_progress=False)
+    calibration = random_windows(ids["calibration"], n=args.calib_samples, seq_len=args.calib_seq_len, seed=args.seed)
+    sp.prune(model, method="wanda", sparsity=args.sparsity, calibration=calibration, show_progress=False)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return dict(ppl_dense=dense, eval_windows=n_eval)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="hub id, local dir or .gguf (default: SmolLM2-135M GGUF)")
-    parser.add_argument("--data", default=None, help="a text file (default: the bundled WikiText-2 excerpt)")
+    parser.add_argument("--data", default=None, help="a WikiText-2 folder or a text file (default: the "
+                        "development assets' WikiText-2, else the bundled excerpt)")
+    parser.add_argument("--bases", nargs="+", default=["fp32", "bf16", "nf4"], choices=["fp32", "bf16", "nf4"])
+    parser.add_argument("--methods", nargs="+", default=["masked_lora", "spp"], choices=sorted(LR))
     parser.add_argument("--sparsity", type=float, default=0.5)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--r", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--eval-windows", type=int, default=16)
+    parser.add_argument("--calib-samples", type=int, default=128)
+    parser.add_argument("--calib-seq-len", type=int, default=512)
+    parser.add_argument("--eval-windows", type=int, default=24)
+    parser.add_argument("--eval-seq-len", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="append one JSON line per row here")
+    parser.add_argument("--row", nargs=3, metavar=("BASE", "METHOD", "PRUNED_DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.manual_seed(args.seed)
+    if args.row:  # a child process: one row, printed as JSON
+        args.base, args.method, args.pruned = args.row
+        print("ROW " + json.dumps(run_row(args)), flush=True)
+        return
 
-    model, tokenizer = load_model_and_tokenizer(args.model)
-    ids = text_splits(lambda text: token_ids(tokenizer, text), args.data)
-    n_eval = min(args.eval_windows, ids["heldout"].numel() // args.seq_len)
-
-    def ppl(m):
-        return perplexity(m, ids["heldout"], n_windows=n_eval, seq_len=args.seq_len, show_progress=False)
-
-    rows = [("dense fp32", ppl(model), "")]
-    calibration = random_windows(ids["calibration"], n=16, seq_len=args.seq_len, seed=args.seed)
-    sp.prune(model, method="wanda", sparsity=args.sparsity, calibration=calibration, show_progress=False)
-    float_masks = masks_of(model)
-    rows.append((f"Wanda {args.sparsity:.0%} fp32", ppl(model), ""))
-    batches = random_windows(ids["train"], n=args.steps, seq_len=args.seq_len, seed=args.seed + 1, batch_size=4)
-    config = dict(r=args.r, lora_alpha=2 * args.r, target_modules="all-linear")
-
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
-        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-        quantized = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=bnb, device_map="cpu")
-    nf4_masks = masks_of(quantized)
-    kept = sum(int(m.sum()) for m in float_masks.values())
-    lost_at_load = kept - sum(int(m.sum()) for m in nf4_masks.values())
-    rows.append((f"Wanda {args.sparsity:.0%} NF4", ppl(quantized),
-                 f"NF4 rounded {lost_at_load} of {kept} kept weights to 0"))
-
-    peft_model = get_peft_model(model, sp.MaskedLoraConfig(**config))
-    seconds = train(peft_model, batches, args.lr)
-    merged = peft_model.merge_and_unload()
-    rows.append((f"+ masked LoRA {args.steps} steps, merged fp32", ppl(merged),
-                 f"train {seconds:.0f}s; pruned weights 0: {pruned_zero(merged, float_masks)}"))
-
-    quantized = prepare_model_for_kbit_training(quantized, use_gradient_checkpointing=False)
-    peft_model = get_peft_model(quantized, sp.MaskedLoraConfig(**config))
-    seconds = train(peft_model, batches, args.lr)
-    rows.append((f"+ masked LoRA {args.steps} steps on NF4, unmerged", ppl(peft_model), f"train {seconds:.0f}s"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        peft_model.merge_adapter()
-    rounded = sum(m.rounded_to_zero for m in peft_model.modules() if hasattr(m, "rounded_to_zero"))
-    rows.append(("  merged into NF4", ppl(peft_model),
-                 f"re-quantization rounded {rounded} kept weights to 0; pruned weights 0: "
-                 f"{pruned_zero(peft_model, nf4_masks)}"))
-    peft_model.unmerge_adapter()
-    dequantized, _ = sp.merge_and_unload_dequantized(peft_model, torch.float32)
-    rows.append(("  merged into dequantized fp32", ppl(dequantized),
-                 f"mask = NF4 mask: {all(torch.equal(l.weight != 0, nf4_masks[n]) for n, l in sp.sparsity.named_linears(dequantized))}"))
-
-    print(f"\nperplexity, {n_eval} x {args.seq_len} held-out tokens\n")
-    print("| model | ppl | |\n|---|---:|---|")
-    for name, value, note in rows:
-        print(f"| {name} | {value:.2f} | {note} |")
+    with tempfile.TemporaryDirectory() as directory:
+        before = prepare(args, Path(directory))
+        rows = []
+        for method in args.methods:
+            for base in args.bases:
+                command = [sys.executable, __file__, *sys.argv[1:], "--row", base, method, directory]
+                result = subprocess.run(command, capture_output=True, text=True)
+                lines = [line for line in result.stdout.splitlines() if line.startswith("ROW ")]
+                if result.returncode != 0 or not lines:
+                    raise SystemExit(f"row {base} {method} failed:\n{result.stderr[-3000:]}")
+                row = {**before, **json.loads(lines[-1][4:])}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                if args.out:
+                    with open(args.out, "a") as out:
+                        out.write(json.dumps(row) + "\n")
+    print(f"\n{machine_info()}; {time.strftime('%Y-%m-%d')}; ppl on {before['eval_windows']} x {args.eval_seq_len} "
+          f"held-out tokens (dense {before['ppl_dense']:.2f})\n")
+    print("| method | base | linear weights (MB) | peak training RSS (MB) | step (s) | ppl pruned | ppl merged "
+          "| ppl merged into NF4 | zeros kept |\n|---|---|---:|---:|---:|---:|---:|---:|---|")
+    for r in rows:
+        nf4 = f"{r['ppl_merged_nf4']:.2f}" if "ppl_merged_nf4" in r else "–"
+        print(f"| {r['method']} | {r['base']} | {r['linear_weight_mb']:.1f} | {r['peak_training_rss_mb']:.0f} | "
+              f"{r['step_time_s']:.2f} | {r['ppl_pruned']:.2f} | {r['ppl_merged']:.2f} | {nf4} | "
+              f"{r['zeros_kept'] and r.get('zeros_kept_nf4', True)} |")
 
 
 if __name__ == "__main__":

@@ -294,9 +294,9 @@ def merge_and_unload_dequantized(peft_model: nn.Module, dtype: torch.dtype = tor
     # The sparse layers' masks, to put back any kept weight the cast to dtype underflows to 0 (fp16).
     masks = {name: m.weight != 0 for name, m in merged.named_modules() if type(m) is nn.Linear}
     masks = {name: mask for name, mask in masks.items() if not bool(mask.all())}
+    _unmark_quantized(merged)  # first: transformers refuses to cast a model it records as quantized
     merged.to(dtype)
     for name, mask in masks.items():
         linear = merged.get_submodule(name)
         linear.weight.data = restore_mask(linear.weight.data, mask)
-    _unmark_quantized(merged)
     return merged, report

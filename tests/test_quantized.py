@@ -248,6 +248,20 @@ def test_merge_to_bf16_keeps_the_exact_mask():
         assert torch.equal(linear.weight != 0, masks[name]), name
 
 
+def test_merge_to_bf16_of_a_model_transformers_loaded_in_4bit(pruned_dir):
+    # transformers refuses ``.to(dtype)`` on a model it loaded quantized: the merge must drop that
+    # record before casting
+    model = load_4bit(pruned_dir)
+    masks = quantized_masks(model)
+    peft_model = get_peft_model(model, CONFIGS["masked_lora"]())
+    train(peft_model, steps=2)
+    merged, _ = sp.merge_and_unload_dequantized(peft_model, torch.bfloat16)
+    assert not getattr(merged, "is_quantized", False)
+    for name, linear in sp.sparsity.named_linears(merged):
+        assert linear.weight.dtype == torch.bfloat16
+        assert torch.equal(linear.weight != 0, masks[name]), name
+
+
 def test_bitsandbytes_config_load_trains_with_trainer_and_gradient_checkpointing(pruned_dir, tmp_path):
     from transformers import Trainer, TrainingArguments
 
