@@ -8,8 +8,8 @@ from conftest import IDS, calibration_batches, logits, make_tiny_model, pruned_t
 from peft import PeftModel, get_peft_model
 
 import sparse_peft as sp
+from sparse_peft.sparsity.growth import grow_keep_mask, grow_keep_mask_nm
 from sparse_peft.sparsity.selection import rowwise_keep_mask
-from sparse_peft.training.gradual_pruning import grow_keep_mask, grow_keep_mask_nm
 from sparse_peft.tuners.spt import SPTAttention
 
 SPT_ARCHS = ["llama", "qwen2", "mistral"]

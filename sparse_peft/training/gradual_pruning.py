@@ -19,7 +19,8 @@ by the configured pruner:
 Zeros are spread over output rows as evenly as the existing zeros allow (``grow_keep_mask``), which
 is exactly Wanda's / row-wise magnitude's per-row rule when the layer starts dense. With
 ``target_pattern="N:M"`` a new zero goes only to a group of M that has fewer than M - N
-(``grow_keep_mask_nm``), so the last event leaves every layer exactly N:M.
+(``grow_keep_mask_nm``), so the last event leaves every layer exactly N:M. Both rules live in
+``sparse_peft/sparsity/growth.py``.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .._distributed import full_tensor, is_sharded, rank
 from ..sparsity.bitmask import bits_to_mask, mask_to_bits, packed_row_bytes
 from ..sparsity.calibration import run_blockwise
+from ..sparsity.growth import grow_keep_mask, grow_keep_mask_nm
 from ..sparsity.owl import outlier_ratio, owl_block_sparsities
 from ..sparsity.schedule import cubic_sparsity
 from ..sparsity.selection import write_masked_weight_
@@ -63,73 +65,6 @@ class PruneStepReport:
     @property
     def pruned(self) -> bool:
         return self.new_zeros > 0
-
-
-def grow_keep_mask(scores: torch.Tensor, keep: torch.Tensor, n_zeros: int) -> torch.Tensor:
-    """A keep mask with exactly ``n_zeros`` pruned positions that contains every pruned position of
-    ``keep`` (nested), adding the lowest-scored kept weights.
-
-    The zeros are spread over output rows as evenly as the existing ones allow: every row ends with
-    ``max(its zeros now, L)`` zeros for the largest level ``L`` that fits, and the remaining few go one
-    each to the rows at level ``L`` whose next candidate scores lowest. From a dense ``keep`` this is
-    exactly ``selection.rowwise_keep_mask``.
-    """
-    rows, cols = scores.shape
-    zeros_per_row = (~keep).sum(dim=1)
-    have = int(zeros_per_row.sum())
-    if not have <= n_zeros <= rows * cols:
-        raise ValueError(f"cannot grow a mask with {have} zeros to {n_zeros} zeros (of {rows * cols} weights)")
-    if n_zeros == have:
-        return keep.clone()
-    lo, hi = 0, cols  # largest L with sum(max(zeros_r, L)) <= n_zeros
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if int(zeros_per_row.clamp(min=mid).sum()) <= n_zeros:
-            lo = mid
-        else:
-            hi = mid - 1
-    level = lo
-    per_row = zeros_per_row.clamp(min=level)
-    extra = n_zeros - int(per_row.sum())
-    # Pruned positions sort first, so each row's first per_row[r] entries hold all its old zeros.
-    ranked = scores.float().masked_fill(~keep, float("-inf"))
-    order = torch.argsort(ranked, dim=1, stable=True)
-    position = torch.arange(cols, device=scores.device).expand(rows, cols)
-    new_keep = torch.empty_like(keep)
-    new_keep.scatter_(1, order, position >= per_row.unsqueeze(1))
-    if extra:
-        can_take = (per_row == level) & (per_row < cols)
-        next_idx = order.gather(1, per_row.clamp(max=cols - 1).unsqueeze(1)).squeeze(1)
-        next_score = ranked.gather(1, next_idx.unsqueeze(1)).squeeze(1)
-        next_score = next_score.masked_fill(~can_take, float("inf"))
-        chosen = torch.argsort(next_score, stable=True)[:extra]
-        new_keep[chosen, next_idx[chosen]] = False
-    return new_keep
-
-
-def grow_keep_mask_nm(scores: torch.Tensor, keep: torch.Tensor, n_zeros: int, n: int, m: int) -> torch.Tensor:
-    """A keep mask with exactly ``n_zeros`` pruned positions, nested in ``keep``, with at most ``m - n``
-    zeros in every group of ``m`` consecutive inputs (or its zeros now, if more): the lowest-scored kept
-    weights among those whose group still has room. At the full count every group is N:M.
-    (Rows are not balanced on the way; at the end the pattern balances them.)"""
-    groups_keep = keep.reshape(-1, m)
-    # A group already past M - N zeros (exact zeros of the checkpoint) is N:M as it is: no room, kept.
-    room = ((m - n) - (~groups_keep).sum(dim=1)).clamp(min=0)
-    have = keep.numel() - int(keep.sum())
-    capacity = have + int(room.sum())
-    if not have <= n_zeros <= capacity:
-        raise ValueError(f"cannot grow a mask with {have} zeros to {n_zeros} zeros at {n}:{m} "
-                         f"(at most {capacity} fit)")
-    # Per group, its kept weights from the lowest score up; the first `room` of them are candidates.
-    ranked = scores.float().reshape(-1, m).masked_fill(~groups_keep, float("inf"))
-    order = torch.argsort(ranked, dim=1, stable=True)
-    candidate = torch.arange(m, device=scores.device)[None, :] < room[:, None]
-    first = torch.arange(groups_keep.shape[0], device=scores.device)[:, None] * m
-    positions = (first + order)[candidate]
-    chosen = positions[torch.argsort(ranked.gather(1, order)[candidate], stable=True)[:n_zeros - have]]
-    new_keep = keep.clone()
-    new_keep.view(-1)[chosen] = False
-    return new_keep
 
 
 def _scheduled(config, event_step: int) -> float:
