@@ -26,13 +26,15 @@ from .tuners.masked_lora import MaskedLoraConfig, MaskedLoraModel
 from .tuners.spp import SPPConfig, SPPModel
 from .tuners.seft import SEFTConfig, SEFTModel
 from .training.seft import SEFTCallback, seft_step
-from .tuners.spt import SPTConfig, SPTModel, spt_prompt_lengths
-from .training.gradual_pruning import (
+from .tuners.spt import (
     GradualPruningCallback,
+    SPTConfig,
+    SPTModel,
     gradual_prune_step,
     load_pruning_state,
     owl_layer_sparsities,
     save_pruning_state,
+    spt_prompt_lengths,
 )
 from .training.squarehead import (
     SquareHeadLoss,

@@ -8,9 +8,9 @@ from conftest import IDS, calibration_batches, logits, make_tiny_model, pruned_t
 from peft import PeftModel, get_peft_model
 
 import sparse_peft as sp
+from sparse_peft.sparsity.growth import grow_keep_mask, grow_keep_mask_nm
 from sparse_peft.sparsity.selection import rowwise_keep_mask
-from sparse_peft.training.gradual_pruning import grow_keep_mask, grow_keep_mask_nm
-from sparse_peft.tuners.spt import SPTAttention
+from sparse_peft.tuners.spt import PRUNING_STATE_FILE, SPTAttention
 
 SPT_ARCHS = ["llama", "qwen2", "mistral"]
 
@@ -261,7 +261,7 @@ def test_gradual_pruning_reaches_the_target_exactly_with_nested_masks(pruner, us
     for name, lin in base_linears(peft_model).items():
         assert int((lin.weight == 0).sum()) == round(0.6 * lin.weight.numel()), name  # each layer exactly
     assert set(report.layers) == set(base_linears(peft_model))
-    assert peft_model.base_model.running_norms == {}  # statistics stop once the target is reached
+    assert peft_model.base_model.gradual_pruning.running_norms.stats == {}  # statistics stop once the target is reached
 
 
 @pytest.mark.parametrize("pruner", ["magnitude", "wanda"])
@@ -401,7 +401,7 @@ def test_a_trainer_checkpoint_taken_mid_pruning_resumes_on_a_fresh_model(tmp_pat
     full_model, trainer, _ = gradual_trainer(tmp_path, save_steps=3)
     trainer.train()
     checkpoint = tmp_path / "checkpoint-3"
-    assert (checkpoint / sp.training.gradual_pruning.PRUNING_STATE_FILE).is_file()
+    assert (checkpoint / PRUNING_STATE_FILE).is_file()
 
     # The checkpoint holds the prompts, not the pruned base: a fresh model cannot take them as it is.
     fresh, trainer, _ = gradual_trainer(tmp_path)

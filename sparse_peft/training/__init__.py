@@ -1,1 +1,1 @@
-"""Training-time helpers: trainer callbacks (SEFT topology, gradual pruning) and losses."""
+"""Training-time helpers: the SEFT topology callback and losses (SPT's gradual pruning lives with its tuner)."""

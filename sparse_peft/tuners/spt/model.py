@@ -1,30 +1,24 @@
 """The SPT tuner: wraps each chosen decoder layer's self-attention in ``SPTAttention``.
 
-Besides the prompts, the tuner holds what gradual pruning needs (``PruningPlan``: every prunable
-linear of every decoder block with its final count of zeros) and, for Wanda without calibration
-batches, running input norms collected during training forwards (see
-``sparse_peft/training/gradual_pruning.py``).
+Besides the prompts, the tuner holds a ``GradualPruning`` (``tuner.gradual_pruning``, see
+``pruning.py``): it tells it about every adapter it injects, allocation changes and unloading.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
 from typing import Optional
 
-import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
-from ..._distributed import full_tensor
 from ...quantized import first_quantized_linear
 from ...sparsity.calibration import block_linears, find_decoder_blocks
-from ...sparsity.owl import allocate_zero_counts
 from ...sparsity.selection import unstructured_zero_count
-from ...sparsity.wanda import InputNormStat
 from .config import ATTENTION_KEY, TARGET_MODULES_HELP
 from .layer import MERGE_REFUSAL, SPTAttention, SPTLayer
+from .pruning import GradualPruning, make_pruning_plan
 
 # Architectures whose attention SPTAttention re-implements the query path of (rotate-half RoPE over
 # the whole head, q/k/v/o as separate nn.Linear, GQA by num_key_value_heads, scaling = head_dim^-0.5,
@@ -90,108 +84,6 @@ def prompt_lengths_for(layer_sparsities: dict[int, float], base_prompt_length: i
     return {l: max(1, math.floor(base_prompt_length * layer_sparsities[l] / mean + 0.5)) for l in layers}
 
 
-@dataclass
-class PruningPlan:
-    """Every prunable linear of the decoder blocks and the count of zeros it must end with."""
-
-    linears: dict[str, nn.Linear]
-    final_zeros: dict[str, int]
-    block_of: dict[str, int]
-    done_steps: list[int] = field(default_factory=list)  # pruning events already applied
-    # The zeros counted after the last change this plan made (None: count again). Only pruning
-    # events and a resumed state change the base during training, so the steps between events
-    # need not scan every weight.
-    counted_zeros: Optional[dict[str, int]] = None
-
-    def current_zeros(self) -> dict[str, int]:
-        """Each linear's zeros, counted once after every change the plan makes (``recount``)."""
-        if self.counted_zeros is None:
-            # full_tensor: under FSDP a rank holds some rows; the count is summed over the shards.
-            self.counted_zeros = {name: int(full_tensor((lin.weight.detach() == 0).sum()))
-                                  for name, lin in self.linears.items()}
-        return self.counted_zeros
-
-    def recount(self) -> dict[str, int]:
-        self.counted_zeros = None
-        return self.current_zeros()
-
-    @property
-    def needs_pruning(self) -> bool:
-        current = self.current_zeros()
-        return any(current[name] < self.final_zeros[name] for name in self.linears)
-
-
-def make_pruning_plan(config, groups, layer_sparsities: dict[int, float]) -> PruningPlan:
-    """Final zeros per linear for ``config.target_sparsity`` under its allocation.
-
-    A model already at (or above) the target's global count of zeros keeps its topology as it is
-    (e.g. one pruned with OWL before SPT). Otherwise every linear gets ``round(s * numel)`` zeros
-    (uniform) or its share of the OWL layer sparsities with the global count exactly
-    ``round(target * total)`` (the same rule as ``sp.prune(allocation="owl")``).
-    """
-    linears, block_of = {}, {}
-    for index, group in enumerate(groups):
-        for name, linear in group:
-            linears[name] = linear
-            block_of[name] = index
-    current = {name: int((lin.weight == 0).sum()) for name, lin in linears.items()}
-    numels = {name: lin.weight.numel() for name, lin in linears.items()}
-    target = config.target_sparsity
-    if target is None:
-        return PruningPlan(linears, dict(current), block_of)
-    if config.nm_pattern is not None:
-        return PruningPlan(linears, nm_final_zeros(linears, config.nm_pattern), block_of)
-    total = sum(numels.values())
-    target_total = unstructured_zero_count(target, total)
-    if sum(current.values()) >= target_total:
-        return PruningPlan(linears, dict(current), block_of)
-    if config.allocation == "uniform":
-        final = {name: unstructured_zero_count(target, n) for name, n in numels.items()}
-    else:
-        names = list(linears)
-        weighted = sum(layer_sparsities[block_of[n]] * numels[n] for n in names) / total
-        if abs(weighted - target) > 0.01:
-            raise ValueError(f"SPTConfig.layer_sparsities average {weighted:.4f} over the model's weights, not "
-                             f"target_sparsity={target}: they must spread the target over the layers")
-        counts = allocate_zero_counts([layer_sparsities[block_of[n]] for n in names], [numels[n] for n in names],
-                                      target_total)
-        final = dict(zip(names, counts))
-    over = [f"{name} ({current[name]} zeros > {final[name]})" for name in linears if current[name] > final[name]]
-    if over:
-        raise ValueError(f"SPT only adds zeros, but these layers are already sparser than their target at "
-                         f"target_sparsity={target} (allocation={config.allocation!r}): {', '.join(over[:5])}"
-                         f"{' ...' if len(over) > 5 else ''}. Use the allocation the model was pruned with.")
-    return PruningPlan(linears, final, block_of)
-
-
-def nm_final_zeros(linears: dict[str, nn.Linear], pattern: tuple[int, int]) -> dict[str, int]:
-    """Zeros per linear at N:M: every group of M consecutive inputs ends with at most N nonzeros, so
-    with ``max(M - N, its zeros now)`` zeros. A group may already hold more than M - N zeros (weights
-    that are exactly 0 in the dense checkpoint, or an earlier unstructured prune); it is N:M as it is
-    and SPT never un-prunes, so those stay."""
-    n, m = pattern
-    final = {}
-    for name, linear in linears.items():
-        if linear.weight.shape[1] % m:
-            raise ValueError(f"SPT target_pattern {n}:{m}: layer {name!r} has {linear.weight.shape[1]} inputs, "
-                             f"not a multiple of {m}")
-        zeros_per_group = (linear.weight == 0).reshape(-1, m).sum(dim=1)
-        final[name] = int(zeros_per_group.clamp(min=m - n).sum())
-    return final
-
-
-class _NormHook:
-    """Forward hook adding a linear's inputs to its running ``sum x_j^2`` during training forwards."""
-
-    def __init__(self, stat: InputNormStat):
-        self.stat = stat
-
-    def __call__(self, module, inputs, output):
-        if module.training and torch.is_grad_enabled():
-            with torch.no_grad():
-                self.stat.add(inputs[0].detach())
-
-
 class SPTModel(BaseTuner):
     """Creates an SPT (sparsity-aware prompt tuning) model from a transformers Llama / Qwen2 / Mistral.
 
@@ -210,9 +102,7 @@ class SPTModel(BaseTuner):
     target_module_mapping: dict = {}
 
     def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None) -> None:
-        self.pruning_plans: dict[str, PruningPlan] = {}
-        self.running_norms: dict[str, InputNormStat] = {}
-        self._norm_hook_handles: list = []
+        self.gradual_pruning = GradualPruning(self)
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
 
     # --- creation ----------------------------------------------------------------------------------
@@ -307,33 +197,7 @@ class SPTModel(BaseTuner):
         setattr(parent, child_name, new_module)
 
     def _post_injection_hook(self, model, config, adapter_name):
-        if config.inference_mode or config.target_sparsity is None:
-            return
-        plan = make_pruning_plan(config, self._groups, config.layer_sparsities)
-        self.pruning_plans[adapter_name] = plan
-        if plan.needs_pruning and config.pruner == "wanda":
-            self._start_running_norms(plan)
-
-    # --- Wanda's running input norms ---------------------------------------------------------------
-
-    def _start_running_norms(self, plan: PruningPlan) -> None:
-        self._stop_running_norms()
-        for name, linear in plan.linears.items():
-            stat = InputNormStat(linear.in_features, device=linear.weight.device)
-            self.running_norms[name] = stat
-            self._norm_hook_handles.append(linear.register_forward_hook(_NormHook(stat)))
-
-    def reset_running_norms(self) -> None:
-        """Start the running statistics afresh (after a pruning step: the next one scores the model as it is now)."""
-        for stat in self.running_norms.values():
-            stat.sum_sq.zero_()
-            stat.n_tokens = 0
-
-    def _stop_running_norms(self) -> None:
-        for handle in self._norm_hook_handles:
-            handle.remove()
-        self._norm_hook_handles = []
-        self.running_norms = {}
+        self.gradual_pruning.add_adapter(adapter_name, config, self._groups)
 
     # --- allocation changes ------------------------------------------------------------------------
 
@@ -364,8 +228,7 @@ class SPTModel(BaseTuner):
         config.layer_sparsities = new_config.layer_sparsities
         config.prompt_lengths = lengths
         if plan is not None:
-            plan.done_steps = list(self.pruning_plans.get(adapter_name, plan).done_steps)
-            self.pruning_plans[adapter_name] = plan
+            self.gradual_pruning.replace_plan(adapter_name, plan)
         if changed:
             warnings.warn(f"SPT adapter {adapter_name!r}: prompts of layers {changed} changed length; they are new "
                           "parameters, so rebuild the optimizer")
@@ -384,8 +247,7 @@ class SPTModel(BaseTuner):
                                      adapter_names: Optional[list[str]] = None):
         if merge:
             raise ValueError(MERGE_REFUSAL)
-        self._stop_running_norms()
-        self.pruning_plans = {}
+        self.gradual_pruning.clear()
         return super()._unload_and_optionally_merge(merge=False, progressbar=progressbar)
 
 

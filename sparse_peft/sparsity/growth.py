@@ -1,0 +1,87 @@
+"""Growing a keep mask: more zeros, nested in the ones it already has.
+
+Gradual pruning adds zeros to a layer at every event and never un-prunes, so each new mask must
+contain every pruned position of the previous one. Both rules below take the lowest-scored
+*still-kept* weights (lower score = pruned first; ties to the lower index, stable sort), and end
+with an exact count of zeros:
+
+- ``grow_keep_mask``: the zeros are spread over output rows as evenly as the existing zeros allow.
+  From a dense mask this is exactly ``selection.rowwise_keep_mask`` (Wanda's / row-wise magnitude's
+  per-row rule).
+- ``grow_keep_mask_nm``: a new zero goes only to a group of ``M`` consecutive inputs that holds fewer
+  than ``M - N`` zeros, so at the full count every group is N:M. A group already past ``M - N``
+  zeros keeps them (it is N:M as it is).
+
+Pure functions on tensors: ``scores`` and ``keep`` are out x in, ``keep`` is bool (``True`` = kept).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def grow_keep_mask(scores: torch.Tensor, keep: torch.Tensor, n_zeros: int) -> torch.Tensor:
+    """A keep mask with exactly ``n_zeros`` pruned positions that contains every pruned position of
+    ``keep`` (nested), adding the lowest-scored kept weights.
+
+    The zeros are spread over output rows as evenly as the existing ones allow: every row ends with
+    ``max(its zeros now, L)`` zeros for the largest level ``L`` that fits, and the remaining few go one
+    each to the rows at level ``L`` whose next candidate scores lowest. From a dense ``keep`` this is
+    exactly ``selection.rowwise_keep_mask``.
+    """
+    rows, cols = scores.shape
+    zeros_per_row = (~keep).sum(dim=1)
+    have = int(zeros_per_row.sum())
+    if not have <= n_zeros <= rows * cols:
+        raise ValueError(f"cannot grow a mask with {have} zeros to {n_zeros} zeros (of {rows * cols} weights)")
+    if n_zeros == have:
+        return keep.clone()
+    lo, hi = 0, cols  # largest L with sum(max(zeros_r, L)) <= n_zeros
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if int(zeros_per_row.clamp(min=mid).sum()) <= n_zeros:
+            lo = mid
+        else:
+            hi = mid - 1
+    level = lo
+    per_row = zeros_per_row.clamp(min=level)
+    extra = n_zeros - int(per_row.sum())
+    # Pruned positions sort first, so each row's first per_row[r] entries hold all its old zeros.
+    ranked = scores.float().masked_fill(~keep, float("-inf"))
+    order = torch.argsort(ranked, dim=1, stable=True)
+    position = torch.arange(cols, device=scores.device).expand(rows, cols)
+    new_keep = torch.empty_like(keep)
+    new_keep.scatter_(1, order, position >= per_row.unsqueeze(1))
+    if extra:
+        can_take = (per_row == level) & (per_row < cols)
+        next_idx = order.gather(1, per_row.clamp(max=cols - 1).unsqueeze(1)).squeeze(1)
+        next_score = ranked.gather(1, next_idx.unsqueeze(1)).squeeze(1)
+        next_score = next_score.masked_fill(~can_take, float("inf"))
+        chosen = torch.argsort(next_score, stable=True)[:extra]
+        new_keep[chosen, next_idx[chosen]] = False
+    return new_keep
+
+
+def grow_keep_mask_nm(scores: torch.Tensor, keep: torch.Tensor, n_zeros: int, n: int, m: int) -> torch.Tensor:
+    """A keep mask with exactly ``n_zeros`` pruned positions, nested in ``keep``, with at most ``m - n``
+    zeros in every group of ``m`` consecutive inputs (or its zeros now, if more): the lowest-scored kept
+    weights among those whose group still has room. At the full count every group is N:M.
+    (Rows are not balanced on the way; at the end the pattern balances them.)"""
+    groups_keep = keep.reshape(-1, m)
+    # A group already past M - N zeros (exact zeros of the checkpoint) is N:M as it is: no room, kept.
+    room = ((m - n) - (~groups_keep).sum(dim=1)).clamp(min=0)
+    have = keep.numel() - int(keep.sum())
+    capacity = have + int(room.sum())
+    if not have <= n_zeros <= capacity:
+        raise ValueError(f"cannot grow a mask with {have} zeros to {n_zeros} zeros at {n}:{m} "
+                         f"(at most {capacity} fit)")
+    # Per group, its kept weights from the lowest score up; the first `room` of them are candidates.
+    ranked = scores.float().reshape(-1, m).masked_fill(~groups_keep, float("inf"))
+    order = torch.argsort(ranked, dim=1, stable=True)
+    candidate = torch.arange(m, device=scores.device)[None, :] < room[:, None]
+    first = torch.arange(groups_keep.shape[0], device=scores.device)[:, None] * m
+    positions = (first + order)[candidate]
+    chosen = positions[torch.argsort(ranked.gather(1, order)[candidate], stable=True)[:n_zeros - have]]
+    new_keep = keep.clone()
+    new_keep.view(-1)[chosen] = False
+    return new_keep
