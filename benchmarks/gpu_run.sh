@@ -12,8 +12,8 @@
 # What it leaves in $OUT: env.txt, gpu_tests.log, accuracy.log, accuracy.jsonl, grid.log, rows.jsonl,
 # kernels.md, decode.log, decode.md, training_cost.log, training_cost.jsonl.
 # rows.jsonl is written row by row, so a grid cut short by its timeout still returns what it measured.
-# Then paste kernels.md (device, command and table) into docs/benchmarks.md, and decode.md into its
-# section "Decoding from packed checkpoints".
+# Then paste kernels.md (device, command and table) into docs/results/kernels.md, and decode.md into
+# the section "Decoding from packed checkpoints" of docs/results/checkpoints.md.
 #
 # Stages and their time limits (seconds; the sum stays under the call's 600):
 #   0. tests/test_gpu.py: the SPP and SEFT layers train through the kernels on CUDA and match

@@ -2,7 +2,7 @@
 
     python benchmarks/kernels.py                          # LLaMA-2-7B layer shapes, bf16, the full grid
     python benchmarks/kernels.py --quick                  # one shape, one sparsity: a smoke run
-    python benchmarks/kernels.py --ops decode --tokens 1 --markdown docs/benchmarks.md
+    python benchmarks/kernels.py --ops decode --tokens 1 --markdown docs/results/kernels.md
     python benchmarks/kernels.py --device cpu --shapes 40x24 --tokens 1,20 --dtype float16   # no GPU
 
 Shapes (out x in) are LLaMA-2-7B's linears: 4096x4096 (q/k/v/o), 11008x4096 (gate/up), 4096x11008

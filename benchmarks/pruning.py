@@ -47,7 +47,7 @@ REFERENCE_PPL = {
     ("magnitude", "0.7"): 28305.0, ("wanda", "0.7"): 1117.5, ("sparsegpt", "0.7"): 337.3,
     ("magnitude", "2:4"): 1581.7, ("wanda", "2:4"): 236.4, ("sparsegpt", "2:4"): 124.2,
 }
-SECTION_TITLE = "## Pruning (`sparse_peft.prune`) on SmolLM2-135M"  # the heading in docs/benchmarks.md
+SECTION_TITLE = "## Pruning (`sparse_peft.prune`) on SmolLM2-135M"  # the heading in docs/results/pruning.md
 
 
 def parse_args(argv=None):

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The recovery rows of docs/benchmarks.md, in order of importance (run inside the project venv).
+# The recovery rows of docs/results/recovery.md, in order of importance (run inside the project venv).
 # benchmarks/sweep.py runs the wider grid (2:4, SquareHead) and skips rows already recorded.
 
 cd "$(dirname "$0")/.."

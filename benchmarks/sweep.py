@@ -47,7 +47,7 @@ RECOVERY_SCRIPT = Path(__file__).resolve().with_name("recovery.py")
 
 METHODS = ("masked_lora", "spp", "seft", "spt", "lora")
 SPARSE_METHODS = ("masked_lora", "spp", "seft", "spt")
-# The lr each method's recovery rows use (docs/benchmarks.md: SPP's 4e-3 is the paper's; SPT trains
+# The lr each method's recovery rows use (docs/results/recovery.md: SPP's 4e-3 is the paper's; SPT trains
 # only prompts and a few norms, which need a larger step).
 DEFAULT_LR = {"masked_lora": 1e-3, "spp": 4e-3, "seft": 1e-3, "spt": 1e-2, "lora": 1e-3}
 DENSE = "dense"
@@ -304,8 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--dry-run", action="store_true", help="print what would run, run nothing")
     o.add_argument("--render-only", action="store_true", help="render from --results, run nothing")
     o.add_argument("--no-render", dest="render", action="store_false", help="do not render after running")
-    o.add_argument("--markdown-out", default=str(REPO_ROOT / "docs" / "sweep_results.md"))
-    o.add_argument("--png-out", default=str(REPO_ROOT / "docs" / "sweep.png"))
+    o.add_argument("--markdown-out", default=str(REPO_ROOT / "docs" / "results" / "sweep_results.md"))
+    o.add_argument("--png-out", default=str(REPO_ROOT / "docs" / "results" / "sweep.png"))
     return p
 
 
