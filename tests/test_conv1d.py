@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_masks_equal, calibration_batches, linear_masks, logits, rel_err
+from conftest import assert_masks_equal, calibration_batches, linear_masks, logits, make_tiny_model, rel_err
 from peft import PeftModel, get_peft_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -27,15 +27,7 @@ FINGERPRINT = {"masked_lora": "masked_lora_fingerprint", "spp": "spp_fingerprint
 
 
 def make_gpt2(seed: int = 0):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    # No dropout: a run on the model and one on its linear twin see the same computation.
-    config = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=128, bos_token_id=0,
-                        eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    torch.manual_seed(seed)
-    model = GPT2LMHeadModel(config)
-    model.eval()
-    return model
+    return make_tiny_model("gpt2", seed=seed)
 
 
 def linear_twin(model):
