@@ -25,6 +25,7 @@ IDS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
 def make_tiny_model(arch: str = "llama", seed: int = 0, hidden: int = 64, layers: int = 2, vocab: int = 128):
     from transformers import (
         AutoModelForCausalLM,
+        GPT2Config,
         GPTNeoXConfig,
         LlamaConfig,
         MistralConfig,
@@ -44,6 +45,11 @@ def make_tiny_model(arch: str = "llama", seed: int = 0, hidden: int = 64, layers
         config = GPTNeoXConfig(**common, intermediate_size=4 * hidden)
     elif arch == "opt":
         config = OPTConfig(**common, ffn_dim=4 * hidden, word_embed_proj_dim=hidden)
+    elif arch == "gpt2":
+        # Linears are transformers' Conv1D (weight stored in x out). No dropout: a training run is
+        # the same computation as the eval forwards it is compared with.
+        config = GPT2Config(**common, bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
+                            attn_pdrop=0.0)
     else:
         raise ValueError(arch)
     torch.manual_seed(seed)
