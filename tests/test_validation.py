@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 import sparse_peft as sp
 from sparse_peft._validation import check_int, check_sparsity, is_int, is_real
@@ -50,3 +51,10 @@ def test_a_bool_is_not_an_integer_option(make):
     with pytest.raises(ValueError, match="True"):
         make()
 
+
+def test_prune_refuses_a_bool_blocksize_and_an_infinite_damping():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    with pytest.raises(ValueError, match="blocksize must be a positive integer, got True"):
+        sp.prune(model, "magnitude", sparsity=0.5, blocksize=True)
+    with pytest.raises(ValueError, match="percdamp must be a number > 0, got inf"):
+        sp.prune(model, "magnitude", sparsity=0.5, percdamp=math.inf)
