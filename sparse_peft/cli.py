@@ -301,31 +301,6 @@ def cmd_export(args) -> None:
     print(f"exported ({args.format}) to {args.out}")
 
 
-def plot_layer_sparsity(report, png_path: str) -> bool:
-    """Bar chart of each layer's sparsity; False (and a message) when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("note: matplotlib is not installed; skipping the PNG (pip install matplotlib)", file=sys.stderr)
-        return False
-    names = list(report.layers)
-    values = [100 * layer.sparsity for layer in report.layers.values()]
-    fig, ax = plt.subplots(figsize=(max(6, 0.18 * len(names)), 4))
-    ax.bar(range(len(names)), values)
-    ax.axhline(100 * report.global_sparsity, color="k", linestyle="--", linewidth=1, label="global")
-    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=5)
-    ax.set_ylabel("sparsity (%)")
-    ax.set_ylim(0, 100)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=150)
-    plt.close(fig)
-    return True
-
-
 def cmd_report(args) -> None:
     import sparse_peft as sp
 
@@ -338,8 +313,13 @@ def cmd_report(args) -> None:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(markdown + "\n", encoding="utf-8")
-    if args.png and plot_layer_sparsity(report, args.png):
-        print(f"per-layer plot: {args.png}")
+    if args.png:
+        try:
+            report.plot(args.png)
+        except ImportError:
+            print("note: matplotlib is not installed; skipping the PNG (pip install matplotlib)", file=sys.stderr)
+        else:
+            print(f"per-layer plot: {args.png}")
 
 
 def demo_texts(data: str | None, out: Path) -> dict[str, str]:
