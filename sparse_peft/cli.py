@@ -26,6 +26,11 @@ from safetensors import SafetensorError
 EXIT_OK, EXIT_BAD_INPUT, EXIT_USAGE = 0, 1, 2
 PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
 FINETUNE_METHODS = ("masked_lora", "spp", "seft")
+# finetune accepts "spt" only to say why it cannot run it: its output is one merged model (what eval,
+# export and report read), and SPT's prompts are extra key/value positions that no weight can hold.
+SPT_REFUSED = ("--method spt: SPT cannot be merged (its prompts are extra key/value positions, not a weight "
+               "change), so finetune cannot write the merged model it saves; train SPT from Python with "
+               "sp.SPTConfig and sp.GradualPruningCallback (docs/spt.md)")
 
 
 class CliError(Exception):
@@ -200,6 +205,8 @@ def cmd_finetune(args) -> None:
 
     import sparse_peft as sp
 
+    if args.method == "spt":
+        raise CliError(SPT_REFUSED)
     out = Path(args.out)
     resume = args.resume_from_checkpoint
     if resume not in (None, True) and not Path(resume).is_dir():
@@ -439,11 +446,14 @@ def build_parser() -> argparse.ArgumentParser:
             "Fine-tune with a sparse-peft method through the HF Trainer, merge the adapter (sparsity kept), "
             "save the merged model to --out and the adapter to --out/adapter. Checkpoints go to "
             "--out/checkpoints; --resume-from-checkpoint continues from the last one (or a given one). "
-            "Single process only (multi-process / accelerate launch is not wired into the CLI yet).")
+            "Single process only (multi-process / accelerate launch is not wired into the CLI yet). "
+            "SPT (--method spt) is refused: its prompts are extra key/value positions that cannot be merged "
+            "into the weights, so there is no merged model to save; train it from Python (docs/spt.md).")
     p.add_argument("--model", default=None, help=model_help)
     p.add_argument("--data", required=True, help="training text file")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--method", default="spp", choices=FINETUNE_METHODS)
+    p.add_argument("--method", default="spp", choices=FINETUNE_METHODS + ("spt",),
+                   help="spt is refused with the reason (it cannot be merged)")
     p.add_argument("--r", type=_positive_int, default=8, help="rank (masked_lora) / rows of A (spp)")
     p.add_argument("--lora-alpha", type=float, default=None, help="masked_lora scaling numerator (default 2r)")
     p.add_argument("--spp-alpha", type=float, default=1.0, help="spp update scaling")
