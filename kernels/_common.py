@@ -1,4 +1,4 @@
-"""What every kernel file shares: the interpreter switch, autotune lists and device checks.
+"""What every kernel file shares: the interpreter switch, autotune lists, device checks and tile order.
 
 Triton decides at decoration time whether ``@triton.jit`` functions are compiled for the GPU or run
 by its CPU interpreter (``TRITON_INTERPRET=1``): our kernels when their module is imported, and
@@ -12,6 +12,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 #: True when the kernels run in Triton's CPU interpreter (tests); False when they compile for a GPU.
 #: ``triton.knobs`` exists from Triton 3.4 on; before it the environment variable was read directly.
@@ -26,6 +27,26 @@ def autotune_configs(gpu_configs: list[triton.Config], interpreter_config: trito
     """The GPU autotune list, or one small config in the interpreter (where timing means nothing and
     every extra config would run the whole kernel again in numpy)."""
     return [interpreter_config] if INTERPRET else gpu_configs
+
+
+@triton.jit
+def grouped_tile(M, P, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, GROUP_M: tl.constexpr):
+    """``(pid_m, pid_p)``: the (row block, column block) of an ``M x P`` output this program computes.
+
+    Programs are numbered in groups of ``GROUP_M`` row blocks rather than row by row: within a group,
+    consecutive programs walk down the row blocks of one column block before moving to the next, so
+    a column block's weight tiles are read by ``GROUP_M`` programs in a row and stay in L2. The last
+    group holds the leftover row blocks.
+    """
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_p = tl.cdiv(P, BLOCK_P)
+    group_size = GROUP_M * num_pid_p
+    first_m = (pid // group_size) * GROUP_M
+    rows_in_group = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % rows_in_group
+    pid_p = (pid % group_size) // rows_in_group
+    return pid_m, pid_p
 
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ._checks import check_masked_linear
-from ._common import autotune_configs, check_runnable, compute_dtype, dot_precision
+from ._common import autotune_configs, check_runnable, compute_dtype, dot_precision, grouped_tile
 from .sddmm import _sddmm_mask
 
 _CONFIGS = autotune_configs(
@@ -42,14 +42,7 @@ def _masked_matmul_kernel(
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """out[M, P] = in[M, Q] · (W ⊙ M)(p, q)ᵀ; the caller orients (p, q) through the strides."""
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_p = tl.cdiv(P, BLOCK_P)
-    group_size = GROUP_M * num_pid_p
-    first_m = (pid // group_size) * GROUP_M
-    rows_in_group = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size) % rows_in_group
-    pid_p = (pid % group_size) // rows_in_group
+    pid_m, pid_p = grouped_tile(M, P, BLOCK_M, BLOCK_P, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)

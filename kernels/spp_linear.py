@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ._checks import check_spp_linear
-from ._common import autotune_configs, check_runnable, compute_dtype, dot_precision
+from ._common import autotune_configs, check_runnable, compute_dtype, dot_precision, grouped_tile
 
 _MATMUL_CONFIGS = autotune_configs(
     [
@@ -62,15 +62,7 @@ def _spp_matmul_kernel(
 ):
     """out[M, P] = in[M, Q] · W_eff(p, q)ᵀ. Forward: p = output row, q = input column
     (ROWS_ALONG_P). dX pass: p = input column, q = output row (W read transposed)."""
-    # Grouped program order: GROUP_M row-blocks of `out` reuse the same weight tiles from L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_p = tl.cdiv(P, BLOCK_P)
-    group_size = GROUP_M * num_pid_p
-    first_m = (pid // group_size) * GROUP_M
-    rows_in_group = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size) % rows_in_group
-    pid_p = (pid % group_size) // rows_in_group
+    pid_m, pid_p = grouped_tile(M, P, BLOCK_M, BLOCK_P, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)

@@ -26,6 +26,11 @@ from safetensors import SafetensorError
 EXIT_OK, EXIT_BAD_INPUT, EXIT_USAGE = 0, 1, 2
 PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
 FINETUNE_METHODS = ("masked_lora", "spp", "seft")
+# finetune accepts "spt" only to say why it cannot run it: its output is one merged model (what eval,
+# export and report read), and SPT's prompts are extra key/value positions that no weight can hold.
+SPT_REFUSED = ("--method spt: SPT cannot be merged (its prompts are extra key/value positions, not a weight "
+               "change), so finetune cannot write the merged model it saves; train SPT from Python with "
+               "sp.SPTConfig and sp.GradualPruningCallback (docs/spt.md)")
 
 
 class CliError(Exception):
@@ -200,6 +205,8 @@ def cmd_finetune(args) -> None:
 
     import sparse_peft as sp
 
+    if args.method == "spt":
+        raise CliError(SPT_REFUSED)
     out = Path(args.out)
     resume = args.resume_from_checkpoint
     if resume not in (None, True) and not Path(resume).is_dir():
@@ -301,31 +308,6 @@ def cmd_export(args) -> None:
     print(f"exported ({args.format}) to {args.out}")
 
 
-def plot_layer_sparsity(report, png_path: str) -> bool:
-    """Bar chart of each layer's sparsity; False (and a message) when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("note: matplotlib is not installed; skipping the PNG (pip install matplotlib)", file=sys.stderr)
-        return False
-    names = list(report.layers)
-    values = [100 * layer.sparsity for layer in report.layers.values()]
-    fig, ax = plt.subplots(figsize=(max(6, 0.18 * len(names)), 4))
-    ax.bar(range(len(names)), values)
-    ax.axhline(100 * report.global_sparsity, color="k", linestyle="--", linewidth=1, label="global")
-    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=5)
-    ax.set_ylabel("sparsity (%)")
-    ax.set_ylim(0, 100)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=150)
-    plt.close(fig)
-    return True
-
-
 def cmd_report(args) -> None:
     import sparse_peft as sp
 
@@ -338,8 +320,13 @@ def cmd_report(args) -> None:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(markdown + "\n", encoding="utf-8")
-    if args.png and plot_layer_sparsity(report, args.png):
-        print(f"per-layer plot: {args.png}")
+    if args.png:
+        try:
+            report.plot(args.png)
+        except ImportError:
+            print("note: matplotlib is not installed; skipping the PNG (pip install matplotlib)", file=sys.stderr)
+        else:
+            print(f"per-layer plot: {args.png}")
 
 
 def demo_texts(data: str | None, out: Path) -> dict[str, str]:
@@ -459,11 +446,14 @@ def build_parser() -> argparse.ArgumentParser:
             "Fine-tune with a sparse-peft method through the HF Trainer, merge the adapter (sparsity kept), "
             "save the merged model to --out and the adapter to --out/adapter. Checkpoints go to "
             "--out/checkpoints; --resume-from-checkpoint continues from the last one (or a given one). "
-            "Single process only (multi-process / accelerate launch is not wired into the CLI yet).")
+            "Single process only (multi-process / accelerate launch is not wired into the CLI yet). "
+            "SPT (--method spt) is refused: its prompts are extra key/value positions that cannot be merged "
+            "into the weights, so there is no merged model to save; train it from Python (docs/spt.md).")
     p.add_argument("--model", default=None, help=model_help)
     p.add_argument("--data", required=True, help="training text file")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--method", default="spp", choices=FINETUNE_METHODS)
+    p.add_argument("--method", default="spp", choices=FINETUNE_METHODS + ("spt",),
+                   help="spt is refused with the reason (it cannot be merged)")
     p.add_argument("--r", type=_positive_int, default=8, help="rank (masked_lora) / rows of A (spp)")
     p.add_argument("--lora-alpha", type=float, default=None, help="masked_lora scaling numerator (default 2r)")
     p.add_argument("--spp-alpha", type=float, default=1.0, help="spp update scaling")

@@ -151,6 +151,8 @@ def test_arc_zero_shot(workspace, capsys):
      "invalid choice"),
     (["finetune", "--model", "{base}", "--data", "{tmp}/text.txt", "--out", "{tmp}/o", "--steps", "1",
       "--resume-from-checkpoint"], 1, "no checkpoint"),
+    (["finetune", "--model", "{base}", "--data", "{tmp}/text.txt", "--out", "{tmp}/o", "--method", "spt"], 1,
+     "--method spt: SPT cannot be merged"),
     (["report", "--model", "{tmp}/text.txt"], 1, "--model"),
     ([], 2, "required"),
 ])

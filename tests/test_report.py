@@ -1,5 +1,8 @@
 import json
+import struct
+import sys
 
+import pytest
 import torch
 
 from sparse_peft.sparsity import SparsityReport, sparsity_report
@@ -75,3 +78,25 @@ def test_peft_wrapped_model_reports_base_names(tiny_model, arch):
     assert list(sparsity_report(peft_model.base_model).layers) == list(plain.layers)
     merged = peft_model.merge_and_unload()
     assert list(sparsity_report(merged).layers) == list(plain.layers)
+
+
+def test_plot_writes_a_png_sized_by_the_layer_count(tiny_model, tmp_path):
+    pytest.importorskip("matplotlib")
+    model = tiny_model("llama")
+    _zero_first(model.model.layers[0].self_attn.q_proj.weight, 10)
+    report = sparsity_report(model)
+    path = tmp_path / "layers.png"
+    report.plot(path)
+    png = path.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", png[16:24])  # the IHDR chunk
+    assert (width, height) == (round(150 * max(6, 0.18 * len(report.layers))), 600)
+
+
+def test_plot_without_matplotlib_says_so(tiny_model, tmp_path, monkeypatch):
+    report = sparsity_report(tiny_model("llama"))
+    for name in ("matplotlib", "matplotlib.figure"):
+        monkeypatch.setitem(sys.modules, name, None)  # makes the import raise ImportError
+    with pytest.raises(ImportError, match=r"SparsityReport.plot needs matplotlib.*pip install matplotlib"):
+        report.plot(tmp_path / "layers.png")
+    assert not (tmp_path / "layers.png").exists()

@@ -22,12 +22,12 @@ SparseGPT only through its damping: see docs/induction.md for the math.
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from .._validation import is_real
 from .calibration import as_calibration_batches, find_decoder_blocks, run_blockwise
 from .wanda import InputNormStat
 
@@ -211,13 +211,13 @@ def fold_block_scales_(block: _LlamaBlock, scales: dict[str, torch.Tensor]) -> N
 def _check_options(objective, alpha, pairs, floor) -> tuple[str, ...]:
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown induction objective {objective!r}; choose one of {OBJECTIVES}")
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not (0.0 <= float(alpha) <= 1.0):
+    if not is_real(alpha) or not 0.0 <= float(alpha) <= 1.0:
         raise ValueError(f"induce_sparsity alpha must be a number in [0, 1], got {alpha!r}")
     pairs = (pairs,) if isinstance(pairs, str) else tuple(pairs)
     unknown = [p for p in pairs if p not in PAIRS]
     if unknown or not pairs:
         raise ValueError(f"induce_sparsity pairs must be a non-empty subset of {PAIRS}, got {pairs!r}")
-    if not (isinstance(floor, numbers.Real) and 0.0 < float(floor) < 1.0):
+    if not is_real(floor) or not 0.0 < float(floor) < 1.0:
         raise ValueError(f"induce_sparsity floor must be in (0, 1), got {floor!r}")
     return pairs
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import numbers
 import warnings
 
 import torch
 from torch import nn
 
+from .._validation import check_sparsity, is_int, is_real
 from .calibration import as_calibration_batches, block_linears, find_decoder_blocks, run_blockwise
 from .magnitude import MAGNITUDE_SCOPES, magnitude_keep_mask
 from ..quantized import refuse_quantized
@@ -20,12 +20,6 @@ from .wanda import InputNormStat, wanda_keep_mask, wanda_scores
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 ALLOCATIONS = ("uniform", "owl")
-
-
-def _check_sparsity(sparsity) -> float:
-    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real) or not (0.0 <= float(sparsity) < 1.0):
-        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
-    return float(sparsity)
 
 
 def _prunable_linears(model: nn.Module, need_blocks: bool) -> list[list[tuple[str, nn.Module]]]:
@@ -134,29 +128,8 @@ def prune(
     model with nothing to prune (no ``nn.Linear`` / ``Conv1D`` besides the output head), a model
     holding bitsandbytes-quantized layers (naming the first: prune before quantizing).
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown pruning method {method!r}; choose one of {METHODS}")
-    if allocation not in ALLOCATIONS:
-        raise ValueError(f"unknown allocation {allocation!r}; choose one of {ALLOCATIONS}")
-    if magnitude_scope not in MAGNITUDE_SCOPES:
-        raise ValueError(f"unknown magnitude_scope {magnitude_scope!r}; choose one of {MAGNITUDE_SCOPES}")
-    if (sparsity is None) == (pattern is None):
-        raise ValueError(f"give exactly one of sparsity / pattern, got sparsity={sparsity!r}, pattern={pattern!r}")
-    if hasattr(model, "peft_config"):
-        raise ValueError("prune the base model before wrapping it with peft (got a peft-wrapped model)")
-    refuse_quantized(model, "sp.prune")
-    nm = parse_pattern(pattern) if pattern is not None else None
-    if nm is not None and allocation == "owl":
-        raise ValueError(f"allocation='owl' sets non-uniform unstructured sparsities; it cannot be used with "
-                         f"pattern={pattern!r}")
-    if nm is None:
-        sparsity = _check_sparsity(sparsity)
-    if not (isinstance(blocksize, int) and blocksize > 0):
-        raise ValueError(f"blocksize must be a positive integer, got {blocksize!r}")
-    if not (isinstance(percdamp, numbers.Real) and percdamp > 0):
-        raise ValueError(f"percdamp must be > 0, got {percdamp!r}")
-    if nm is not None and method == "sparsegpt" and blocksize % nm[1]:
-        raise ValueError(f"SparseGPT blocksize={blocksize} must be a multiple of M={nm[1]} for pattern={pattern!r}")
+    nm, sparsity = _checked_options(model, method, sparsity, pattern, allocation, magnitude_scope, blocksize,
+                                    percdamp)
     if sparsity == 0.0:
         return sparsity_report(model)
 
@@ -175,58 +148,103 @@ def prune(
             raise ValueError(f"{what} needs calibration data: calibration=[LongTensor [B, T], ...]")
         calibration = as_calibration_batches(calibration)  # a list: OWL goes over it twice
     if induce is not False:
-        from .induction import PAIRS, ROW_SCALED_PAIRS, induce_sparsity
-
-        options = {"show_progress": show_progress, **(induce if isinstance(induce, dict) else {})}
-        # Unstructured SparseGPT picks each column block's zeros across rows. The vo/down folds divide the
-        # rows of v_proj/up_proj by the scales of the channels they feed, so the rows feeding the most
-        # active channels look least salient and are pruned hardest (87-99% instead of 70% in SmolLM2's
-        # up_proj, benchmarks/induction_damping.py; the model diverged at 70%). Its default is therefore
-        # the column folds only (229.8 vs 258.4 without induction at 70%); N:M picks per row, immune.
-        row_sensitive = method == "sparsegpt" and nm is None
-        if row_sensitive and "pairs" not in options:
-            options["pairs"] = tuple(pair for pair in PAIRS if pair not in ROW_SCALED_PAIRS)
-        pairs = options.get("pairs", PAIRS)  # induce_sparsity validates it; a lone str is one pair there too
-        row_folds = [pair for pair in ((pairs,) if isinstance(pairs, str) else pairs) if pair in ROW_SCALED_PAIRS]
-        if row_sensitive and row_folds:
-            warnings.warn(f"prune(method='sparsegpt', induce=...) with the {row_folds} folds: they scale rows of "
-                          "v_proj/up_proj, and unstructured SparseGPT compares saliencies across rows, so it prunes "
-                          "the rows feeding the most active channels hardest (on the SmolLM2-135M at 70%: ppl "
-                          "1.2e7 against 258 without induction). Leave 'pairs' unset (column folds only) "
-                          "(docs/induction.md)", RuntimeWarning, stacklevel=2)
-
-        induce_sparsity(model, calibration, **options)
+        _induce(model, calibration, induce, method, nm, show_progress)
 
     if nm is not None:
-        zero_counts = None
+        zero_counts = None  # N:M fixes the zeros of every group; there is no count to allocate
     elif allocation == "owl":
         zero_counts = _owl_zero_counts(model, calibration, groups, sparsity, owl_threshold, owl_lambda, show_progress)
     else:
         zero_counts = {name: unstructured_zero_count(sparsity, linear.weight.numel())
                        for group in groups for name, linear in group}
 
-    def n_zeros(name):
-        return None if zero_counts is None else zero_counts[name]
-
     with torch.no_grad():
         if method == "magnitude":
-            for group in groups:
-                for name, linear in group:
-                    # Scores, masks and N:M groups are out x in (rows = outputs) for Conv1D too.
-                    keep = magnitude_keep_mask(linear_view(linear).weight, n_zeros(name), nm, magnitude_scope)
-                    write_masked_weight_(linear, keep)
-            return sparsity_report(model)
-
-        def prune_block(index, stats):
-            for name, (linear, stat) in stats.items():
-                weight = linear_view(linear).weight  # out x in, whatever the layer stores
-                if method == "wanda":
-                    keep = wanda_keep_mask(weight, stat, n_zeros(name), nm)
-                    write_masked_weight_(linear, keep)
-                else:
-                    keep, new_weight = sparsegpt_prune(weight, stat, n_zeros(name), nm, blocksize, percdamp)
-                    write_masked_weight_(linear, keep, new_weight)
-
-        run_blockwise(model, calibration, _make_stat(method), prune_block, desc=f"{method} pruning",
-                      show_progress=show_progress)
+            _prune_by_magnitude(groups, zero_counts, nm, magnitude_scope)
+        else:
+            _prune_blockwise(model, calibration, method, zero_counts, nm, blocksize, percdamp, show_progress)
     return sparsity_report(model)
+
+
+def _checked_options(model, method, sparsity, pattern, allocation, magnitude_scope, blocksize,
+                     percdamp) -> tuple[tuple[int, int] | None, float | None]:
+    """Refuse bad ``prune`` arguments; return the parsed pattern ``(N, M)`` (or None) and the sparsity."""
+    if method not in METHODS:
+        raise ValueError(f"unknown pruning method {method!r}; choose one of {METHODS}")
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"unknown allocation {allocation!r}; choose one of {ALLOCATIONS}")
+    if magnitude_scope not in MAGNITUDE_SCOPES:
+        raise ValueError(f"unknown magnitude_scope {magnitude_scope!r}; choose one of {MAGNITUDE_SCOPES}")
+    if (sparsity is None) == (pattern is None):
+        raise ValueError(f"give exactly one of sparsity / pattern, got sparsity={sparsity!r}, pattern={pattern!r}")
+    if hasattr(model, "peft_config"):
+        raise ValueError("prune the base model before wrapping it with peft (got a peft-wrapped model)")
+    refuse_quantized(model, "sp.prune")
+    nm = parse_pattern(pattern) if pattern is not None else None
+    if nm is not None and allocation == "owl":
+        raise ValueError(f"allocation='owl' sets non-uniform unstructured sparsities; it cannot be used with "
+                         f"pattern={pattern!r}")
+    if nm is None:
+        sparsity = check_sparsity(sparsity, "sparsity")
+    if not is_int(blocksize) or blocksize <= 0:
+        raise ValueError(f"blocksize must be a positive integer, got {blocksize!r}")
+    if not is_real(percdamp) or percdamp <= 0:
+        raise ValueError(f"percdamp must be a number > 0, got {percdamp!r}")
+    if nm is not None and method == "sparsegpt" and blocksize % nm[1]:
+        raise ValueError(f"SparseGPT blocksize={blocksize} must be a multiple of M={nm[1]} for pattern={pattern!r}")
+    return nm, sparsity
+
+
+def _induce(model, calibration, induce, method, nm, show_progress) -> None:
+    """Fold Sparsity Induction's scales into ``model`` before pruning (``prune(induce=...)``)."""
+    from .induction import PAIRS, ROW_SCALED_PAIRS, induce_sparsity
+
+    options = {"show_progress": show_progress, **(induce if isinstance(induce, dict) else {})}
+    # Unstructured SparseGPT picks each column block's zeros across rows. The vo/down folds divide the
+    # rows of v_proj/up_proj by the scales of the channels they feed, so the rows feeding the most
+    # active channels look least salient and are pruned hardest (87-99% instead of 70% in SmolLM2's
+    # up_proj, benchmarks/induction_damping.py; the model diverged at 70%). Its default is therefore
+    # the column folds only (229.8 vs 258.4 without induction at 70%); N:M picks per row, immune.
+    row_sensitive = method == "sparsegpt" and nm is None
+    if row_sensitive and "pairs" not in options:
+        options["pairs"] = tuple(pair for pair in PAIRS if pair not in ROW_SCALED_PAIRS)
+    pairs = options.get("pairs", PAIRS)  # induce_sparsity validates it; a lone str is one pair there too
+    row_folds = [pair for pair in ((pairs,) if isinstance(pairs, str) else pairs) if pair in ROW_SCALED_PAIRS]
+    if row_sensitive and row_folds:
+        # stacklevel 3: the warning points at the caller of prune().
+        warnings.warn(f"prune(method='sparsegpt', induce=...) with the {row_folds} folds: they scale rows of "
+                      "v_proj/up_proj, and unstructured SparseGPT compares saliencies across rows, so it prunes "
+                      "the rows feeding the most active channels hardest (on the SmolLM2-135M at 70%: ppl "
+                      "1.2e7 against 258 without induction). Leave 'pairs' unset (column folds only) "
+                      "(docs/induction.md)", RuntimeWarning, stacklevel=3)
+
+    induce_sparsity(model, calibration, **options)
+
+
+def _prune_by_magnitude(groups, zero_counts: dict[str, int] | None, nm, magnitude_scope: str) -> None:
+    """Magnitude pruning needs no calibration: every layer at once, in place."""
+    for group in groups:
+        for name, linear in group:
+            n_zeros = None if zero_counts is None else zero_counts[name]
+            # Scores, masks and N:M groups are out x in (rows = outputs) for Conv1D too.
+            keep = magnitude_keep_mask(linear_view(linear).weight, n_zeros, nm, magnitude_scope)
+            write_masked_weight_(linear, keep)
+
+
+def _prune_blockwise(model, calibration, method: str, zero_counts: dict[str, int] | None, nm, blocksize: int,
+                     percdamp: float, show_progress: bool) -> None:
+    """Wanda / SparseGPT: each decoder block pruned from statistics of the already pruned blocks' outputs."""
+
+    def prune_block(index, stats):
+        for name, (linear, stat) in stats.items():
+            n_zeros = None if zero_counts is None else zero_counts[name]
+            weight = linear_view(linear).weight  # out x in, whatever the layer stores
+            if method == "wanda":
+                keep = wanda_keep_mask(weight, stat, n_zeros, nm)
+                write_masked_weight_(linear, keep)
+            else:
+                keep, new_weight = sparsegpt_prune(weight, stat, n_zeros, nm, blocksize, percdamp)
+                write_masked_weight_(linear, keep, new_weight)
+
+    run_blockwise(model, calibration, _make_stat(method), prune_block, desc=f"{method} pruning",
+                  show_progress=show_progress)

@@ -26,6 +26,10 @@ _PEFT_PREFIX = "base_model.model."
 
 @dataclass
 class LayerSparsity:
+    """Zeros of one linear layer's weight: its out x in ``shape``, ``numel`` weights, ``zeros`` exact
+    zeros, ``sparsity = zeros / numel``, and the strictest N:M ``pattern`` it meets (``"2:4"`` /
+    ``"4:8"``, or None)."""
+
     shape: tuple[int, ...]
     numel: int
     zeros: int
@@ -39,6 +43,11 @@ class LayerSparsity:
 
 @dataclass
 class SparsityReport:
+    """What ``sparsity_report(model)`` returns: a ``LayerSparsity`` per linear layer (output head
+    excluded), keyed by the base model's module name, and ``global_sparsity``, the zeros of all those
+    layers over their weights. ``to_markdown()`` tables it, ``to_dict()`` is JSON-ready, ``plot(path)``
+    draws it."""
+
     global_sparsity: float
     layers: "OrderedDict[str, LayerSparsity]" = field(default_factory=OrderedDict)
 
@@ -68,6 +77,30 @@ class SparsityReport:
         lines.append(f"**Global sparsity: {100 * self.global_sparsity:.2f}%** "
                      f"({self.zeros} zeros / {self.numel} weights over {len(self.layers)} linear layers)")
         return "\n".join(lines)
+
+    def plot(self, path) -> None:
+        """Write a PNG bar chart of each layer's sparsity (in %), the global sparsity as a dashed line.
+
+        Needs matplotlib (``pip install matplotlib``); without it, ImportError saying so. The figure is
+        drawn without pyplot, so the caller's matplotlib backend is left as it is.
+        """
+        try:
+            from matplotlib.figure import Figure
+        except ImportError:
+            raise ImportError("SparsityReport.plot needs matplotlib, which is not installed "
+                              "(pip install matplotlib)") from None
+        names = list(self.layers)
+        values = [100 * layer.sparsity for layer in self.layers.values()]
+        fig = Figure(figsize=(max(6, 0.18 * len(names)), 4))
+        ax = fig.subplots()
+        ax.bar(range(len(names)), values)
+        ax.axhline(100 * self.global_sparsity, color="k", linestyle="--", linewidth=1, label="global")
+        ax.set_xticks(range(len(names)), names, rotation=90, fontsize=5)
+        ax.set_ylabel("sparsity (%)")
+        ax.set_ylim(0, 100)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=150)
 
     def __repr__(self) -> str:
         return (f"SparsityReport(global_sparsity={self.global_sparsity:.4f}, layers={len(self.layers)}, "

@@ -33,13 +33,13 @@ or ``SpectralNormTrainer`` (a ``transformers.Trainer`` adding the term to the CE
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
+from .._validation import is_int, is_real
 from ..sparsity.masks import named_linears
 
 try:
@@ -94,7 +94,7 @@ class SpectralNormLoss(nn.Module):
         if features not in FEATURES:
             raise ValueError(f"SpectralNormLoss features must be one of {FEATURES}, got {features!r}")
         self.features = features
-        if not (isinstance(iterations, int) and iterations > 0):
+        if not is_int(iterations) or iterations <= 0:
             raise ValueError(f"SpectralNormLoss iterations must be a positive integer, got {iterations!r}")
         if not eps > 0:
             raise ValueError(f"SpectralNormLoss eps must be > 0, got {eps!r}")
@@ -203,7 +203,7 @@ class SpectralNormTrainer(Trainer):
     def __init__(self, *args, spectral_lambda: float = 0.1, spectral_loss: Optional[SpectralNormLoss] = None,
                  **kwargs):
         super().__init__(*args, **kwargs)
-        if not math.isfinite(spectral_lambda):
+        if not is_real(spectral_lambda):
             raise ValueError(f"spectral_lambda must be a finite number, got {spectral_lambda!r}")
         self.spectral_lambda = float(spectral_lambda)
         self.spectral_loss = spectral_loss or SpectralNormLoss()

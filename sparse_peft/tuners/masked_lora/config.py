@@ -8,6 +8,8 @@ from typing import Optional, Union
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
+from ..._validation import is_int, is_real
+
 
 @dataclass
 class MaskedLoraConfig(PeftConfig):
@@ -46,9 +48,9 @@ class MaskedLoraConfig(PeftConfig):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+        if not is_int(self.r) or self.r <= 0:
             raise ValueError(f"MaskedLoraConfig.r must be a positive integer, got {self.r!r}")
-        if not 0.0 <= float(self.lora_dropout) < 1.0:
+        if not is_real(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"MaskedLoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.target_modules is None or (not isinstance(self.target_modules, str) and not self.target_modules):
             raise ValueError("MaskedLoraConfig.target_modules is empty: name the layers to adapt or use 'all-linear'")

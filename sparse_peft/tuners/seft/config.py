@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from peft.config import PeftConfig
 from peft.utils import PeftType
+
+from ..._validation import is_int, is_real
 
 DROP_DECAYS = ("cosine", "linear", "constant")
 DROP_CRITERIA = ("weight", "delta")
@@ -15,14 +16,6 @@ GROW_CRITERIA = ("gradient",)
 SENSITIVITY_CRITERIA = ("taylor", "magnitude")
 REGROW_INITS = ("zero", "gradient")
 INIT_INDICES = ("random", "magnitude")
-
-
-def _is_number(value) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -100,18 +93,18 @@ class SEFTConfig(PeftConfig):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
-        if not _is_number(self.density) or not 0.0 < self.density < 1.0:
+        if not is_real(self.density) or not 0.0 < self.density < 1.0:
             raise ValueError(f"SEFTConfig.density must be in (0, 1), got {self.density!r}")
-        if not _is_int(self.update_interval) or self.update_interval <= 0:
+        if not is_int(self.update_interval) or self.update_interval <= 0:
             raise ValueError(f"SEFTConfig.update_interval must be a positive integer, got {self.update_interval!r}")
-        if not _is_number(self.drop_fraction) or not 0.0 <= self.drop_fraction <= 1.0:
+        if not is_real(self.drop_fraction) or not 0.0 <= self.drop_fraction <= 1.0:
             raise ValueError(f"SEFTConfig.drop_fraction must be in [0, 1], got {self.drop_fraction!r}")
-        if self.decay_steps is not None and (not _is_int(self.decay_steps) or self.decay_steps <= 0):
+        if self.decay_steps is not None and (not is_int(self.decay_steps) or self.decay_steps <= 0):
             raise ValueError(f"SEFTConfig.decay_steps must be a positive integer or None, got {self.decay_steps!r}")
-        if not _is_int(self.grow_window) or not 1 <= self.grow_window <= self.update_interval:
+        if not is_int(self.grow_window) or not 1 <= self.grow_window <= self.update_interval:
             raise ValueError(f"SEFTConfig.grow_window must be an integer in [1, update_interval="
                              f"{self.update_interval}], got {self.grow_window!r}")
-        if not _is_int(self.seed):
+        if not is_int(self.seed):
             raise ValueError(f"SEFTConfig.seed must be an integer, got {self.seed!r}")
         for name, choices in (("drop_decay", DROP_DECAYS), ("drop_criterion", DROP_CRITERIA),
                               ("grow_criterion", GROW_CRITERIA), ("sensitivity_criterion", SENSITIVITY_CRITERIA),

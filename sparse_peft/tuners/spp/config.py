@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from peft.config import PeftConfig
 from peft.utils import PeftType
+
+from ..._validation import is_int, is_real
 
 INIT_A_CHOICES = ("kaiming", "normal", "ones")
 
@@ -66,18 +67,17 @@ class SPPConfig(PeftConfig):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+        if not is_int(self.r) or self.r <= 0:
             raise ValueError(f"SPPConfig.r must be a positive integer, got {self.r!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
+        if not is_real(self.alpha):
             raise ValueError(f"SPPConfig.alpha must be a finite number, got {self.alpha!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+        if not is_real(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"SPPConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if self.init_A not in INIT_A_CHOICES:
             raise ValueError(f"SPPConfig.init_A must be one of {INIT_A_CHOICES}, got {self.init_A!r}")
         if not isinstance(self.init_b_zero, bool):
             raise ValueError(f"SPPConfig.init_b_zero must be True or False, got {self.init_b_zero!r}")
-        if (isinstance(self.unmerge_backup_below, bool) or not isinstance(self.unmerge_backup_below, (int, float))
-                or not self.unmerge_backup_below >= 0 or not math.isfinite(self.unmerge_backup_below)):
+        if not is_real(self.unmerge_backup_below) or self.unmerge_backup_below < 0:
             raise ValueError(f"SPPConfig.unmerge_backup_below must be a finite number >= 0, "
                              f"got {self.unmerge_backup_below!r}")
         if self.target_modules is None or (not isinstance(self.target_modules, str) and not self.target_modules):

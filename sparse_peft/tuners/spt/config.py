@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-import numbers
 import re
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from peft.config import PeftConfig
 from peft.utils import PeftType
+
+from ..._validation import check_sparsity, is_int, is_real
 
 SCHEDULES = ("cubic",)
 PRUNERS = ("wanda", "magnitude")
@@ -21,14 +22,6 @@ TARGET_MODULES_HELP = ("SPT wraps the whole self-attention module of each decode
                        "are extra keys and values, not an adapter on linears), and get_peft_model sets "
                        "target_modules to those modules itself. Leave target_modules unset; to give prompts to some "
                        "decoder layers only, use SPTConfig.layers=[layer indices]")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
 
 
 def _int_keyed(mapping, name: str, value_check, what: str) -> dict:
@@ -128,23 +121,22 @@ class SPTConfig(PeftConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = PeftType.SPT
-        if not _is_int(self.base_prompt_length) or self.base_prompt_length <= 0:
+        if not is_int(self.base_prompt_length) or self.base_prompt_length <= 0:
             raise ValueError(f"SPTConfig.base_prompt_length must be a positive integer, got {self.base_prompt_length!r}")
         if self.target_pattern is not None:
             n, m = self.nm_pattern  # validates the text
             if self.target_sparsity is None:
                 self.target_sparsity = (m - n) / m
-            elif not _is_real(self.target_sparsity) or abs(self.target_sparsity - (m - n) / m) > 1e-9:
+            elif not is_real(self.target_sparsity) or abs(self.target_sparsity - (m - n) / m) > 1e-9:
                 raise ValueError(f"SPTConfig.target_pattern={self.target_pattern!r} means target_sparsity={(m - n) / m:g}, "
                                  f"got target_sparsity={self.target_sparsity!r}; give only the pattern")
             if self.allocation != "uniform":
                 raise ValueError(f"SPTConfig.target_pattern={self.target_pattern!r} needs allocation='uniform' (every "
                                  f"layer is N:M), got allocation={self.allocation!r}")
-        if self.target_sparsity is not None and (not _is_real(self.target_sparsity)
+        if self.target_sparsity is not None and (not is_real(self.target_sparsity)
                                                  or not 0.0 < self.target_sparsity < 1.0):
             raise ValueError(f"SPTConfig.target_sparsity must be None or a number in (0, 1), got {self.target_sparsity!r}")
-        if not _is_real(self.initial_sparsity) or not 0.0 <= self.initial_sparsity < 1.0:
-            raise ValueError(f"SPTConfig.initial_sparsity must be a number in [0, 1), got {self.initial_sparsity!r}")
+        check_sparsity(self.initial_sparsity, "SPTConfig.initial_sparsity")
         if self.target_sparsity is not None and self.initial_sparsity > self.target_sparsity:
             raise ValueError(f"SPTConfig.initial_sparsity={self.initial_sparsity} is above target_sparsity="
                              f"{self.target_sparsity}: the schedule only rises")
@@ -152,17 +144,17 @@ class SPTConfig(PeftConfig):
             raise ValueError(f"SPTConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.pruner not in PRUNERS:
             raise ValueError(f"SPTConfig.pruner must be one of {PRUNERS}, got {self.pruner!r}")
-        if not _is_int(self.prune_start_step) or self.prune_start_step < 0:
+        if not is_int(self.prune_start_step) or self.prune_start_step < 0:
             raise ValueError(f"SPTConfig.prune_start_step must be an integer >= 0, got {self.prune_start_step!r}")
-        if not _is_int(self.prune_end_step) or self.prune_end_step <= self.prune_start_step:
+        if not is_int(self.prune_end_step) or self.prune_end_step <= self.prune_start_step:
             raise ValueError(f"SPTConfig.prune_end_step must be an integer > prune_start_step="
                              f"{self.prune_start_step}, got {self.prune_end_step!r}")
         if self.num_prune_steps is not None and self.prune_interval is not None:
             raise ValueError(f"give at most one of SPTConfig.num_prune_steps ({self.num_prune_steps!r}) and "
                              f"SPTConfig.prune_interval ({self.prune_interval!r})")
-        if self.num_prune_steps is not None and (not _is_int(self.num_prune_steps) or self.num_prune_steps < 1):
+        if self.num_prune_steps is not None and (not is_int(self.num_prune_steps) or self.num_prune_steps < 1):
             raise ValueError(f"SPTConfig.num_prune_steps must be an integer >= 1, got {self.num_prune_steps!r}")
-        if self.prune_interval is not None and (not _is_int(self.prune_interval) or self.prune_interval < 1):
+        if self.prune_interval is not None and (not is_int(self.prune_interval) or self.prune_interval < 1):
             raise ValueError(f"SPTConfig.prune_interval must be an integer >= 1, got {self.prune_interval!r}")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"SPTConfig.allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
@@ -170,7 +162,7 @@ class SPTConfig(PeftConfig):
             if isinstance(self.layers, (str, bytes)) or not hasattr(self.layers, "__iter__"):
                 raise ValueError(f"SPTConfig.layers must be None or a list of layer indices, got {self.layers!r}")
             layers = list(self.layers)
-            bad = [i for i in layers if not _is_int(i) or i < 0]
+            bad = [i for i in layers if not is_int(i) or i < 0]
             if bad or not layers:
                 raise ValueError(f"SPTConfig.layers must be a non-empty list of layer indices (integers >= 0), "
                                  f"got {self.layers!r}")
@@ -179,11 +171,11 @@ class SPTConfig(PeftConfig):
             self.layers = sorted(int(i) for i in layers)
         if self.layer_sparsities is not None:
             self.layer_sparsities = _int_keyed(self.layer_sparsities, "layer_sparsities",
-                                               lambda v: _is_real(v) and 0.0 <= v < 1.0, "a sparsity in [0, 1)")
+                                               lambda v: is_real(v) and 0.0 <= v < 1.0, "a sparsity in [0, 1)")
         if self.prompt_lengths is not None:
             self.prompt_lengths = _int_keyed(self.prompt_lengths, "prompt_lengths",
-                                             lambda v: _is_int(v) and v >= 1, "a positive integer")
-        if not _is_real(self.init_std) or self.init_std <= 0:
+                                             lambda v: is_int(v) and v >= 1, "a positive integer")
+        if not is_real(self.init_std) or self.init_std <= 0:
             raise ValueError(f"SPTConfig.init_std must be a number > 0, got {self.init_std!r}")
         if self.target_modules is not None:
             # Only the value SPT writes itself (a saved adapter_config.json gives it back) is accepted.
