@@ -170,6 +170,24 @@ def test_spp_layer_uses_the_op_arguments_the_kernel_needs(monkeypatch):
     assert torch.equal(layer(x), expected) and calls == [None]  # the layer leaves the backend to sp.ops
 
 
+def test_spp_layer_with_dropout_adds_the_update_from_ops(monkeypatch):
+    """With dropout the base runs itself and the update alone comes from ``ops.spp_delta``."""
+    peft_model = get_peft_model(pruned_tiny_model("llama", 0.5), sp.SPPConfig(r=4, dropout=0.1, init_b_zero=False))
+    layer = next(m for m in peft_model.modules() if isinstance(m, SPPLayer))
+    layer.eval()  # dropout off, but the layer still takes the path for it
+    x = randn(2, 5, layer.in_features)
+    calls = []
+    real = ops.spp_delta
+    monkeypatch.setattr(ops, "spp_delta", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(ops, "spp_linear", lambda *a, **k: pytest.fail("no fused op with dropout"))
+    with torch.no_grad():
+        y = layer(x)
+        base = layer.get_base_layer()
+        expected = ops.spp_linear_reference(x, base.weight, layer.spp_A["default"], layer.spp_b["default"],
+                                            layer.alpha["default"], base.bias)
+    assert calls == [1] and rel_err(y, expected) < 1e-5
+
+
 # --- sddmm ------------------------------------------------------------------------------------------
 
 
@@ -334,6 +352,12 @@ def test_dispatch_order_keyword_then_env_then_device(monkeypatch):
         ops.resolve_backend(None, cpu)
     with pytest.raises(ValueError, match="backend must be .*'fast'"):
         ops.resolve_backend("fast", cpu)
+    monkeypatch.setenv("SPARSE_PEFT_BACKEND", "triton")
+    assert not ops.runs_torch_twin(cpu)
+    monkeypatch.setenv("SPARSE_PEFT_BACKEND", "torch")
+    assert ops.runs_torch_twin(cpu) and ops.runs_torch_twin(torch.device("cuda"))
+    monkeypatch.delenv("SPARSE_PEFT_BACKEND")
+    assert ops.runs_torch_twin(cpu) and not ops.runs_torch_twin(torch.device("cuda"))
 
 
 def test_env_var_routes_to_the_kernel(monkeypatch):
