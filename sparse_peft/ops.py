@@ -25,7 +25,7 @@ import torch
 
 from .functional.bitmask_linear import bitmask_linear_reference
 from .functional.masked_linear import masked_linear_reference
-from .functional.sddmm import sddmm_reference
+from .functional.sddmm import CSRPattern, csr_pattern, sddmm_reference
 from .functional.semi_structured import semi_structured_linear_reference
 from .functional.spp_linear import spp_delta_reference, spp_linear_reference
 from .kernels.semi_structured import semi_structured_unsupported_reason, to_semi_structured
@@ -35,7 +35,8 @@ BACKENDS = ("torch", "triton")
 ENV_VAR = "SPARSE_PEFT_BACKEND"
 
 __all__ = [
-    "BACKENDS", "PackedBitmask", "bitmask_linear", "bitmask_linear_reference", "masked_linear", "masked_linear_reference", "pack_bitmask", "resolve_backend", "runs_torch_twin", "sddmm",
+    "BACKENDS", "CSRPattern", "PackedBitmask", "bitmask_linear", "bitmask_linear_reference", "csr_pattern",
+    "masked_linear", "masked_linear_reference", "pack_bitmask", "resolve_backend", "runs_torch_twin", "sddmm",
     "sddmm_reference", "semi_structured_linear", "semi_structured_linear_reference",
     "semi_structured_unsupported_reason", "spp_delta", "spp_delta_reference", "spp_linear", "spp_linear_reference",
     "to_semi_structured", "unpack_bitmask",
@@ -94,17 +95,20 @@ def spp_delta(x: torch.Tensor, weight, A: torch.Tensor, b: torch.Tensor, alpha: 
 # --- SDDMM ------------------------------------------------------------------------------------------
 
 
-def sddmm(grad_out: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+def sddmm(grad_out: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, *, csr: CSRPattern | None = None,
+          backend: str | None = None) -> torch.Tensor:
     """Sampled ``grad_outᵀ x``: ``grad_out`` (tokens, out), ``x`` (tokens, in), ``indices`` int64 flat
     indices into (out, in) (values in their order) or a bool (out, in) mask (row-major order).
 
     The gradient of a weight that exists only at those positions (SEFT's delta, ``masked_linear``).
-    Values are fp32 (float64 for float64 inputs): they feed optimizer state, so they are not rounded
-    back to bf16.
+    Values are fp32 (float64 for float64 inputs): they feed optimizer state. The kernel accumulates
+    them in fp32; the PyTorch twin computes bf16/fp16 inputs a block of rows at a time in their own
+    dtype. ``csr`` (``csr_pattern(indices, (out, in))``) saves the twin rebuilding it per call when
+    the caller keeps it; the kernel does not need it.
     """
     if resolve_backend(backend, grad_out.device) == "triton":
         return _kernel("sddmm").sddmm(grad_out, x, indices)
-    return sddmm_reference(grad_out, x, indices)
+    return sddmm_reference(grad_out, x, indices, csr)
 
 
 # --- masked linear ----------------------------------------------------------------------------------

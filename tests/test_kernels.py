@@ -241,6 +241,41 @@ def test_sddmm_rejects_bad_input(backend):
         ops.sddmm(grad_out, x, torch.tensor([1], dtype=torch.int32), backend=backend)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sddmm_twin_blocks_and_csr(dtype, monkeypatch):
+    """The PyTorch twin: fp32 through CSR ``sampled_addmm`` (with the caller's ``csr`` or its own),
+    bf16 a block of rows at a time (here blocks of 3 rows); both give the dense product's values."""
+    import sparse_peft.delta_linear as delta_linear
+
+    monkeypatch.setattr(delta_linear, "BLOCK_ELEMENTS", 3 * 45)
+    grad_out, x = randn(13, 70, dtype=dtype), randn(13, 45, dtype=dtype, seed=2)
+    indices = torch.randint(0, 70 * 45, (300,), generator=torch.Generator().manual_seed(3))  # any order, repeats
+    dense = (grad_out.double().t() @ x.double()).reshape(-1)[indices]
+    values = ops.sddmm(grad_out, x, indices, backend="torch")
+    assert values.dtype == torch.float32 and rel_err(values.double(), dense) < TOL[dtype]
+    csr = ops.csr_pattern(indices, (70, 45))
+    assert torch.equal(ops.sddmm(grad_out, x, indices, csr=csr, backend="torch"), values)
+
+
+def test_seft_takes_its_delta_gradient_from_ops_sddmm(monkeypatch):
+    """SEFT's layer leaves the backend to sp.ops and hands it the CSR form of the positions it keeps."""
+    peft_model = get_peft_model(pruned_tiny_model("llama", 0.5), sp.SEFTConfig(density=0.05))
+    calls = []
+    real = ops.sddmm
+
+    def spy(grad_out, x, indices, **kwargs):
+        calls.append(kwargs)
+        assert torch.equal(kwargs["csr"].col, ops.csr_pattern(indices, (grad_out.shape[1], x.shape[1])).col)
+        return real(grad_out, x, indices, **kwargs)
+
+    monkeypatch.setattr(ops, "sddmm", spy)
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    deltas = [p for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert calls and len(calls) == len(deltas) and all(k.get("backend") is None for k in calls)
+    assert all(p.grad is not None for p in deltas)
+
+
 def test_sddmm_reference_gradcheck():
     """The reference is differentiable (a sampled matmul): gradcheck in float64."""
     indices = torch.tensor([0, 7, 3, 11, 7])
