@@ -11,8 +11,8 @@ it reads ``2 (1 - s) + 1/8`` bytes per position instead of 2. The kernel reads o
 * the decoded (BLOCK_N x BLOCK_K) tile goes into ``tl.dot`` with the (padded to 16) token tile.
 
 More than 16 tokens is compute bound, where a sparse format does not pay: the host wrapper decodes
-the weight once (``unpack_bitmask``) and calls the dense GEMM. The reference twin is
-``sparse_peft.ops.bitmask_linear_reference``.
+the weight once (``unpack_bitmask``) and calls the dense GEMM. The PyTorch twin is
+``sparse_peft.functional.bitmask_linear``.
 """
 
 from __future__ import annotations

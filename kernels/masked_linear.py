@@ -5,7 +5,7 @@ as it is loaded (the dX pass reads ``W`` and ``M`` transposed through their stri
 ``W ⊙ M`` is never written out. The weight gradient ``(dYᵀ X) ⊙ M`` is computed only at the mask by
 ``sddmm`` and scattered into a tensor of ``W``'s shape that is exactly zero off the mask (autograd
 needs a gradient of the parameter's shape; nothing off the mask is ever computed).
-The reference twin is ``sparse_peft.ops.masked_linear_reference``.
+The PyTorch twin is ``sparse_peft.functional.masked_linear``.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ the mask's row-major order with no dense (out x in) result and no sort inside th
 
 The host wrapper takes a bool mask, or int64 flat indices ``i * in + j`` in any order (duplicates
 allowed); indices are turned into a mask, computed in row-major order and gathered back.
-The reference twin is ``sparse_peft.ops.sddmm_reference``.
+The PyTorch twin is ``sparse_peft.functional.sddmm``.
 """
 
 from __future__ import annotations

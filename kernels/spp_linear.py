@@ -1,8 +1,7 @@
 """Fused SPP linear: ``y = x (W ⊙ (1 + α R(A) ⊙ b))ᵀ + bias`` without an out x in tensor.
 
-``R(A)[i] = A[i * r // out]`` (``sparse_peft.tuners.spp.functional.row_groups``): out/r consecutive
-output rows share one row of ``A``. The effective weight is rebuilt tile by tile in registers from
-``W``, ``A`` and ``b``:
+``R(A)[i] = A[i * r // out]``: out/r consecutive output rows share one row of ``A``. The effective
+weight is rebuilt tile by tile in registers from ``W``, ``A`` and ``b``:
 
 * forward and ``dX = dY W_eff`` share one matmul kernel (``_spp_matmul_kernel``); the dX pass reads
   ``W`` transposed through its strides;
@@ -11,8 +10,8 @@ output rows share one row of ``A``. The effective weight is rebuilt tile by tile
   reduces it straight into ``db`` (over columns) and ``dA`` (over the rows of each group) with fp32
   atomics, so ``S`` never leaves registers.
 
-``W`` is frozen: no gradient is produced for it. The reference twin is
-``sparse_peft.ops.spp_linear_reference``.
+``W`` is frozen: no gradient is produced for it. The PyTorch twin is
+``sparse_peft.functional.spp_linear``.
 """
 
 from __future__ import annotations

@@ -41,14 +41,14 @@ class CliError(Exception):
 
 def load_model(path: str | None, need_tokenizer: bool = False):
     """``(model, tokenizer or None)`` from a sparse checkpoint, a GGUF, a local dir or a hub id."""
-    from .data import _find_gguf, load_model_and_tokenizer
+    from .data import find_gguf, load_model_and_tokenizer
     from .io import is_sparse_checkpoint, load_sparse
 
     if path is None:
         model, tokenizer = load_model_and_tokenizer(None)
     elif is_sparse_checkpoint(path):
         model, tokenizer = load_sparse(path), _try_tokenizer(path)
-    elif _find_gguf(path) is not None:
+    elif find_gguf(path) is not None:
         model, tokenizer = load_model_and_tokenizer(path)
     else:
         from transformers import AutoModelForCausalLM

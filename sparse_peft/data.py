@@ -48,7 +48,7 @@ def default_model_path() -> str:
     )
 
 
-def _find_gguf(model_path: str) -> tuple[str, str] | None:
+def find_gguf(model_path: str) -> tuple[str, str] | None:
     """(directory, file name) if ``model_path`` is a .gguf file or a directory holding one."""
     path = Path(model_path)
     if path.is_file() and path.suffix == ".gguf":
@@ -69,7 +69,7 @@ def load_model_and_tokenizer(model_path_or_id: str | None = None, dtype: torch.d
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_path = model_path_or_id or default_model_path()
-    gguf = _find_gguf(model_path)
+    gguf = find_gguf(model_path)
     if gguf is not None:
         from transformers import GgufConfig
 

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import ops
 from ._progress import progress
 from .sparsity.bitmask import PackedBitmask, pack_bitmask, row_offsets_from_bits, unpack_bitmask, validate_packed
 from .sparsity.masks import is_nm_sparse, named_linears, parse_pattern
@@ -46,32 +47,6 @@ __all__ = ["BitmaskLinear", "checkpoint_bytes", "decode_cache_bytes", "drop_deco
 
 
 # --- the packed linear used by load_sparse(packed=True) -------------------------------------------
-
-def _bitmask_linear_op():
-    """``sparse_peft.ops.bitmask_linear`` (Triton on CUDA) if the ops module exists, else the
-    reference below: the kernels land separately and this module must work without them."""
-    try:
-        from .ops import bitmask_linear
-    except ImportError:
-        return bitmask_linear_reference
-    return bitmask_linear
-
-
-def bitmask_linear_reference(x: torch.Tensor, packed: PackedBitmask, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ W.T + bias`` with ``W`` decoded from its packed form (PyTorch reference)."""
-    weight = unpack_bitmask(packed)
-    return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
-
-
-def _reference_runs_on(device: torch.device) -> bool:
-    """Whether ``bitmask_linear`` takes its PyTorch reference (decode the whole weight, then a dense
-    GEMM) for inputs on ``device``: on the CPU, or wherever the torch backend is forced."""
-    try:
-        from .ops import resolve_backend
-    except ImportError:
-        return True
-    return resolve_backend(None, device) == "torch"
-
 
 @dataclass
 class _DecodeCache:
@@ -103,7 +78,6 @@ class BitmaskLinear(nn.Module):
         self.register_buffer("bits", packed.bits, persistent=False)
         self.register_buffer("row_offsets", packed.row_offsets, persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self._op = _bitmask_linear_op()
         self.decode_cache = decode_cache
         self._decode_cache: _DecodeCache | None = None
 
@@ -114,7 +88,7 @@ class BitmaskLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.decode_cache and self._cache_serves(x):
             return F.linear(x, self._decoded_weight(), self.bias)
-        return self._op(x, self.packed, self.bias)
+        return ops.bitmask_linear(x, self.packed, self.bias)
 
     # The two helpers below run on every call of every layer while decoding: they read the buffers
     # from ``_buffers`` directly, as nn.Module's attribute lookup costs more than the checks.
@@ -122,7 +96,7 @@ class BitmaskLinear(nn.Module):
     def _cache_serves(self, x: torch.Tensor) -> bool:
         # Only the ordinary case: a mismatched dtype or device goes to the op, which says what is wrong.
         values = self._buffers["values"]
-        return x.dtype == values.dtype and x.device == values.device and _reference_runs_on(x.device)
+        return x.dtype == values.dtype and x.device == values.device and ops.runs_torch_twin(x.device)
 
     def _decoded_weight(self) -> torch.Tensor:
         values, bits = self._buffers["values"], self._buffers["bits"]
@@ -429,8 +403,7 @@ def load_sparse(directory: str | os.PathLike, packed: bool = False, device=None,
 
     With ``packed=True`` the packed linears become ``BitmaskLinear`` modules that keep values +
     bitmask in memory (``(1 - s) * bytes per element + 1/8`` bytes per position, plus 8 bytes per
-    row for the row offsets) and compute ``sparse_peft.ops.bitmask_linear`` (a PyTorch reference
-    when the ops module is missing). What that costs:
+    row for the row offsets) and compute ``sparse_peft.ops.bitmask_linear``. What that costs:
 
     * CUDA: the Triton kernel decodes the weight tile by tile for up to 16 tokens, so GPU memory
       holds only the packed parts; more tokens decode one layer at a time into a transient dense

@@ -9,8 +9,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ._progress import progress
-from .quantized import is_quantized_linear, merge_quantized_layer, warn_rounded_to_zero
 from .sparsity.masks import restore_mask, weight_mask
+from .sparsity.quantized import is_quantized_linear, merge_quantized_layer, warn_rounded_to_zero
 
 
 @dataclass

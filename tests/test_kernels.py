@@ -170,6 +170,24 @@ def test_spp_layer_uses_the_op_arguments_the_kernel_needs(monkeypatch):
     assert torch.equal(layer(x), expected) and calls == [None]  # the layer leaves the backend to sp.ops
 
 
+def test_spp_layer_with_dropout_adds_the_update_from_ops(monkeypatch):
+    """With dropout the base runs itself and the update alone comes from ``ops.spp_delta``."""
+    peft_model = get_peft_model(pruned_tiny_model("llama", 0.5), sp.SPPConfig(r=4, dropout=0.1, init_b_zero=False))
+    layer = next(m for m in peft_model.modules() if isinstance(m, SPPLayer))
+    layer.eval()  # dropout off, but the layer still takes the path for it
+    x = randn(2, 5, layer.in_features)
+    calls = []
+    real = ops.spp_delta
+    monkeypatch.setattr(ops, "spp_delta", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(ops, "spp_linear", lambda *a, **k: pytest.fail("no fused op with dropout"))
+    with torch.no_grad():
+        y = layer(x)
+        base = layer.get_base_layer()
+        expected = ops.spp_linear_reference(x, base.weight, layer.spp_A["default"], layer.spp_b["default"],
+                                            layer.alpha["default"], base.bias)
+    assert calls == [1] and rel_err(y, expected) < 1e-5
+
+
 # --- sddmm ------------------------------------------------------------------------------------------
 
 
@@ -221,6 +239,41 @@ def test_sddmm_rejects_bad_input(backend):
         ops.sddmm(grad_out, randn(3, 5), torch.tensor([1]), backend=backend)
     with pytest.raises(ValueError, match="int32"):
         ops.sddmm(grad_out, x, torch.tensor([1], dtype=torch.int32), backend=backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sddmm_twin_blocks_and_csr(dtype, monkeypatch):
+    """The PyTorch twin: fp32 through CSR ``sampled_addmm`` (with the caller's ``csr`` or its own),
+    bf16 a block of rows at a time (here blocks of 3 rows); both give the dense product's values."""
+    import sparse_peft.delta_linear as delta_linear
+
+    monkeypatch.setattr(delta_linear, "BLOCK_ELEMENTS", 3 * 45)
+    grad_out, x = randn(13, 70, dtype=dtype), randn(13, 45, dtype=dtype, seed=2)
+    indices = torch.randint(0, 70 * 45, (300,), generator=torch.Generator().manual_seed(3))  # any order, repeats
+    dense = (grad_out.double().t() @ x.double()).reshape(-1)[indices]
+    values = ops.sddmm(grad_out, x, indices, backend="torch")
+    assert values.dtype == torch.float32 and rel_err(values.double(), dense) < TOL[dtype]
+    csr = ops.csr_pattern(indices, (70, 45))
+    assert torch.equal(ops.sddmm(grad_out, x, indices, csr=csr, backend="torch"), values)
+
+
+def test_seft_takes_its_delta_gradient_from_ops_sddmm(monkeypatch):
+    """SEFT's layer leaves the backend to sp.ops and hands it the CSR form of the positions it keeps."""
+    peft_model = get_peft_model(pruned_tiny_model("llama", 0.5), sp.SEFTConfig(density=0.05))
+    calls = []
+    real = ops.sddmm
+
+    def spy(grad_out, x, indices, **kwargs):
+        calls.append(kwargs)
+        assert torch.equal(kwargs["csr"].col, ops.csr_pattern(indices, (grad_out.shape[1], x.shape[1])).col)
+        return real(grad_out, x, indices, **kwargs)
+
+    monkeypatch.setattr(ops, "sddmm", spy)
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    deltas = [p for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert calls and len(calls) == len(deltas) and all(k.get("backend") is None for k in calls)
+    assert all(p.grad is not None for p in deltas)
 
 
 def test_sddmm_reference_gradcheck():
@@ -334,6 +387,12 @@ def test_dispatch_order_keyword_then_env_then_device(monkeypatch):
         ops.resolve_backend(None, cpu)
     with pytest.raises(ValueError, match="backend must be .*'fast'"):
         ops.resolve_backend("fast", cpu)
+    monkeypatch.setenv("SPARSE_PEFT_BACKEND", "triton")
+    assert not ops.runs_torch_twin(cpu)
+    monkeypatch.setenv("SPARSE_PEFT_BACKEND", "torch")
+    assert ops.runs_torch_twin(cpu) and ops.runs_torch_twin(torch.device("cuda"))
+    monkeypatch.delenv("SPARSE_PEFT_BACKEND")
+    assert ops.runs_torch_twin(cpu) and not ops.runs_torch_twin(torch.device("cuda"))
 
 
 def test_env_var_routes_to_the_kernel(monkeypatch):

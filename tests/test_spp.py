@@ -24,7 +24,8 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 import sparse_peft as sp
-from sparse_peft.tuners.spp import SPPLayer, spp_delta_reference, spp_delta_weight
+from sparse_peft.ops import spp_delta_reference
+from sparse_peft.tuners.spp import SPPLayer, spp_delta_weight
 from sparse_peft.tuners.spp.functional import expand_rows, row_groups
 
 

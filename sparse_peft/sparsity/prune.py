@@ -10,9 +10,9 @@ from torch import nn
 from .._validation import check_sparsity, is_int, is_real
 from .calibration import as_calibration_batches, block_linears, find_decoder_blocks, run_blockwise
 from .magnitude import MAGNITUDE_SCOPES, magnitude_keep_mask
-from ..quantized import refuse_quantized
 from .masks import check_nm_divides, linear_view, named_linears, parse_pattern
 from .owl import allocate_zero_counts, outlier_ratio, owl_block_sparsities
+from .quantized import refuse_quantized
 from .report import SparsityReport, sparsity_report
 from .selection import unstructured_zero_count, write_masked_weight_
 from .sparsegpt import HessianStat, sparsegpt_prune

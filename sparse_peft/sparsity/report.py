@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..quantized import dequantized_weight, is_quantized_linear
 from .masks import is_linear, is_nm_sparse, linear_view
+from .quantized import dequantized_weight, is_quantized_linear
 
 # Patterns worth naming, strictest first (2:4 implies 4:8, so the first match is the most useful).
 _REPORTED_PATTERNS = ((2, 4), (4, 8))

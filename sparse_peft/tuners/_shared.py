@@ -11,8 +11,8 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
-from .. import quantized
 from .._distributed import full_tensor
+from ..sparsity import quantized
 from ..sparsity.masks import LINEAR_TYPES, is_linear, linear_view, mask_fingerprint, restore_mask
 
 
@@ -91,7 +91,7 @@ def attach_sparsity_mask(layer: BaseTunerLayer, method: str, quantized_ok: bool 
     how the base stores its weight, and only the writes into the base weight (merge, unmerge) and
     ``merge_target_mask`` convert to the stored layout.
 
-    A bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` base (``sparse_peft.quantized``) stores its
+    A bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` base (``sparse_peft.sparsity.quantized``) stores its
     weight packed: its mask is the dequantized weight's nonzeros, and a method that cannot keep a
     quantized base exact passes ``quantized_ok=False`` to refuse it.
     """
@@ -144,7 +144,7 @@ class DerivedMask:
     """``sparsity_mask``: the base's pruned topology (bool, out x in), derived from the weight on each
     use and never kept, so a layer holds no byte per weight for it (a tuner layer mixes this in).
 
-    On a quantized base (``sparse_peft.quantized``) the weight is the dequantized one, made on each
+    On a quantized base (``sparse_peft.sparsity.quantized``) the weight is the dequantized one, made on each
     use; a merge re-quantizes the base and keeps a snapshot of the quantized weight it replaced, so
     the unmerged weight, the mask and the unmerge stay exact.
     """

@@ -7,11 +7,11 @@ only blocks of rows of one (``sparse_peft.delta_linear``) that live inside one f
 
 from __future__ import annotations
 
-import warnings
 from typing import NamedTuple, Optional
 
 import torch
 
+from ... import ops
 from ...delta_linear import blockwise_grad_input, blockwise_linear, row_blocks
 
 
@@ -36,10 +36,8 @@ def sparse_layout(frozen_index: torch.Tensor, delta_index: torch.Tensor, removed
     n_added = frozen_index.numel() + delta_index.numel()
     removed = torch.zeros(positions.numel(), dtype=torch.bool, device=positions.device)
     removed[inverse[n_added:]] = True
-    sorted_index, order = torch.sort(delta_index)
-    counts = torch.bincount(sorted_index // shape[1], minlength=shape[0])
-    crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-    return SparseLayout(positions, inverse[:n_added], removed, order, crow, sorted_index % shape[1])
+    crow, col, order = ops.csr_pattern(delta_index, shape)
+    return SparseLayout(positions, inverse[:n_added], removed, order, crow, col)
 
 
 class SparseUpdate:
@@ -72,41 +70,12 @@ class SparseUpdate:
         return block
 
 
-def _sampled_grad(grad_2d: torch.Tensor, x_2d: torch.Tensor, flat_index: torch.Tensor,
-                  layout: SparseLayout) -> torch.Tensor:
-    """``(dyᵀ x)`` at ``flat_index`` in fp32 (or wider). On a GPU, Triton's sampled product
-    (``ops.sddmm``). On a CPU in fp32/fp64, PyTorch's CSR ``sampled_addmm`` (about a quarter of the
-    dense GEMM's time at 2% density); in bf16/fp16, which it does not take, one dense GEMM per block
-    of rows (fast on bf16 matrix units) plus a gather."""
-    if grad_2d.is_cuda:
-        from ... import ops
-
-        return ops.sddmm(grad_2d, x_2d, flat_index)
-    out_features, in_features = grad_2d.shape[1], x_2d.shape[1]
-    wide = torch.promote_types(x_2d.dtype, torch.float32)
-    values = torch.empty(flat_index.numel(), dtype=wide, device=x_2d.device)
-    if x_2d.dtype in (torch.float32, torch.float64):
-        with warnings.catch_warnings():  # "CSR support is in beta": this use is tested, once per step is noise
-            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-            pattern = torch.sparse_csr_tensor(layout.delta_crow, layout.delta_col,
-                                              torch.ones(flat_index.numel(), dtype=x_2d.dtype),
-                                              (out_features, in_features), check_invariants=False)
-        values[layout.delta_order] = torch.sparse.sampled_addmm(pattern, grad_2d.t(), x_2d, beta=0.0).values()
-        return values
-    for start, stop in row_blocks(out_features, in_features):
-        inside = (flat_index >= start * in_features) & (flat_index < stop * in_features)
-        if bool(inside.any()):
-            dense = grad_2d[:, start:stop].t() @ x_2d  # G[rows], in the activations' dtype
-            values[inside] = dense.view(-1)[flat_index[inside] - start * in_features].to(wide)
-    return values
-
-
 class SparseDeltaLinear(torch.autograd.Function):
     """``y = x · ((W + F + Δ) ⊙ M)ᵀ`` with the gradient of ``Δ`` computed only at its positions.
 
     Nothing dense is saved for the backward, and every dense transient is one block of rows
     (``sparse_peft.delta_linear``): the effective weight is rebuilt a block at a time for ``dx``,
-    ``dΔ`` is a sampled product. When ``grad_sink`` is collecting (the few steps before a topology
+    ``dΔ`` is a sampled product (``sp.ops.sddmm``). When ``grad_sink`` is collecting (the few steps before a topology
     update), the backward also adds the dense weight gradient, a block of rows at a time, into
     ``grad_sink.grad_accum``.
     """
@@ -140,7 +109,9 @@ class SparseDeltaLinear(torch.autograd.Function):
             if not ctx.needs_input_grad[1]:
                 grad_delta = None
         elif ctx.needs_input_grad[1]:
-            grad_delta = _sampled_grad(grad_2d, x_2d, delta_index, SparseLayout(*layout))
+            saved = SparseLayout(*layout)  # Δ's positions in CSR form too: the PyTorch twin needs them
+            csr = ops.CSRPattern(saved.delta_crow, saved.delta_col, saved.delta_order)
+            grad_delta = ops.sddmm(grad_2d, x_2d, delta_index, csr=csr)
         if grad_delta is not None:
             grad_delta = grad_delta.to(delta.dtype)
         return grad_x, grad_delta, None, None, None, None, None

@@ -12,7 +12,7 @@ from torch import nn
 
 from ...sparsity.masks import mask_fingerprint, restore_mask
 from .._shared import DerivedMask, adapter_dtype, attach_sparsity_mask, base_view, fuses_base, mask_fingerprints
-from .functional import merge_factor, spp_delta_reference, spp_delta_weight
+from .functional import merge_factor, spp_delta_weight
 from ... import ops
 
 
@@ -189,7 +189,7 @@ class Linear(nn.Module, SPPLayer):
         result = self.base_layer(x, *args, **kwargs)
         for name in active:
             x_in = self.spp_dropout[name](x)
-            delta = spp_delta_reference(x_in, weight, self.spp_A[name], self.spp_b[name], self.alpha[name])
+            delta = ops.spp_delta(x_in, weight, self.spp_A[name], self.spp_b[name], self.alpha[name])
             result = result + delta.to(result.dtype)
         return result
 

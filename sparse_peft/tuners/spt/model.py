@@ -13,8 +13,8 @@ from typing import Optional
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
-from ...quantized import first_quantized_linear
 from ...sparsity.calibration import block_linears, find_decoder_blocks
+from ...sparsity.quantized import first_quantized_linear
 from ...sparsity.selection import unstructured_zero_count
 from .config import ATTENTION_KEY, TARGET_MODULES_HELP
 from .layer import MERGE_REFUSAL, SPTAttention, SPTLayer

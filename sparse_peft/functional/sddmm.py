@@ -1,0 +1,69 @@
+"""PyTorch twin of ``kernels/sddmm.py``: ``(grad_outᵀ x)`` only at a set of (out, in) positions.
+
+The gradient of a weight that exists only at those positions (SEFT's delta). No dense (out, in)
+product is formed:
+
+* fp32 / fp64: PyTorch's CSR ``sampled_addmm`` (on a CPU about a quarter of the dense GEMM's time at
+  2% density). It takes the positions in compressed-row form (``csr_pattern``); a caller that keeps
+  them between steps (SEFT's layout) passes them as ``csr``, else they are built per call.
+* bf16 / fp16, which ``sampled_addmm`` does not take: one GEMM per block of rows in the inputs' dtype
+  (fast on bf16 matrix units, its product rounded to that dtype once), then a gather of the
+  positions in the block.
+
+Values are widened to fp32 (float64 for float64 inputs) and come back in the order of ``indices``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import NamedTuple, Optional
+
+import torch
+
+from ..delta_linear import row_blocks
+from ..kernels._checks import check_sddmm
+
+
+class CSRPattern(NamedTuple):
+    """Flat positions in compressed-row form: ``crow`` (out + 1) offsets of each row's positions,
+    ``col`` their columns in row-major order, ``order`` the permutation of the flat indices that
+    sorts them so."""
+
+    crow: torch.Tensor
+    col: torch.Tensor
+    order: torch.Tensor
+
+
+def csr_pattern(indices: torch.Tensor, shape: tuple[int, int]) -> CSRPattern:
+    """``indices`` (int64 flat ``i * in + j``, any order, repeats allowed) of an (out, in) ``shape``."""
+    sorted_index, order = torch.sort(indices)
+    counts = torch.bincount(sorted_index // shape[1], minlength=shape[0])
+    crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    return CSRPattern(crow, sorted_index % shape[1], order)
+
+
+def sddmm_reference(grad_out: torch.Tensor, x: torch.Tensor, indices: torch.Tensor,
+                    csr: Optional[CSRPattern] = None) -> torch.Tensor:
+    """``(grad_outᵀ x)`` at ``indices`` (int64 flat ``i * in + j``, any order) or a bool mask (row-major
+    order of its True entries); ``csr`` is ``csr_pattern(indices, (out, in))`` when the caller has it."""
+    out_features, in_features = check_sddmm(grad_out, x, indices)
+    if indices.dtype == torch.bool:
+        indices = indices.reshape(-1).nonzero().squeeze(-1)
+    dtype = torch.promote_types(grad_out.dtype, x.dtype)
+    grad_out, x = grad_out.to(dtype), x.to(dtype)
+    wide = torch.promote_types(dtype, torch.float32)
+    values = torch.empty(indices.numel(), dtype=wide, device=x.device)
+    if dtype in (torch.float32, torch.float64):
+        crow, col, order = csr if csr is not None else csr_pattern(indices, (out_features, in_features))
+        with warnings.catch_warnings():  # "CSR support is in beta": this use is tested, once per step is noise
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            pattern = torch.sparse_csr_tensor(crow, col, torch.ones(indices.numel(), dtype=dtype, device=x.device),
+                                              (out_features, in_features), check_invariants=False)
+        values[order] = torch.sparse.sampled_addmm(pattern, grad_out.t(), x, beta=0.0).values()
+        return values
+    for start, stop in row_blocks(out_features, in_features):
+        inside = (indices >= start * in_features) & (indices < stop * in_features)
+        if bool(inside.any()):
+            dense = grad_out[:, start:stop].t() @ x  # the block's rows of grad_outᵀ x, in the inputs' dtype
+            values[inside] = dense.view(-1)[indices[inside] - start * in_features].to(wide)
+    return values
