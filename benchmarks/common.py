@@ -116,6 +116,8 @@ def table_row(cells) -> str:
 
 def markdown_table(header: list[str], align: str, rows) -> str:
     """A markdown table; ``align`` has one letter per column: ``r`` right-aligns it (numbers), ``l`` not."""
+    if len(align) != len(header):
+        raise ValueError(f"markdown_table: {len(header)} columns but {len(align)} alignments ({align!r})")
     rule = "|" + "".join("---:|" if a == "r" else "---|" for a in align)
     return "\n".join([table_row(header), rule, *map(table_row, rows)])
 
