@@ -10,9 +10,9 @@ and the bound ``(2 (1 - s) + 1/8) / 2`` of dense bf16:
 
 from __future__ import annotations
 
-import argparse
+import sys
 import tempfile
-import time
+from pathlib import Path
 
 import torch
 
@@ -20,26 +20,22 @@ import sparse_peft as sp
 from sparse_peft.data import load_model_and_tokenizer
 from sparse_peft.io import checkpoint_bytes
 
-MB = 1024 * 1024
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import MIB, MODEL_HELP, arg_parser, markdown_table, timed  # noqa: E402
 
 
 def bit_identical(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """Every tensor of the two state dicts has the same name, dtype, shape and bits."""
     sa, sb = a.state_dict(), b.state_dict()
-    if set(sa) != set(sb):
-        return False
-    for name, ta in sa.items():
-        tb = sb[name]
-        if ta.dtype != tb.dtype or ta.shape != tb.shape:
-            return False
-        as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[ta.element_size()]
-        if not torch.equal(ta.view(as_int), tb.view(as_int)):
-            return False
-    return True
+    as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    return set(sa) == set(sb) and all(
+        ta.dtype == sb[name].dtype and ta.shape == sb[name].shape
+        and torch.equal(ta.view(as_int[ta.element_size()]), sb[name].view(as_int[ta.element_size()]))
+        for name, ta in sa.items())
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="hub id, local dir or .gguf (default: SmolLM2-135M GGUF)")
+    parser = arg_parser(__doc__, model=MODEL_HELP)
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7])
     args = parser.parse_args(argv)
 
@@ -49,28 +45,19 @@ def main(argv=None) -> None:
         sp.prune(model, method="magnitude", sparsity=sparsity)
         model = model.to(torch.bfloat16)
         with tempfile.TemporaryDirectory() as tmp:
-            start = time.perf_counter()
-            sp.save_sparse(model, tmp)
-            save_s = time.perf_counter() - start
-            start = time.perf_counter()
-            loaded = sp.load_sparse(tmp)
-            load_s = time.perf_counter() - start
+            _, save_s = timed(lambda: sp.save_sparse(model, tmp))
+            loaded, load_s = timed(lambda: sp.load_sparse(tmp))
             exact = bit_identical(model, loaded)
             sizes = checkpoint_bytes(tmp)
-        dense = sizes["dense_bf16_linears"]
-        on_disk = sizes["file"] - sizes["other_tensors"]  # packed linears plus the file header
-        header = sizes["file"] - sizes["other_tensors"] - sizes["packed_linears"]
-        bound = (2 * (1 - sparsity) + 1 / 8) / 2
-        rows.append((sparsity, dense, sizes["packed_linears"], header, on_disk / dense, bound, exact, save_s, load_s))
         if not exact:
             raise SystemExit(f"round trip at sparsity {sparsity} is NOT bit-identical")
-
-    print("| sparsity | dense bf16 linears (MiB) | packed linears (MiB) | + file header (KiB) | ratio with header "
-          "| bound | bit-exact | save s | load s |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |")
-    for sparsity, dense, packed, header, ratio, bound, exact, save_s, load_s in rows:
-        print(f"| {sparsity:.0%} | {dense / MB:.2f} | {packed / MB:.2f} ({packed / dense:.2%}) | {header / 1024:.1f} "
-              f"| {ratio:.3%} | {bound:.2%} | {'yes' if exact else 'NO'} | {save_s:.1f} | {load_s:.1f} |")
+        dense, packed = sizes["dense_bf16_linears"], sizes["packed_linears"]
+        on_disk = sizes["file"] - sizes["other_tensors"]  # packed linears plus the file header
+        rows.append([f"{sparsity:.0%}", f"{dense / MIB:.2f}", f"{packed / MIB:.2f} ({packed / dense:.2%})",
+                     f"{(on_disk - packed) / 1024:.1f}", f"{on_disk / dense:.3%}",
+                     f"{(2 * (1 - sparsity) + 1 / 8) / 2:.2%}", "yes", f"{save_s:.1f}", f"{load_s:.1f}"])
+    print(markdown_table(["sparsity", "dense bf16 linears (MiB)", "packed linears (MiB)", "+ file header (KiB)",
+                          "ratio with header", "bound", "bit-exact", "save s", "load s"], "rrrrrrlrr", rows))
 
 
 if __name__ == "__main__":

@@ -5,71 +5,71 @@
     python benchmarks/kernels.py --ops decode --tokens 1 --markdown docs/results/kernels.md
     python benchmarks/kernels.py --device cpu --shapes 40x24 --tokens 1,20 --dtype float16   # no GPU
 
-Shapes (out x in) are LLaMA-2-7B's linears: 4096x4096 (q/k/v/o), 11008x4096 (gate/up), 4096x11008
-(down), with random weights pruned to the target sparsity (speed does not depend on the values).
-Times are ``triton.testing.do_bench`` medians in ms. Every timed call takes the next of several
-copies of the layer's weights (together at least twice the GPU's L2), so small layers are not
-flattered by an L2-resident weight. Columns:
-
-* ``dense`` is the same computation with cuBLAS (``torch.nn.functional.linear`` on the dense
-  weight): SPP fwd+bwd vs dense fwd+bwd with a frozen weight (the two GEMMs y and dX); sddmm vs one
-  dense GEMM ``dYᵀ X``; masked_linear fwd+bwd vs dense fwd+bwd with a weight gradient (three GEMMs);
-  bitmask decode and 2:4 vs the dense forward.
-* ``naive`` is the op's PyTorch reference twin (``sparse_peft.ops.<op>_reference``).
-* ``x dense`` / ``x naive`` are speedups (baseline ms / op ms): above 1 the op is faster.
-* ``GB/s`` (decode only): bytes the kernel must read and write (values, bits, row offsets, x, y)
-  per second.
-* ``err op / naive``: before timing, each row checks the op's output and gradients (one argument
-  set, a random output gradient) against the same reference computed in fp32 from the same inputs:
-  the largest ``max|got - fp32| / max|fp32|`` over output and gradients, for the op and for the
-  naive reference in the benchmark's dtype. A row fails when the op's error exceeds both the
-  dtype's tolerance and twice the naive reference's; the script then exits with status 1 after the
-  table, since timings of a wrong kernel mean nothing.
-
-``--device cpu`` runs the same grid on the CPU, the kernels in Triton's interpreter (the script
-sets ``TRITON_INTERPRET=1`` when triton is not imported yet): its times are wall-clock medians of
-numpy-emulated kernels and measure nothing, but the rows, the accuracy checks and the table are
-the GPU run's, so the script is tested end to end without a GPU. Keep CPU shapes small.
-Without ``--device cpu`` and without a CUDA GPU it prints why and exits with status 2.
+Times are ``triton.testing.do_bench`` medians in ms over rotating copies of the weights (together at
+least twice the GPU's L2), against the same computation with cuBLAS (``dense``; the note says which
+GEMMs) and the op's PyTorch twin (``naive``); ``x dense`` / ``x naive`` above 1: the op is faster.
+Before timing, each row checks the op's output and gradients against the twin computed in fp32
+(``err op / naive``: ``max|got - fp32| / max|fp32|`` of the op and of the twin in the benchmark's
+dtype); a row whose error exceeds both the dtype's tolerance and twice the twin's fails, and the
+script exits with status 1 after the table. ``--device cpu`` runs the kernels in Triton's
+interpreter (its times measure nothing; keep shapes small) to test the script without a GPU; without
+it and without a GPU the script exits with status 2. More in docs/kernels.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
 import math
 import os
 import platform
 import statistics
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    TORCH_DTYPES, append, append_jsonl, arg_parser, comma_list, command_line, markdown_table, table_row, timed)
+
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 TOKENS = [1, 16, 4096]
 SPARSITIES = [0.5, 0.7, 0.9]
 OPS = ["spp", "sddmm", "masked", "decode", "2:4"]
 SPP_RANK = 16
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 #: An op's error against the fp32 reference may exceed twice the naive reference's only up to this.
 #: fp32 allows for the accumulation order over K up to 11008; fp16/bf16 for the rounding of the
 #: merged SPP weight and of the outputs (a few units of the last place, relative to the largest).
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 CPU_TIMED_CALLS = 3  # the interpreter's times mean nothing: as few calls as give a median
+HEADER = ["op", "shape (out x in)", "sparsity", "tokens", "op ms", "dense ms", "naive ms", "x dense", "x naive",
+          "GB/s", "err op / naive", "note"]
+NAN = float("nan")
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    sizes = text.split("x")
+    if len(sizes) != 2 or not all(size.isdigit() and int(size) > 0 for size in sizes):
+        raise ValueError(f"{text} is not OUTxIN with positive sizes")
+    return int(sizes[0]), int(sizes[1])
+
+
+def parse_sparsity(text: str) -> float:
+    if not 0 <= float(text) < 1:
+        raise ValueError(f"sparsity {text} is not in [0, 1)")
+    return float(text)
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", default=",".join(f"{o}x{i}" for o, i in SHAPES), help="out x in, comma separated")
-    parser.add_argument("--tokens", default=",".join(map(str, TOKENS)))
-    parser.add_argument("--sparsities", default=",".join(map(str, SPARSITIES)))
-    parser.add_argument("--ops", default=",".join(OPS), help=f"subset of {','.join(OPS)}")
-    parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    parser = arg_parser(__doc__)
+    parser.add_argument("--shapes", type=comma_list(parse_shape), default=",".join(f"{o}x{i}" for o, i in SHAPES),
+                        help="OUTxIN, comma separated")
+    parser.add_argument("--tokens", type=comma_list(int), default=",".join(map(str, TOKENS)))
+    parser.add_argument("--sparsities", type=comma_list(parse_sparsity), default=",".join(map(str, SPARSITIES)))
+    parser.add_argument("--ops", type=comma_list(str), default=",".join(OPS), help=f"subset of {','.join(OPS)}")
+    parser.add_argument("--dtype", default="bfloat16", choices=sorted(TORCH_DTYPES))
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                         help="cpu: the kernels in Triton's interpreter, to test the script (times mean nothing)")
     parser.add_argument("--rep", type=int, default=100, help="do_bench repetition time in ms")
@@ -77,25 +77,12 @@ def parse_args(argv=None):
     parser.add_argument("--markdown", type=Path, help="also append the table (with device and command) here")
     parser.add_argument("--jsonl", type=Path, help="also append each row here as soon as it is measured")
     args = parser.parse_args(argv)
-    try:
-        args.shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-        args.tokens = [int(t) for t in args.tokens.split(",")]
-        args.sparsities = [float(s) for s in args.sparsities.split(",")]
-    except ValueError as error:
-        parser.error(f"--shapes takes OUTxIN,..., --tokens integers and --sparsities floats: {error}")
-    for shape in args.shapes:
-        if len(shape) != 2 or min(shape) < 1:
-            parser.error(f"--shapes: {'x'.join(map(str, shape))} is not OUTxIN with positive sizes")
-    for sparsity in args.sparsities:
-        if not 0 <= sparsity < 1:
-            parser.error(f"--sparsities: {sparsity} is not in [0, 1)")
-    args.ops = args.ops.split(",")
     unknown = set(args.ops) - set(OPS)
     if unknown:
         parser.error(f"unknown ops {sorted(unknown)}; choose from {OPS}")
     if args.quick:
         args.shapes, args.tokens, args.sparsities = [(4096, 4096)], [1, 4096], [0.5]
-    args.dtype = DTYPES[args.dtype]
+    args.dtype = TORCH_DTYPES[args.dtype]
     return args
 
 
@@ -116,13 +103,6 @@ class Grid:
         weight = self.randn(*shape)
         return weight * (torch.rand(shape, device=self.device, generator=self.generator) >= sparsity)
 
-    def two_four(self, shape):
-        """Keep the 2 largest of every 4 consecutive inputs."""
-        from sparse_peft.sparsity.selection import nm_keep_mask
-
-        weight = self.randn(*shape)
-        return weight * nm_keep_mask(weight.abs(), 2, 4)
-
     def copies_for(self, bytes_each: int) -> int:
         """How many copies of a layer's weights rotate so that together they are >= 2x the L2 cache."""
         if self.device != "cuda":
@@ -138,12 +118,10 @@ class Grid:
 
             return triton.testing.do_bench(lambda: fn_of_args(*next(cycle)), rep=self.rep, return_mode="median")
         fn_of_args(*next(cycle))  # warm-up (and, on a GPU, the autotuning)
-        times = []
-        for _ in range(CPU_TIMED_CALLS):
-            start = time.perf_counter()
-            fn_of_args(*next(cycle))
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
+        return statistics.median(timed(lambda: fn_of_args(*next(cycle)))[1] * 1e3 for _ in range(CPU_TIMED_CALLS))
+
+    def times(self, arg_sets, *fns) -> list[float]:
+        return [self.time(fn, arg_sets) for fn in fns]
 
 
 def fwd_bwd(forward, inputs):
@@ -176,22 +154,17 @@ def outputs_and_grads(fn, inputs, wrt, grad_seed=7):
     return [y.detach(), *torch.autograd.grad(y, [leaves[i] for i in wrt], grad_y)]
 
 
-def fp32(inputs):
-    return [t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs]
-
-
 def accuracy(op, naive, inputs, wrt=(), truth_inputs=None):
     """(op's error, naive reference's error), each the largest ``rel_err`` over the output and the
     gradients against ``naive`` computed in fp32 on the same values."""
-    truth = outputs_and_grads(naive, truth_inputs if truth_inputs is not None else fp32(inputs), wrt)
-    errors = []
-    for fn in (op, naive):
-        errors.append(max(rel_err(got, want) for got, want in zip(outputs_and_grads(fn, inputs, wrt), truth)))
-    return tuple(errors)
+    if truth_inputs is None:
+        truth_inputs = [t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs]
+    truth = outputs_and_grads(naive, truth_inputs, wrt)
+    return tuple(max(rel_err(got, want) for got, want in zip(outputs_and_grads(fn, inputs, wrt), truth))
+                 for fn in (op, naive))
 
 
-def row(op, shape, sparsity, tokens, ms, dense_ms, naive_ms, errors=(float("nan"), float("nan")), gbps=None,
-        note=""):
+def row(op, shape, sparsity, tokens, ms, dense_ms, naive_ms, errors=(NAN, NAN), gbps=None, note=""):
     return {"op": op, "shape": f"{shape[0]}x{shape[1]}", "sparsity": sparsity, "tokens": tokens, "ms": ms,
             "dense_ms": dense_ms, "naive_ms": naive_ms, "err": errors[0], "naive_err": errors[1], "gbps": gbps,
             "note": note}
@@ -219,10 +192,10 @@ def bench_spp(grid, shape, sparsity, tokens):
     errors = accuracy(lambda x, w, A, b: ops.spp_linear(x, w, A, b, 1.0, backend="triton"),
                       lambda x, w, A, b: ops.spp_linear_reference(x, w, A, b, 1.0), (x, *sets[0]), wrt=(0, 2, 3))
     kernel = fwd_bwd(lambda w, A, b: ops.spp_linear(x, w, A, b, 1.0, backend="triton"), lambda w, A, b: (x, A, b))
-    naive = fwd_bwd(lambda w, A, b: ops.spp_linear_reference(x, w, A, b, 1.0), lambda w, A, b: (x, A, b))
     dense = fwd_bwd(lambda w, A, b: F.linear(x, w), lambda w, A, b: (x,))
-    return row("spp_linear fwd+bwd", shape, sparsity, tokens, grid.time(kernel, sets), grid.time(dense, sets),
-               grid.time(naive, sets), errors, note="dense: y and dX GEMMs")
+    naive = fwd_bwd(lambda w, A, b: ops.spp_linear_reference(x, w, A, b, 1.0), lambda w, A, b: (x, A, b))
+    return row("spp_linear fwd+bwd", shape, sparsity, tokens, *grid.times(sets, kernel, dense, naive), errors,
+               note="dense: y and dX GEMMs")
 
 
 def bench_sddmm(grid, shape, sparsity, tokens):
@@ -230,14 +203,12 @@ def bench_sddmm(grid, shape, sparsity, tokens):
 
     out_f, in_f = shape
     sets = [(grid.pruned(shape, sparsity) != 0,) for _ in range(grid.copies_for(out_f * in_f))]
-    grad_out = grid.randn(tokens, out_f)
-    x = grid.randn(tokens, in_f)
+    grad_out, x = grid.randn(tokens, out_f), grid.randn(tokens, in_f)
     errors = accuracy(lambda g, x, m: ops.sddmm(g, x, m, backend="triton"), ops.sddmm_reference,
                       (grad_out, x, sets[0][0]))
-    kernel = grid.time(lambda m: ops.sddmm(grad_out, x, m, backend="triton"), sets)
-    dense = grid.time(lambda m: grad_out.t().matmul(x), sets)
-    naive = grid.time(lambda m: ops.sddmm_reference(grad_out, x, m), sets)
-    return row("sddmm (mask)", shape, sparsity, tokens, kernel, dense, naive, errors, note="dense: one GEMM dYᵀX")
+    times = grid.times(sets, lambda m: ops.sddmm(grad_out, x, m, backend="triton"), lambda m: grad_out.t().matmul(x),
+                       lambda m: ops.sddmm_reference(grad_out, x, m))
+    return row("sddmm (mask)", shape, sparsity, tokens, *times, errors, note="dense: one GEMM dYᵀX")
 
 
 def bench_masked(grid, shape, sparsity, tokens):
@@ -251,10 +222,10 @@ def bench_masked(grid, shape, sparsity, tokens):
     errors = accuracy(lambda x, w, m: ops.masked_linear(x, w, m, backend="triton"), ops.masked_linear_reference,
                       (x, *sets[0]), wrt=(0, 1))
     kernel = fwd_bwd(lambda w, m: ops.masked_linear(x, w, m, backend="triton"), lambda w, m: (x, w))
-    naive = fwd_bwd(lambda w, m: ops.masked_linear_reference(x, w, m), lambda w, m: (x, w))
     dense = fwd_bwd(lambda w, m: F.linear(x, w), lambda w, m: (x, w))
-    return row("masked_linear fwd+bwd", shape, sparsity, tokens, grid.time(kernel, sets), grid.time(dense, sets),
-               grid.time(naive, sets), errors, note="dense: y, dX, dW GEMMs")
+    naive = fwd_bwd(lambda w, m: ops.masked_linear_reference(x, w, m), lambda w, m: (x, w))
+    return row("masked_linear fwd+bwd", shape, sparsity, tokens, *grid.times(sets, kernel, dense, naive), errors,
+               note="dense: y, dX, dW GEMMs")
 
 
 def bench_decode(grid, shape, sparsity, tokens):
@@ -279,18 +250,21 @@ def bench_decode(grid, shape, sparsity, tokens):
 
 def bench_two_four(grid, shape, tokens):
     from sparse_peft import ops
+    from sparse_peft.sparsity.selection import nm_keep_mask
 
-    nan = float("nan")
+    def not_run(reason):
+        return row("2:4 semi-structured", shape, 0.5, tokens, NAN, NAN, NAN, note=f"not run: {reason}")
+
     if shape[1] % 4:
-        return row("2:4 semi-structured", shape, 0.5, tokens, nan, nan, nan,
-                   note=f"not run: in = {shape[1]} is not a multiple of 4")
-    dense_weights = [grid.two_four(shape) for _ in range(grid.copies_for(shape[0] * shape[1] * grid.dtype.itemsize))]
+        return not_run(f"in = {shape[1]} is not a multiple of 4")
+    dense_weights = [grid.randn(*shape) for _ in range(grid.copies_for(shape[0] * shape[1] * grid.dtype.itemsize))]
+    dense_weights = [w * nm_keep_mask(w.abs(), 2, 4) for w in dense_weights]  # the 2 largest of every 4 inputs
     reason = ops.semi_structured_unsupported_reason(dense_weights[0])
     if reason is not None:
-        return row("2:4 semi-structured", shape, 0.5, tokens, nan, nan, nan, note=f"not run: {reason}")
+        return not_run(reason)
     sparse = [(ops.to_semi_structured(w, probe_tokens=max(tokens, 16), measure=False),) for w in dense_weights]
     if sparse[0][0] is dense_weights[0]:
-        return row("2:4 semi-structured", shape, 0.5, tokens, nan, nan, nan, note="not run: torch refused this shape")
+        return not_run("torch refused this shape")
     x = grid.randn(tokens, shape[1])
     with torch.no_grad():
         errors = accuracy(lambda x, w: ops.semi_structured_linear(x, w, backend="triton"),
@@ -304,31 +278,20 @@ def bench_two_four(grid, shape, tokens):
 # --- output -----------------------------------------------------------------------------------------
 
 
-def markdown(rows, dtype) -> str:
-    lines = ["| op | shape (out x in) | sparsity | tokens | op ms | dense ms | naive ms | x dense | x naive | GB/s "
-             "| err op / naive | note |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
-
+def cells(r, dtype) -> list[str]:
     def num(value):  # NaN (not measured) prints as a dash
         return f"{value:.4f}" if value == value else "–"
 
-    for r in rows:
-        measured = r["ms"] == r["ms"] and r["ms"] > 0
-        speedup = [f"{base / r['ms']:.2f}" if measured else "–" for base in (r["dense_ms"], r["naive_ms"])]
-        gbps = "" if r["gbps"] is None else f"{r['gbps']:.0f}"
-        err = "–" if r["err"] != r["err"] else f"{r['err']:.1e} / {r['naive_err']:.1e}"
-        note = ("**FAILED accuracy**; " if failed(r, dtype) else "") + r["note"]
-        lines.append(f"| {r['op']} | {r['shape']} | {r['sparsity']:.0%} | {r['tokens']} | {num(r['ms'])} | "
-                     f"{num(r['dense_ms'])} | {num(r['naive_ms'])} | {speedup[0]} | {speedup[1]} | {gbps} | {err} | "
-                     f"{note} |")
-    return "\n".join(lines)
+    measured = r["ms"] == r["ms"] and r["ms"] > 0
+    speedup = [f"{base / r['ms']:.2f}" if measured else "–" for base in (r["dense_ms"], r["naive_ms"])]
+    err = "–" if r["err"] != r["err"] else f"{r['err']:.1e} / {r['naive_err']:.1e}"
+    note = ("**FAILED accuracy**; " if failed(r, dtype) else "") + r["note"]
+    return [r["op"], r["shape"], f"{r['sparsity']:.0%}", r["tokens"], num(r["ms"]), num(r["dense_ms"]),
+            num(r["naive_ms"]), *speedup, "" if r["gbps"] is None else f"{r['gbps']:.0f}", err, note]
 
 
-def device_line(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name(0)
-    return (f"CPU ({platform.processor() or platform.machine()}), kernels in Triton's interpreter: the times "
-            "show that the script runs end to end and measure nothing")
+def markdown(rows, dtype) -> str:
+    return markdown_table(HEADER, "llrrrrrrrrll", [cells(r, dtype) for r in rows])
 
 
 def ready(device: str) -> str | None:
@@ -350,47 +313,49 @@ def ready(device: str) -> str | None:
             "TRITON_INTERPRET=1")
 
 
+def measure(args, add) -> None:
+    """Every row of the grid, each handed to ``add`` as soon as it is measured."""
+    grid = Grid(args.device, args.dtype, torch.Generator(device=args.device).manual_seed(0), args.rep)
+    benches = [(op, bench) for op, bench in (("spp", bench_spp), ("sddmm", bench_sddmm), ("masked", bench_masked),
+                                             ("decode", bench_decode)) if op in args.ops]
+    for shape in args.shapes:
+        for sparsity in args.sparsities:
+            for tokens in args.tokens:
+                for op, bench in benches:
+                    if op != "decode" or tokens <= 16:
+                        add(bench(grid, shape, sparsity, tokens))
+                if args.device == "cuda":
+                    torch.cuda.empty_cache()
+        if "2:4" in args.ops:
+            for tokens in args.tokens:
+                add(bench_two_four(grid, shape, tokens))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     reason = ready(args.device)
     if reason is not None:
         print(reason, file=sys.stderr)
         return 2
-    grid = Grid(args.device, args.dtype, torch.Generator(device=args.device).manual_seed(0), args.rep)
     rows = []
 
     def add(new_row):
         rows.append(new_row)
-        print(markdown([new_row], args.dtype).splitlines()[2], flush=True)
+        print(table_row(cells(new_row, args.dtype)), flush=True)
         if args.jsonl:
-            with open(args.jsonl, "a") as f:
-                f.write(json.dumps(new_row) + "\n")
+            append_jsonl(args.jsonl, [new_row])
 
-    print("\n".join(markdown([], args.dtype).splitlines()), flush=True)
-    for shape in args.shapes:
-        for sparsity in args.sparsities:
-            for tokens in args.tokens:
-                if "spp" in args.ops:
-                    add(bench_spp(grid, shape, sparsity, tokens))
-                if "sddmm" in args.ops:
-                    add(bench_sddmm(grid, shape, sparsity, tokens))
-                if "masked" in args.ops:
-                    add(bench_masked(grid, shape, sparsity, tokens))
-                if "decode" in args.ops and tokens <= 16:
-                    add(bench_decode(grid, shape, sparsity, tokens))
-                if args.device == "cuda":
-                    torch.cuda.empty_cache()
-        if "2:4" in args.ops:
-            for tokens in args.tokens:
-                add(bench_two_four(grid, shape, tokens))
-    table = markdown(rows, args.dtype)
-    header = (f"Device: {device_line(args.device)}; torch {torch.__version__}; "
-              f"dtype {str(args.dtype).replace('torch.', '')}\n"
-              f"Command: python benchmarks/kernels.py {' '.join(sys.argv[1:] if argv is None else argv)}\n")
-    print("\n" + header + "\n" + table)
+    print(markdown([], args.dtype), flush=True)
+    measure(args, add)
+    device = torch.cuda.get_device_name(0) if args.device == "cuda" else (
+        f"CPU ({platform.processor() or platform.machine()}), kernels in Triton's interpreter: the times show that "
+        "the script runs end to end and measure nothing")
+    header = (f"Device: {device}; torch {torch.__version__}; "
+              f"dtype {str(args.dtype).replace('torch.', '')}\nCommand: {command_line(__file__, argv)}\n")
+    print("\n" + header + "\n" + markdown(rows, args.dtype))
     if args.markdown:
-        with open(args.markdown, "a") as f:
-            f.write("\n## Triton kernels (benchmarks/kernels.py)\n\n" + header + "\n" + table + "\n")
+        append(args.markdown, "\n## Triton kernels (benchmarks/kernels.py)\n\n" + header + "\n"
+               + markdown(rows, args.dtype) + "\n")
     bad = [r for r in rows if failed(r, args.dtype)]
     if bad:
         print(f"FAILED: in {len(bad)} rows the op's error exceeds both the {args.dtype} tolerance "

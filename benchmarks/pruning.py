@@ -15,7 +15,6 @@ FILE are kept).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import datetime
 import json
@@ -28,15 +27,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    DEFAULT_DATA_DIR,
-    calibration_batches_from_text,
-    load_model_and_tokenizer,
-    load_text,
-    machine_info,
-    perplexity,
-)
+    MODEL_HELP, append_jsonl, arg_parser, calibration_batches_from_text, command_line, machine_info, markdown_table)
 
 import sparse_peft.sparsity as sps  # noqa: E402
+from sparse_peft.data import load_model_and_tokenizer, load_text, perplexity  # noqa: E402
 from sparse_peft.sparsity.prune import ALLOCATIONS  # noqa: E402
 
 # Reference figures measured on the default model before this script existed (SmolLM2-135M-Instruct Q4_1 GGUF, 24 x 512
@@ -51,9 +45,7 @@ SECTION_TITLE = "## Pruning (`sparse_peft.prune`) on SmolLM2-135M"  # the headin
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="hub id, local dir or .gguf (default: SmolLM2-135M GGUF)")
-    parser.add_argument("--data", default=str(DEFAULT_DATA_DIR), help="dir with wiki.test.raw and wiki.valid.tokens")
+    parser = arg_parser(__doc__, model=MODEL_HELP, data="dir with wiki.test.raw and wiki.valid.tokens", threads=2)
     parser.add_argument("--methods", default="magnitude,wanda,sparsegpt")
     parser.add_argument("--sparsities", default="0.5,0.7,2:4", help="comma list of fractions and N:M patterns")
     parser.add_argument("--allocation", default="uniform", choices=ALLOCATIONS)
@@ -68,7 +60,6 @@ def parse_args(argv=None):
     parser.add_argument("--eval-windows", type=int, default=24)
     parser.add_argument("--eval-seq-len", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="results.jsonl", help="JSON lines appended here")
     parser.add_argument("--markdown", default=None, help="markdown file whose pruning section is (re)written")
     parser.add_argument("--from-results", action="store_true",
@@ -82,15 +73,14 @@ def target_kwargs(target: str) -> dict:
 
 
 def results_table(rows: list[dict], with_reference: bool) -> str:
-    header = "| method | target | ppl | reference ppl | ratio | global sparsity | prune time |"
-    lines = [header, "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = []
     for row in rows:
         reference = REFERENCE_PPL.get((row["method"], row["target"])) if with_reference else None
-        ref_text = f"{reference:,.1f}" if reference else "-"
-        ratio = f"{row['ppl'] / reference:.3f}" if reference else "-"
-        lines.append(f"| {row['method']} | {row['target']} | {row['ppl']:,.1f} | {ref_text} | {ratio} | "
-                     f"{100 * row['global_sparsity']:.2f}% | {row['prune_seconds']:.0f} s |")
-    return "\n".join(lines)
+        lines.append([row["method"], row["target"], f"{row['ppl']:,.1f}", f"{reference:,.1f}" if reference else "-",
+                      f"{row['ppl'] / reference:.3f}" if reference else "-", f"{100 * row['global_sparsity']:.2f}%",
+                      f"{row['prune_seconds']:.0f} s"])
+    return markdown_table(["method", "target", "ppl", "reference ppl", "ratio", "global sparsity", "prune time"],
+                          "llrrrrr", lines)
 
 
 def sparsegpt_vs_wanda(rows: list[dict]) -> str:
@@ -112,7 +102,7 @@ def markdown_section(rows: list[dict], model: str | None, fields: dict) -> str:
         f"- calibration: {fields['calibration']}",
         f"- evaluation: perplexity on the {fields['eval']}",
         f"- allocation: {allocation}; global sparsity counts every linear but the output head{dense_note}",
-        *([f"- '+induce' rows: the same pruner after `sp.induce_sparsity` (docs/induction.md), same calibration"]
+        *(["- '+induce' rows: the same pruner after `sp.induce_sparsity` (docs/induction.md), same calibration"]
           if fields.get("induce", "no") != "no" else []),
         f"- machine: {fields['machine']}",
         "",
@@ -156,37 +146,31 @@ def rows_from_results(path: str, fields: dict, methods: list[str], targets: list
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    command = "python benchmarks/pruning.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    data_dir = Path(args.data)
-
     if args.from_results:
         fields = settings_fields(args, command="")
         rows = rows_from_results(args.out, fields, args.methods.split(","), args.sparsities.split(","))
         commands = sorted({row["command"] for row in rows})
-        fields = {**fields, "command": "`; `".join(commands), "machine": rows[-1]["machine"]}
-        return publish(rows, args, fields)
+        return publish(rows, args, {**fields, "command": "`; `".join(commands), "machine": rows[-1]["machine"]})
 
     model, tokenizer = load_model_and_tokenizer(args.model)
-    test_text = load_text(data_dir / "wiki.test.raw")
-    eval_ids = tokenizer(test_text, add_special_tokens=False)["input_ids"]
+    eval_ids = tokenizer(load_text(Path(args.data) / "wiki.test.raw"), add_special_tokens=False)["input_ids"]
     eval_ids = torch.tensor(eval_ids[: args.eval_windows * args.eval_seq_len + 1])
-    calibration = calibration_batches_from_text(tokenizer, load_text(data_dir / "wiki.valid.tokens"),
+    calibration = calibration_batches_from_text(tokenizer, load_text(Path(args.data) / "wiki.valid.tokens"),
                                                 n=args.calib_samples, seq_len=args.calib_seq_len, seed=args.seed)
-    common_fields = settings_fields(args, command)
+    fields = settings_fields(args, command_line(__file__, argv))
 
-    def record(row):
-        row = {**row, **common_fields, "time": datetime.datetime.now().isoformat(timespec="seconds")}
-        with open(args.out, "a") as f:
-            f.write(json.dumps(row) + "\n")
+    def measure(row, pruned, prune_seconds):
+        """``row`` with the ppl of ``pruned``, recorded in --out."""
+        start = time.time()
+        ppl = perplexity(pruned, eval_ids, n_windows=args.eval_windows, seq_len=args.eval_seq_len)
+        row = {**row, "ppl": ppl, "prune_seconds": prune_seconds, "eval_seconds": time.time() - start, **fields,
+               "time": datetime.datetime.now().isoformat(timespec="seconds")}
+        append_jsonl(args.out, [row])
         print(json.dumps({k: row[k] for k in ("method", "target", "ppl", "prune_seconds")}), flush=True)
         return row
 
-    start = time.time()
-    dense_ppl = perplexity(model, eval_ids, n_windows=args.eval_windows, seq_len=args.eval_seq_len)
-    rows = [record({"method": "dense", "target": "-", "ppl": dense_ppl, "global_sparsity":
-                    sps.sparsity_report(model).global_sparsity, "prune_seconds": 0.0,
-                    "eval_seconds": time.time() - start})]
-
+    rows = [measure({"method": "dense", "target": "-", "global_sparsity": sps.sparsity_report(model).global_sparsity},
+                    model, 0.0)]
     for target in args.sparsities.split(","):
         for method in args.methods.split(","):
             for induce in {"no": [False], "only": [True], "both": [False, True]}[args.induce]:
@@ -194,18 +178,12 @@ def main(argv=None):
                 start = time.time()
                 report = sps.prune(pruned, method=method, calibration=calibration, allocation=args.allocation,
                                    induce=induce_options(args) if induce else False, **target_kwargs(target))
-                prune_seconds = time.time() - start
-                start = time.time()
-                ppl = perplexity(pruned, eval_ids, n_windows=args.eval_windows, seq_len=args.eval_seq_len)
-                rows.append(record({"method": method + (induce_label(args) if induce else ""), "target": target,
-                                    "ppl": ppl,
-                                    "global_sparsity": report.global_sparsity, "prune_seconds": prune_seconds,
-                                    "eval_seconds": time.time() - start,
-                                    **({"induce_alpha": args.induce_alpha, "induce_pairs": args.induce_pairs}
-                                       if induce else {})}))
+                rows.append(measure({"method": method + (induce_label(args) if induce else ""), "target": target,
+                                     "global_sparsity": report.global_sparsity,
+                                     **({"induce_alpha": args.induce_alpha, "induce_pairs": args.induce_pairs}
+                                        if induce else {})}, pruned, time.time() - start))
                 del pruned
-
-    return publish(rows, args, common_fields)
+    return publish(rows, args, fields)
 
 
 def induce_options(args) -> dict:

@@ -25,7 +25,7 @@ _CONFIGS = autotune_configs(
         triton.Config({"BLOCK_M": 128, "BLOCK_P": 64, "BLOCK_Q": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
         triton.Config({"BLOCK_M": 16, "BLOCK_P": 128, "BLOCK_Q": 128, "GROUP_M": 1}, num_stages=4, num_warps=4),
         # fp32 tiles are twice the size: on an A100 (164 KiB of shared memory) none of the above fits
-        # in fp32 (benchmarks/compile_kernels.py), and with no config left the call would fail.
+        # in fp32 (tests/tools/compile_kernels.py), and with no config left the call would fail.
         triton.Config({"BLOCK_M": 64, "BLOCK_P": 64, "BLOCK_Q": 32, "GROUP_M": 8}, num_stages=3, num_warps=4),
     ],
     triton.Config({"BLOCK_M": 16, "BLOCK_P": 32, "BLOCK_Q": 32, "GROUP_M": 2}),

@@ -31,7 +31,7 @@ _MATMUL_CONFIGS = autotune_configs(
         triton.Config({"BLOCK_M": 64, "BLOCK_P": 64, "BLOCK_Q": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
         # few tokens (decode): a short M tile, wide P. Each stage buffers a tile of A as large as the
         # weight's, so these stay at 3 stages (4 stages of 16x128x128 exceed even an H100's shared
-        # memory; benchmarks/compile_kernels.py), and the last one fits an A100 in fp32 too.
+        # memory; tests/tools/compile_kernels.py), and the last one fits an A100 in fp32 too.
         triton.Config({"BLOCK_M": 16, "BLOCK_P": 128, "BLOCK_Q": 128, "GROUP_M": 1}, num_stages=3, num_warps=4),
         triton.Config({"BLOCK_M": 16, "BLOCK_P": 64, "BLOCK_Q": 128, "GROUP_M": 1}, num_stages=3, num_warps=4),
         triton.Config({"BLOCK_M": 16, "BLOCK_P": 64, "BLOCK_Q": 64, "GROUP_M": 1}, num_stages=3, num_warps=4),

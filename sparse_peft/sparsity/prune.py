@@ -203,7 +203,7 @@ def _induce(model, calibration, induce, method, nm, show_progress) -> None:
     # Unstructured SparseGPT picks each column block's zeros across rows. The vo/down folds divide the
     # rows of v_proj/up_proj by the scales of the channels they feed, so the rows feeding the most
     # active channels look least salient and are pruned hardest (87-99% instead of 70% in SmolLM2's
-    # up_proj, benchmarks/induction_damping.py; the model diverged at 70%). Its default is therefore
+    # up_proj, docs/results/induction.md; the model diverged at 70%). Its default is therefore
     # the column folds only (229.8 vs 258.4 without induction at 70%); N:M picks per row, immune.
     row_sensitive = method == "sparsegpt" and nm is None
     if row_sensitive and "pairs" not in options:

@@ -1,9 +1,9 @@
 """Compile every Triton kernel in ``kernels/`` for NVIDIA GPUs on a machine without one.
 
-    python benchmarks/compile_kernels.py                         # sm_90 and sm_80, fp16/bf16/fp32
-    python benchmarks/compile_kernels.py --all-specializations   # + 1-token training, 2..16-token decode, TF32
-    python benchmarks/compile_kernels.py --targets 90 --dtypes bf16 --kernels spp --jobs 8
-    python benchmarks/compile_kernels.py --list                  # the recorded launches, nothing compiled
+    python tests/tools/compile_kernels.py                         # sm_90 and sm_80, fp16/bf16/fp32
+    python tests/tools/compile_kernels.py --all-specializations   # + 1-token training, 2..16-token decode, TF32
+    python tests/tools/compile_kernels.py --targets 90 --dtypes bf16 --kernels spp --jobs 8
+    python tests/tools/compile_kernels.py --list                  # the recorded launches, nothing compiled
 
 Why: the tests run the kernels in Triton's CPU interpreter (``TRITON_INTERPRET=1``), which executes
 their Python bodies with numpy and never calls Triton's compiler. The GPU autotune lists are not
