@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -32,7 +29,7 @@ import sparse_peft as sp
 from sparse_peft.data import load_model_and_tokenizer, load_text, perplexity, random_windows, text_splits, token_ids
 from sparse_peft.quantized import dequantized_weight, is_quantized_linear
 
-from common import assets_dir, machine_info
+from common import PeakMemory, append_jsonl, assets_dir, machine_info, markdown_table, spawn
 
 LR = {"masked_lora": 1e-3, "spp": 4e-3}  # the recovery sweep's learning rates at this budget
 
@@ -72,32 +69,6 @@ def linear_weight_bytes(model) -> int:
     if total == 0:
         total = sum(linear.weight.numel() * linear.weight.element_size() for _, linear in sp.sparsity.named_linears(model))
     return total
-
-
-class PeakRSS:
-    """Peak resident memory of this process while the ``with`` block runs, sampled every 5 ms."""
-
-    def __init__(self):
-        self.peak, self._stop = 0, threading.Event()
-
-    @staticmethod
-    def now() -> int:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _sample(self):
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, self.now())
-
-    def __enter__(self):
-        self.peak = self.now()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.now())
 
 
 def load_base(path: str, base: str):
@@ -156,11 +127,12 @@ def run_row(args) -> dict:
     row = dict(base=args.base, method=args.method, steps=args.steps, lr=LR[args.method],
                linear_weight_mb=linear_weight_bytes(model) / 2**20, ppl_pruned=ppl(model))
     config = (sp.MaskedLoraConfig(r=8, lora_alpha=16) if args.method == "masked_lora" else sp.SPPConfig(r=16, alpha=1.0))
-    rss_before = PeakRSS.now()
-    with PeakRSS() as peak:
-        peft_model = get_peft_model(model, config)
-        times = train(peft_model, batches, LR[args.method])
-    row.update(rss_before_mb=rss_before / 2**20, peak_training_rss_mb=peak.peak / 2**20,
+    memory = PeakMemory()
+    memory.start()
+    peft_model = get_peft_model(model, config)
+    times = train(peft_model, batches, LR[args.method])
+    memory.stop()
+    row.update(rss_before_mb=memory.base / 2**20, peak_training_rss_mb=memory.peak / 2**20,
                step_time_s=statistics.median(times))
     if args.base == "nf4":
         with warnings.catch_warnings():  # the re-quantization's rounded-to-0 count is reported below
@@ -215,7 +187,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.row:  # a child process: one row, printed as JSON
         args.base, args.method, args.pruned = args.row
-        print("ROW " + json.dumps(run_row(args)), flush=True)
+        print(json.dumps(run_row(args)), flush=True)
         return
 
     with tempfile.TemporaryDirectory() as directory:
@@ -223,26 +195,20 @@ def main() -> None:
         rows = []
         for method in args.methods:
             for base in args.bases:
-                command = [sys.executable, __file__, *sys.argv[1:], "--row", base, method, directory]
-                result = subprocess.run(command, capture_output=True, text=True)
-                lines = [line for line in result.stdout.splitlines() if line.startswith("ROW ")]
-                if result.returncode != 0 or not lines:
-                    raise SystemExit(f"row {base} {method} failed:\n{result.stderr[-3000:]}")
-                row = {**before, **json.loads(lines[-1][4:])}
+                row = {**before, **spawn(__file__, [*sys.argv[1:], "--row", base, method, directory], f"{base} {method}")}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 if args.out:
-                    with open(args.out, "a") as out:
-                        out.write(json.dumps(row) + "\n")
+                    append_jsonl(args.out, [row])
     print(f"\n{machine_info()}; {time.strftime('%Y-%m-%d')}; ppl on {before['eval_windows']} x {args.eval_seq_len} "
           f"held-out tokens (dense {before['ppl_dense']:.2f})\n")
-    print("| method | base | linear weights (MB) | peak training RSS (MB) | step (s) | ppl pruned | ppl merged "
-          "| ppl merged into NF4 | zeros kept |\n|---|---|---:|---:|---:|---:|---:|---:|---|")
-    for r in rows:
-        nf4 = f"{r['ppl_merged_nf4']:.2f}" if "ppl_merged_nf4" in r else "–"
-        print(f"| {r['method']} | {r['base']} | {r['linear_weight_mb']:.1f} | {r['peak_training_rss_mb']:.0f} | "
-              f"{r['step_time_s']:.2f} | {r['ppl_pruned']:.2f} | {r['ppl_merged']:.2f} | {nf4} | "
-              f"{r['zeros_kept'] and r.get('zeros_kept_nf4', True)} |")
+    header = ["method", "base", "linear weights (MB)", "peak training RSS (MB)", "step (s)", "ppl pruned",
+              "ppl merged", "ppl merged into NF4", "zeros kept"]
+    print(markdown_table(header, "llrrrrrrl", [
+        [r["method"], r["base"], f"{r['linear_weight_mb']:.1f}", f"{r['peak_training_rss_mb']:.0f}",
+         f"{r['step_time_s']:.2f}", f"{r['ppl_pruned']:.2f}", f"{r['ppl_merged']:.2f}",
+         f"{r['ppl_merged_nf4']:.2f}" if "ppl_merged_nf4" in r else "–",
+         r["zeros_kept"] and r.get("zeros_kept_nf4", True)] for r in rows]))
 
 
 if __name__ == "__main__":
