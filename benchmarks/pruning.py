@@ -77,10 +77,6 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def target_kwargs(target: str) -> dict:
-    return {"pattern": target} if ":" in target else {"sparsity": float(target)}
-
-
 def results_table(rows: list[dict], with_reference: bool) -> str:
     header = "| method | target | ppl | reference ppl | ratio | global sparsity | prune time |"
     lines = [header, "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
@@ -193,7 +189,7 @@ def main(argv=None):
                 pruned = copy.deepcopy(model)  # every run starts from the dense weights
                 start = time.time()
                 report = sps.prune(pruned, method=method, calibration=calibration, allocation=args.allocation,
-                                   induce=induce_options(args) if induce else False, **target_kwargs(target))
+                                   induce=induce_options(args) if induce else False, **sps.parse_target(target))
                 prune_seconds = time.time() - start
                 start = time.time()
                 ppl = perplexity(pruned, eval_ids, n_windows=args.eval_windows, seq_len=args.eval_seq_len)
