@@ -487,6 +487,11 @@ def best_recipe(rows: list[dict], target: str, others: list[dict]) -> list[str]:
 RECIPE_FLAGS = (*EVALUATION_ONLY_FLAGS, "--logit-lambda")  # the logit term is part of the SquareHead recipe
 
 
+def squarehead_recipe(row: dict) -> str:
+    flags = flags_of(row, RECIPE_FLAGS)
+    return recovery_table.loss_label(row) + (f", `{flags}`" if flags else "")
+
+
 def with_ce(rows: list[dict], pool: list[dict], what) -> list[dict]:
     """Each measured SquareHead row of ``rows`` with the first measured CE row of ``pool`` of the same ``what``."""
     ce_rows = [r for r in pool if loss_of(r) == "ce" and r.get("ppl_after") is not None]
@@ -503,8 +508,7 @@ METHOD_TARGET = [("method", "---", lambda p: p["sh"]["method"]),
 PLAN_RATIOS = [*METHOD_TARGET, ("λ", "---:", lambda p: f"{float(p['sh'].get('squarehead_lambda', 1.0)):g}"), *RATIOS]
 OTHER_RATIOS = [*METHOD_TARGET, ("pruner", "---", lambda p: p["sh"]["pruner"]),
                 ("lr", "---:", lambda p: f"{float(p['sh']['lr']):g}"),
-                ("SquareHead recipe", "---", lambda p: recovery_table.loss_label(p["sh"]) + "".join(
-                    f", `{flags}`" for flags in [flags_of(p["sh"], RECIPE_FLAGS)] if flags)), *RATIOS]
+                ("SquareHead recipe", "---", lambda p: squarehead_recipe(p["sh"])), *RATIOS]
 
 
 def render_png(args, path) -> Optional[Path]:
