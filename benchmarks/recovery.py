@@ -165,7 +165,8 @@ def before_cache_path(args) -> Path | None:
     """
     if not args.cache_dir:
         return None
-    pruned = prune_cache_key(args) if (args.pattern or args.sparsity > 0) else f"{Path(args.model or 'smollm2').name}-dense"
+    pruned = (prune_cache_key(args) if args.pattern or args.sparsity > 0
+              else f"{Path(args.model or 'smollm2').name}-dense")
     arc_dir = Path(args.arc_dir).name if args.arc_dir else "arc"
     return Path(args.cache_dir) / (f"before-{pruned}-ppl{args.eval_windows}x{args.eval_seq_len}"
                                    f"-arc{args.arc_easy}{'' if arc_dir == 'arc' else '-' + arc_dir}.json")
