@@ -68,10 +68,6 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def target_kwargs(target: str) -> dict:
-    return {"pattern": target} if ":" in target else {"sparsity": float(target)}
-
-
 def results_table(rows: list[dict], with_reference: bool) -> str:
     lines = []
     for row in rows:
@@ -177,7 +173,7 @@ def main(argv=None):
                 pruned = copy.deepcopy(model)  # every run starts from the dense weights
                 start = time.time()
                 report = sps.prune(pruned, method=method, calibration=calibration, allocation=args.allocation,
-                                   induce=induce_options(args) if induce else False, **target_kwargs(target))
+                                   induce=induce_options(args) if induce else False, **sps.parse_target(target))
                 rows.append(measure({"method": method + (induce_label(args) if induce else ""), "target": target,
                                      "global_sparsity": report.global_sparsity,
                                      **({"induce_alpha": args.induce_alpha, "induce_pairs": args.induce_pairs}

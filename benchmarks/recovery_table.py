@@ -8,12 +8,11 @@ from __future__ import annotations
 import json
 import sys
 
+LOSS_LABELS = {"ce": "CE", "squarehead": "SquareHead"}
+
 
 def fmt(value, spec=".1f"):
     return "–" if value is None else format(value, spec)
-
-
-LOSS_LABELS = {"ce": "CE", "squarehead": "SquareHead"}
 
 
 def loss_label(r: dict) -> str:
@@ -38,36 +37,42 @@ def notes(r: dict) -> str:
     if r["method"] in ("seft", "spt") and "pattern_kept" in r:  # the methods that set the mask themselves
         out.append(f"{r['pattern']} in every layer: {r['pattern_kept']}")
     if r["method"] == "spt":
-        out.append(f"pruned 0→{r.get('pattern') or format(r['sparsity'], '.0%')} while tuning; without prompts {fmt(r.get('ppl_after_without_prompts'))}; "
-                   f"{r['zeros_shared_with_oneshot']:.0%} of one-shot zeros shared")
+        out.append(f"pruned 0→{r.get('pattern') or format(r['sparsity'], '.0%')} while tuning; without prompts "
+                   f"{fmt(r.get('ppl_after_without_prompts'))}; {r['zeros_shared_with_oneshot']:.0%} of one-shot zeros shared")
     return "; ".join(out)
 
 
+def markdown_table(columns, rows) -> str:
+    """``columns``: ``(header, alignment, fn(row) -> str)`` triples; one table line per row."""
+    return "\n".join(["| " + " | ".join(header for header, _, _ in columns) + " |",
+                      "|" + "|".join(align for _, align, _ in columns) + "|",
+                      *("| " + " | ".join(fn(r) for _, _, fn in columns) + " |" for r in rows)])
+
+
+# plain LoRA's "after merge" is merge-then-re-mask; its own merge's sparsity is the next-but-one column
+COLUMNS = [
+    ("method", "---", lambda r: r["method"] + (" (re-masked)" if "sparsity_after_plain_merge" in r else "")),
+    ("pruner", "---", lambda r: r["pruner"] if r["sparsity"] or r.get("pattern") else "–"),
+    ("target", "---", lambda r: r.get("pattern") or f"{r['sparsity']:.0%}"),
+    ("lr", "---:", lambda r: f"{r['lr']:g}"),
+    ("ppl dense", "---:", lambda r: fmt(r["ppl_dense"])),
+    ("ppl pruned", "---:", lambda r: fmt(r["ppl_pruned"])),
+    ("ppl after (unmerged)", "---:", lambda r: fmt(r.get("ppl_after_unmerged"))),
+    ("ppl after merge", "---:", lambda r: fmt(r["ppl_after"])),
+    ("sparsity after merge", "---:", lambda r: f"{r['sparsity_after_merge']:.4f}"),
+    ("plain merge sparsity", "---:", lambda r: fmt(r.get("sparsity_after_plain_merge"), ".4f")),
+    ("mask identical", "---",
+     lambda r: str({"seft": "moved (same counts)", "spt": "new (gradual)"}.get(r["method"], r["mask_identical"]))),
+    ("trainable params", "---:", lambda r: f"{r['trainable_params']:,}"),
+    ("step time (s)", "---:", lambda r: f"{r['step_time_s']:.2f}"),
+    ("peak RSS (MB)", "---:", lambda r: f"{r['peak_mem_mb']:.0f}"),
+]
+
+
 def render(rows: list[dict], extra_columns=()) -> str:
-    """``extra_columns``: ``(header, alignment, fn(row) -> str)`` triples, e.g. ``("ARC-E after", "---:", f)``,
+    """``extra_columns``: more ``(header, alignment, fn(row) -> str)`` triples, e.g. ``("ARC-E after", "---:", f)``,
     inserted before the notes column (benchmarks/sweep.py adds ARC accuracy and wall time this way)."""
-    extra_headers = "".join(f" {header} |" for header, _, _ in extra_columns)
-    extra_rule = "".join(f"{align}|" for _, align, _ in extra_columns)
-    lines = [
-        "| method | pruner | target | lr | ppl dense | ppl pruned | ppl after (unmerged) | ppl after merge "
-        "| sparsity after merge | plain merge sparsity | mask identical | trainable params | step time (s) "
-        "| peak RSS (MB) |" + extra_headers + " notes |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|" + extra_rule + "---|",
-    ]
-    for r in rows:
-        target = r.get("pattern") or f"{r['sparsity']:.0%}"
-        # plain LoRA's "after merge" is merge-then-re-mask; its own merge's sparsity is the next-but-one column
-        method = r["method"] + (" (re-masked)" if "sparsity_after_plain_merge" in r else "")
-        mask = {"seft": "moved (same counts)", "spt": "new (gradual)"}.get(r["method"], r["mask_identical"])
-        lines.append(
-            f"| {method} | {r['pruner'] if r['sparsity'] or r.get('pattern') else '–'} | {target} | {r['lr']:g} "
-            f"| {fmt(r['ppl_dense'])} | {fmt(r['ppl_pruned'])} | {fmt(r.get('ppl_after_unmerged'))} "
-            f"| {fmt(r['ppl_after'])} | {r['sparsity_after_merge']:.4f} "
-            f"| {fmt(r.get('sparsity_after_plain_merge'), '.4f')} | {mask} "
-            f"| {r['trainable_params']:,} | {r['step_time_s']:.2f} | {r['peak_mem_mb']:.0f} |"
-            + "".join(f" {fn(r)} |" for _, _, fn in extra_columns) + f" {notes(r)} |"
-        )
-    return "\n".join(lines)
+    return markdown_table([*COLUMNS, *extra_columns, ("notes", "---", notes)], rows)
 
 
 if __name__ == "__main__":

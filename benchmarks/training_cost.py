@@ -41,19 +41,17 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def peft_config(method: str, total_steps: int):
-    from peft import LoraConfig
-
     if method == "lora":
-        return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=PROJECTIONS)
+        return sp.method_config("lora", r=16, lora_alpha=32, lora_dropout=0.0, target_modules=PROJECTIONS)
     if method == "masked_lora":
-        return sp.MaskedLoraConfig(r=16, lora_alpha=32, target_modules="all-linear")
+        return sp.method_config("masked_lora", r=16, lora_alpha=32, target_modules="all-linear")
     if method == "spp":
-        return sp.SPPConfig(target_modules="all-linear")
+        return sp.method_config("spp", target_modules="all-linear")
     if method.startswith("seft"):  # no topology update within the run
-        return sp.SEFTConfig(density=0.02, update_interval=total_steps + 1000, target_modules="all-linear")
+        return sp.method_config("seft", density=0.02, update_interval=total_steps + 1000, target_modules="all-linear")
     if method == "spt":  # two pruning events within the run (the model is at the target already)
-        return sp.SPTConfig(base_prompt_length=8, target_sparsity=0.5, initial_sparsity=0.5, pruner="magnitude",
-                            prune_end_step=total_steps, num_prune_steps=2)
+        return sp.method_config("spt", base_prompt_length=8, target_sparsity=0.5, initial_sparsity=0.5,
+                                pruner="magnitude", prune_end_step=total_steps, num_prune_steps=2)
     raise ValueError(f"unknown method {method!r}")
 
 

@@ -18,6 +18,7 @@ from .sparsity import (
     is_nm_sparse,
     mask_fingerprint,
     parse_pattern,
+    parse_target,
     prune,
     sparsity_report,
     weight_mask,
@@ -43,6 +44,7 @@ from .training.squarehead import (
     logit_distillation_loss,
 )
 from .training.spectral import SpectralNormLoss, SpectralNormTrainer, spectral_compute_loss
+from .recipes import method_config
 
 _register_all()
 
@@ -91,5 +93,7 @@ __all__ = [
     "drop_decode_cache",
     "decode_cache_bytes",
     "parse_pattern",
+    "parse_target",
+    "method_config",
     "weight_mask",
 ]

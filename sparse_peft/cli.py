@@ -139,6 +139,22 @@ def _check_fraction(name: str):
     return parse
 
 
+def _target(kind: str):
+    """argparse type: ``sp.parse_target`` for one kind of target (``sparsity`` or ``pattern``)."""
+    def parse(value: str):
+        from .sparsity import parse_target
+
+        try:
+            target = parse_target(value)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+        if kind not in target:
+            raise argparse.ArgumentTypeError(f"takes {'a fraction' if kind == 'sparsity' else 'an N:M pattern'}, "
+                                             f"got {value!r} (use --{next(iter(target))} for that)")
+        return target[kind]
+    return parse
+
+
 def _positive_int(value: str) -> int:
     try:
         x = int(value)
@@ -191,12 +207,10 @@ def peft_config_from_args(args):
     import sparse_peft as sp
 
     targets = args.target_modules if args.target_modules != ["all-linear"] else "all-linear"
-    if args.method == "masked_lora":
-        return sp.MaskedLoraConfig(r=args.r, lora_alpha=args.lora_alpha if args.lora_alpha is not None else 2 * args.r,
-                                   lora_dropout=args.dropout, target_modules=targets)
-    if args.method == "seft":
-        return sp.SEFTConfig(density=args.density, update_interval=args.update_interval, target_modules=targets)
-    return sp.SPPConfig(r=args.r, alpha=args.spp_alpha, dropout=args.dropout, target_modules=targets)
+    options = {"masked_lora": dict(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.dropout),
+               "seft": dict(density=args.density, update_interval=args.update_interval),
+               "spp": dict(r=args.r, alpha=args.spp_alpha, dropout=args.dropout)}[args.method]
+    return sp.method_config(args.method, target_modules=targets, **options)
 
 
 def cmd_finetune(args) -> None:
@@ -432,8 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--method", default="wanda", choices=PRUNE_METHODS)
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--sparsity", type=_check_fraction("--sparsity"), help="unstructured, in [0, 1)")
-    group.add_argument("--pattern", help="N:M semi-structured, e.g. 2:4")
+    group.add_argument("--sparsity", type=_target("sparsity"), help="unstructured, in [0, 1) (or 50%%)")
+    group.add_argument("--pattern", type=_target("pattern"), help="N:M semi-structured, e.g. 2:4")
     p.add_argument("--allocation", default="uniform", choices=("uniform", "owl"))
     p.add_argument("--data", help="calibration text file (needed by wanda, sparsegpt, owl)")
     p.add_argument("--calib-samples", type=_positive_int, default=128)
@@ -506,7 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default: a new temporary one)")
     p.add_argument("--pruner", default="wanda", choices=PRUNE_METHODS)
     p.add_argument("--method", default="spp", choices=FINETUNE_METHODS)
-    p.add_argument("--sparsity", type=_check_fraction("--sparsity"), default=0.5)
+    p.add_argument("--sparsity", type=_target("sparsity"), default=0.5)
     p.add_argument("--steps", type=_positive_int, default=20)
     p.add_argument("--seq-len", type=_positive_int, default=128)
     p.add_argument("--calib-samples", type=_positive_int, default=16, help="calibration windows of --seq-len tokens")

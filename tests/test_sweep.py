@@ -385,7 +385,7 @@ def test_arc_easy_is_not_part_of_the_key_but_rows_without_it_run_again(fake_swee
     # a row run by hand with the flag among the extra args is the same experiment as one with --arc-easy
     status, calls = fake_sweep("--methods", "seft", *common, "--extra-args=--arc-easy=8", runner=with_arc_figures)
     assert status == 0 and len(calls) == 1
-    assert sweep.without_evaluation_only_flags("--spp-r 4 --arc-easy 8 --arc-dir=x") == "--spp-r 4"
+    assert sweep.flags_of({"extra_args": "--spp-r 4 --arc-easy 8 --arc-dir=x"}) == "--spp-r 4"
 
     status, calls = fake_sweep("--methods", "spp,masked_lora,seft", *common, "--arc-easy", "8",
                                runner=with_arc_figures)

@@ -9,6 +9,7 @@ from .masks import (
     mask_fingerprint,
     named_linears,
     parse_pattern,
+    parse_target,
     sparsity_of,
     weight_mask,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "mask_fingerprint",
     "named_linears",
     "parse_pattern",
+    "parse_target",
     "sparsity_of",
     "weight_mask",
 ]

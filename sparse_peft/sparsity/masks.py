@@ -43,6 +43,27 @@ def parse_pattern(pattern: str) -> tuple[int, int]:
     return n, m
 
 
+def parse_target(target) -> dict:
+    """The keyword argument of ``prune`` that a sparsity target written as text stands for.
+
+    ``"0.5"``, ``"50%"`` or ``0.5`` -> ``{"sparsity": 0.5}`` (a fraction in [0, 1));
+    ``"2:4"`` -> ``{"pattern": "2:4"}`` (N:M, ``0 < N < M``). So ``prune(model, **parse_target(text))``
+    prunes to what a command line or a results table names. Raises ValueError naming the value.
+    """
+    text = str(target).strip()
+    if ":" in text:
+        n, m = parse_pattern(text)
+        return {"pattern": f"{n}:{m}"}
+    try:
+        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        value = None
+    if isinstance(target, bool) or value is None or not 0.0 <= value < 1.0:
+        raise ValueError(f"sparsity target must be in [0, 1) (a fraction such as 0.5 or 50%) or an N:M pattern "
+                         f"such as 2:4, got {target!r}")
+    return {"sparsity": value}
+
+
 def check_nm_divides(in_features: int, m: int, layer_name: str) -> None:
     """N:M groups run along the input dimension, so M must divide it."""
     if in_features % m != 0:
