@@ -14,7 +14,7 @@ tokens (``attention_mask`` 0) are left out of both sums.
 
 Both models run through ``sparsity.calibration.iterate_blocks`` (the driver behind the pruners),
 side by side: only one block of each is active at a time, and besides the two models' weights the
-memory is each stream's hidden states for the calibration set, plus one block's fp32 weights and
+memory is the two streams' hidden states for the calibration set, plus one block's fp32 weights and
 Adam state.
 """
 
@@ -47,7 +47,7 @@ class BlockReconstruction:
     ``error_before`` / ``error_after``: the block's relative error ``Σ ||block(x) - target||² /
     Σ ||target||²`` over the calibration tokens, on its inputs in the pruned model (the outputs of the
     blocks before it, already reconstructed), before and after training. ``reverted``: the training
-    did not lower it (a too large ``lr``), so the block was given back its weights from before and its
+    raised it (a too large ``lr``), so the block was given back its weights from before and its
     error stays ``error_before``. ``steps``: optimizer steps taken.
     """
 
@@ -119,7 +119,8 @@ def reconstruct(model: nn.Module, dense_model: nn.Module, calibration, *, epochs
         batch_size: calibration batches per optimizer step (their gradients are summed; with
             one sequence per batch, the sequences per step). Batches keep their own shapes and
             attention masks, so batches of different lengths mix freely.
-        seed: the order the batches are visited in, each epoch (the global RNG is not touched).
+        seed: the order the batches are visited in, each epoch (an integer >= 0; the global RNG is
+            not touched).
         show_progress: a tqdm bar over the blocks (``TQDM_DISABLE=1`` also silences it).
 
     What is trained: the weights of the linear layers inside each decoder block, the ones
@@ -129,27 +130,29 @@ def reconstruct(model: nn.Module, dense_model: nn.Module, calibration, *, epochs
     blocks train too), and after every step the weight is written back re-masked, so every pruned
     position stays exactly ``+0.0`` and every kept one nonzero: each layer's sparsity, mask and
     N:M pattern are unchanged. The loss is computed in fp32; the block runs in the model's dtype,
-    in eval mode (no dropout). A block whose error does not go down is given back its weights from
-    before (and a RuntimeWarning names it: lower ``lr``).
+    in eval mode (no dropout). A block whose error goes up is given back its weights from before
+    (and a RuntimeWarning names it: lower ``lr``).
 
     Cost: per block, ``epochs`` forward and backward passes of the block over the calibration set,
     plus three forwards (the dense block, the pruned block before and after). Memory: both models'
-    weights, both streams' hidden states of the calibration set, and one block's weights three
-    more times in fp32 (the copy and Adam's two moments) plus one block's activations.
+    weights; up to three sets of hidden states of the calibration set (the pruned block's inputs
+    and outputs, the dense block's outputs); one block's weights four more times in fp32 (the
+    copy, its gradient, Adam's two moments) and once in the model's dtype (to go back to); one
+    batch's activations through the block.
 
     Raises ValueError (before any weight changes) for: ``epochs`` / ``batch_size`` not an integer
-    >= 1, ``lr`` not a number > 0, missing or empty calibration (or a batch without tokens), a
-    peft-wrapped model, a bitsandbytes-quantized layer in either model (naming it), models of
-    different classes, block counts or linear shapes (naming the layer and the shapes),
-    ``dense_model`` being ``model`` or a copy of the pruned model, and a ``model`` without a single
-    pruned weight in its decoder blocks (nothing to reconstruct: a dense model, or the two models
-    swapped).
+    >= 1, ``seed`` not an integer >= 0, ``lr`` not a number > 0, missing or empty calibration (or
+    a batch without tokens), a peft-wrapped model, a bitsandbytes-quantized layer in either model
+    (naming it), models of different classes, block counts or linear shapes (naming the layer and
+    the shapes), ``dense_model`` being ``model`` or a copy of the pruned model, and a ``model``
+    without a single pruned weight in its decoder blocks (nothing to reconstruct: a dense model,
+    or the two models swapped).
     """
     epochs = check_int(epochs, "epochs", minimum=1)
     if not is_real(lr) or lr <= 0:
         raise ValueError(f"lr must be a number > 0, got {lr!r}")
     batch_size = check_int(batch_size, "batch_size", minimum=1)
-    seed = check_int(seed, "seed")
+    seed = check_int(seed, "seed", minimum=0)
     _check_models(model, dense_model)
     batches = as_calibration_batches(calibration)
 
@@ -222,10 +225,11 @@ def _check_models(model: nn.Module, dense_model: nn.Module) -> None:
 
 def _squared_error_sum(output: torch.Tensor, target: torch.Tensor | None, token_mask: torch.Tensor | None):
     """``Σ ||output - target||²`` (or ``Σ ||output||²`` without a target) over the real tokens, fp32."""
-    difference = output.float() if target is None else output.float() - target.float()
+    # .to: a block dispatched over devices (accelerate) may return its output on another device.
+    difference = output.float() if target is None else output.float() - target.to(output.device, torch.float32)
     per_token = difference.square().sum(dim=-1)  # [B, T]
     if token_mask is not None and token_mask.shape == per_token.shape:
-        per_token = per_token[token_mask]
+        per_token = per_token[token_mask.to(per_token.device)]
     return per_token.sum()
 
 
@@ -267,8 +271,10 @@ def _reconstruct_block(step: BlockStep, targets: list[torch.Tensor], epochs: int
                 for i in chosen:
                     output = block_outputs(block, [inputs[i]], [calls[i]])[0]
                     loss = _squared_error_sum(output, targets[i], token_masks[i]) / chosen_energy
-                    for grad, weight_grad in zip(grads, torch.autograd.grad(loss, weights)):
-                        grad.add_(weight_grad.float())
+                    # allow_unused: a linear the block's forward skips gets no gradient, not an error.
+                    for grad, weight_grad in zip(grads, torch.autograd.grad(loss, weights, allow_unused=True)):
+                        if weight_grad is not None:
+                            grad.add_(weight_grad.to(grad.device, torch.float32))
                 for master, grad, mask in zip(masters, grads, masks):
                     master.grad = grad.mul_(mask)  # a pruned position gets no gradient, so Adam never moves it
                 optimizer.step()
@@ -284,7 +290,7 @@ def _reconstruct_block(step: BlockStep, targets: list[torch.Tensor], epochs: int
     with torch.no_grad():
         outputs = block_outputs(block, inputs, calls)
         error_after = _relative_error(outputs, targets, token_masks, total_energy)
-        reverted = not error_after < error_before  # a NaN error counts as worse
+        reverted = not error_after <= error_before  # a NaN error counts as worse
         if reverted:
             for weight, original in zip(weights, originals):
                 weight.copy_(original)
