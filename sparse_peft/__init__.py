@@ -44,6 +44,7 @@ from .training.squarehead import (
     logit_distillation_loss,
 )
 from .training.spectral import SpectralNormLoss, SpectralNormTrainer, spectral_compute_loss
+from .training.reconstruct import BlockReconstruction, ReconstructionReport, reconstruct
 from .recipes import method_config
 
 _register_all()
@@ -81,6 +82,9 @@ __all__ = [
     "SpectralNormLoss",
     "SpectralNormTrainer",
     "spectral_compute_loss",
+    "reconstruct",
+    "ReconstructionReport",
+    "BlockReconstruction",
     "is_nm_sparse",
     "mask_fingerprint",
     "merge_and_unload_sparse",

@@ -9,7 +9,7 @@ Layers, lowest first (``MODULE_LAYERS`` and ``PACKAGE_LAYERS`` below place every
 * ops: the sparse ops: their dispatch (``ops.py``), the Triton kernels (``kernels/``, installed as
   ``sparse_peft.kernels``), their PyTorch twins (``functional/``) and ``delta_linear``;
 * tuners: the peft methods (``tuners/``);
-* training: callbacks, losses, trainers (``training/``);
+* training: callbacks, losses, trainers, block-wise reconstruction after pruning (``training/``);
 * face: what users call: the package itself, its registration with peft, ``cli``, ``io``, ``merge``,
   ``evaluation``, ``data``, ``quantized``.
 

@@ -23,6 +23,10 @@ class Count:
         pass
 run_blockwise(model, [torch.randint(0, 128, (1, 16))], lambda linear: Count(), lambda index, stats: None,
               desc="blocks", show_progress={show})
+import copy, sparse_peft as sp
+pruned = copy.deepcopy(model)
+sp.prune(pruned, sparsity=0.5, show_progress=False)
+sp.reconstruct(pruned, model, [torch.randint(0, 128, (1, 16))], epochs=1, show_progress={show})
 """
 
 
@@ -41,3 +45,4 @@ def test_bars_follow_show_progress_and_tqdm_disable(show, tqdm_disable, shown):
     stderr = stderr_of(show, tqdm_disable)
     assert ("perplexity" in stderr) is shown
     assert ("blocks" in stderr) is shown
+    assert ("reconstruction" in stderr) is shown

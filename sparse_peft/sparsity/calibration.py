@@ -11,11 +11,16 @@
    (now pruned) block again: its outputs are the next block's inputs.
 
 Only one block's inputs are held at a time (plus the small per-batch keyword arguments).
+
+``iterate_blocks`` is step 2 without the statistics: it hands each block and its inputs to the
+caller's loop body and propagates the block's outputs afterwards (``sp.reconstruct`` trains each
+block there, and runs the dense teacher's blocks in step beside it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import closing
 from dataclasses import dataclass
 
 import torch
@@ -173,6 +178,63 @@ def _block_output(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+def block_outputs(block: nn.Module, hidden_per_batch: list[torch.Tensor],
+                  calls: list[tuple[tuple, dict]]) -> list[torch.Tensor]:
+    """``block``'s output hidden states for every batch, from its inputs and recorded calls."""
+    return [_block_output(block(hidden, *args, **kwargs)) for hidden, (args, kwargs) in zip(hidden_per_batch, calls)]
+
+
+@dataclass
+class BlockStep:
+    """One decoder block and what it receives, as ``iterate_blocks`` hands it to its caller.
+
+    ``outputs`` starts as None; a caller that has computed the block's outputs (after its last
+    change to the block's weights) may store them there and they are passed on as they are, instead
+    of running the block once more. A caller that has stored ``outputs`` may set ``inputs`` to None
+    to free them early.
+    """
+
+    index: int
+    name: str  # the block's module name, e.g. "model.layers.3"
+    block: nn.Module
+    linears: list[tuple[str, nn.Module]]  # (full module name, linear) inside the block
+    inputs: list[torch.Tensor] | None  # per batch, [B, T, hidden]
+    calls: list[tuple[tuple, dict]]  # per batch, the other positional and keyword arguments
+    token_masks: list[torch.Tensor | None]  # per batch, [B, T] bool (True = real token) or None
+    outputs: list[torch.Tensor] | None = None
+
+
+@torch.no_grad()
+def iterate_blocks(model: nn.Module, batches: list[CalibrationBatch], *, desc: str = "blocks",
+                   show_progress: bool = True) -> Iterator[BlockStep]:
+    """Yield a ``BlockStep`` per decoder block, in order; when the caller's loop body is done with a
+    block, its outputs (computed then, so any change the body made to the block counts, unless the
+    body stored them in ``step.outputs``) become the next block's inputs.
+
+    ``batches`` come from ``as_calibration_batches``. The generator runs without gradients, the
+    caller's body in the caller's own grad mode; the model is in eval mode until the loop ends
+    (close the generator, e.g. with ``contextlib.closing``, when leaving the loop early).
+    """
+    blocks_name, blocks = find_decoder_blocks(model)
+    linears_per_block = block_linears(blocks_name, blocks)
+    prefix = f"{blocks_name}." if blocks_name else ""
+    was_training = model.training
+    model.eval()
+    try:
+        hidden_per_batch, call_per_block = capture_block_inputs(model, blocks, batches)
+        token_masks = [None if b.attention_mask is None else b.attention_mask.bool() for b in batches]
+        for index, block in enumerate(progress(blocks, desc, show_progress)):
+            step = BlockStep(index, f"{prefix}{index}", block, linears_per_block[index], hidden_per_batch,
+                             call_per_block[index], token_masks)
+            del hidden_per_batch  # the step holds the inputs alone, so the body can free them
+            yield step
+            hidden_per_batch = (step.outputs if step.outputs is not None
+                                else block_outputs(block, step.inputs, step.calls))
+            del step
+    finally:
+        model.train(was_training)
+
+
 def _accumulate_stats(block, stats, hidden_per_batch, calls, token_masks) -> None:
     """Run ``block`` on every batch with each linear's inputs fed to its accumulator."""
     current_mask = [None]  # the running batch's token mask, read by the hooks
@@ -206,20 +268,12 @@ def run_blockwise(model: nn.Module, calibration, make_stat, process_block, *, de
     stat)})`` is called once per block after its statistics are complete and may modify the
     block's weights: the block's outputs are computed afterwards.
     """
-    blocks_name, blocks = find_decoder_blocks(model)
-    linears_per_block = block_linears(blocks_name, blocks)
+    find_decoder_blocks(model)  # no decoder blocks is refused before the calibration data is read
     batches = as_calibration_batches(calibration)
-    was_training = model.training
-    model.eval()
-    try:
-        hidden_per_batch, call_per_block = capture_block_inputs(model, blocks, batches)
-        token_masks = [None if b.attention_mask is None else b.attention_mask.bool() for b in batches]
-        for index, block in enumerate(progress(blocks, desc, show_progress)):
-            stats = {name: (linear, make_stat(linear)) for name, linear in linears_per_block[index]}
-            _accumulate_stats(block, stats, hidden_per_batch, call_per_block[index], token_masks)
-            process_block(index, stats)
+    # closing: an error in process_block still puts the model back in its training mode at once.
+    with closing(iterate_blocks(model, batches, desc=desc, show_progress=show_progress)) as steps:
+        for step in steps:
+            stats = {name: (linear, make_stat(linear)) for name, linear in step.linears}
+            _accumulate_stats(step.block, stats, step.inputs, step.calls, step.token_masks)
+            process_block(step.index, stats)
             del stats
-            hidden_per_batch = [_block_output(block(hidden, *args, **kwargs))
-                                for hidden, (args, kwargs) in zip(hidden_per_batch, call_per_block[index])]
-    finally:
-        model.train(was_training)

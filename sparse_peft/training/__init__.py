@@ -1,1 +1,2 @@
-"""Training-time helpers: the SEFT topology callback and losses (SPT's gradual pruning lives with its tuner)."""
+"""Training-time helpers: the SEFT topology callback, losses, and block-wise reconstruction after pruning
+(SPT's gradual pruning lives with its tuner)."""
