@@ -287,7 +287,7 @@ def cmd_recover(args) -> None:
     if target.get("sparsity") == 0:
         raise CliError("--sparsity 0: nothing to prune or recover; give a sparsity in (0, 1) or --pattern N:M")
     if args.method == "spt":
-        raise CliError(SPT_REFUSED)
+        raise CliError(SPT_REFUSED.replace("so finetune cannot", "so recover cannot"))
     try:
         recipe = recipe_from_flags(args, default_recipe(target))
     except ValueError as err:
@@ -303,7 +303,8 @@ def cmd_recover(args) -> None:
     teacher = load_model(args.teacher)[0] if args.teacher and recipe.loss == "squarehead" else None
     merged, report = sp.recover(model, ids, **target, recipe=recipe, teacher=teacher)
     save_model(merged, args.out, tokenizer, args.format)
-    record = {"model": args.model, "data": data, "teacher": args.teacher, **report.to_dict()}
+    record = {"model": args.model, "data": data, "teacher": args.teacher if teacher is not None else None,
+              **report.to_dict()}
     (Path(args.out) / "recipe.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     print(report.to_markdown())
     print(f"recovered to {target.get('pattern') or format(target['sparsity'], '.0%')}: every layer checked at the "

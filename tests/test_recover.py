@@ -226,3 +226,12 @@ def test_recover_command_bad_input_is_one_line(workspace, capsys, argv, code, me
         assert [line for line in err.splitlines() if "error" in line] == [err.splitlines()[-1]]
         assert err.splitlines()[-1].startswith("sparse-peft recover: error: ")
         assert message.replace("missing.txt", str(w / "missing.txt")) in err
+
+
+def test_recover_command_without_data_reads_the_bundled_text(workspace):  # noqa: F811
+    w = workspace
+    assert run("recover", "--model", w / "base", "--sparsity", "50%", "--out", w / "out", *TINY_FLAGS,
+               "--method", "none", "--pruner", "wanda", "--no-induce") == 0
+    record = json.loads((w / "out" / "recipe.json").read_text())
+    assert record["data"].endswith("wikitext2_train.txt") and record["recipe"]["method"] is None
+    assert [s["name"] for s in record["stages"]] == ["prune", "check"]
