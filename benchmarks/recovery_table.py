@@ -1,9 +1,5 @@
-"""Render the JSON lines of benchmarks/recovery.py as a markdown table.
-
-    python benchmarks/recovery_table.py benchmarks/results/recovery.jsonl
-"""
-
-from __future__ import annotations
+"""Render the JSON lines of benchmarks/recovery.py as a markdown table:
+``python benchmarks/recovery_table.py benchmarks/results/recovery.jsonl``."""
 
 import json
 import sys
@@ -17,28 +13,21 @@ def fmt(value, spec=".1f"):
 
 def loss_label(r: dict) -> str:
     """``CE``, or ``SquareHead λ=0.1`` with `` + logit KL λ=1`` when the row had a logit term."""
-    loss = r.get("loss") or "ce"
-    label = LOSS_LABELS.get(loss, loss)
-    if loss != "squarehead":
-        return label
-    logit = float(r.get("logit_lambda") or 0.0)
-    return f"{label} λ={float(r.get('squarehead_lambda', 1.0)):g}" + (f" + logit KL λ={logit:g}" if logit else "")
+    loss, logit = r.get("loss") or "ce", float(r.get("logit_lambda") or 0.0)
+    return LOSS_LABELS.get(loss, loss) if loss != "squarehead" else (
+        f"SquareHead λ={float(r.get('squarehead_lambda', 1.0)):g}" + (f" + logit KL λ={logit:g}" if logit else ""))
 
 
 def notes(r: dict) -> str:
-    """What a method adds to its row (SEFT's moved positions, SPT's gradual pruning, the loss)."""
-    out = []
-    if (r.get("loss") or "ce") != "ce":
-        out.append(loss_label(r))
-    if r.get("extra_args"):  # the sweep's --extra-args: what else this row ran with
-        out.append(f"recovery.py flags `{r['extra_args']}`")
-    if r["method"] == "seft":
-        out.append(f"regrown {r['seft_regrown']:,}, moved {r['positions_moved']:,}, counts kept: {r['counts_identical']}")
-    if r["method"] in ("seft", "spt") and "pattern_kept" in r:  # the methods that set the mask themselves
-        out.append(f"{r['pattern']} in every layer: {r['pattern_kept']}")
-    if r["method"] == "spt":
-        out.append(f"pruned 0→{r.get('pattern') or format(r['sparsity'], '.0%')} while tuning; without prompts "
-                   f"{fmt(r.get('ppl_after_without_prompts'))}; {r['zeros_shared_with_oneshot']:.0%} of one-shot zeros shared")
+    """What a row adds: the loss, the sweep's --extra-args, SEFT's moved positions, SPT's gradual pruning."""
+    method, out = r["method"], [loss_label(r)] if (r.get("loss") or "ce") != "ce" else []
+    out += [f"recovery.py flags `{r['extra_args']}`"] if r.get("extra_args") else []
+    out += [f"regrown {r['seft_regrown']:,}, moved {r['positions_moved']:,}, counts kept: {r['counts_identical']}"
+            ] if method == "seft" else []
+    out += [f"{r['pattern']} in every layer: {r['pattern_kept']}"] if method in MASK and "pattern_kept" in r else []
+    out += [f"pruned 0→{r.get('pattern') or format(r['sparsity'], '.0%')} while tuning; without prompts "
+            f"{fmt(r.get('ppl_after_without_prompts'))}; {r['zeros_shared_with_oneshot']:.0%} of one-shot zeros "
+            "shared"] if method == "spt" else []
     return "; ".join(out)
 
 
@@ -49,6 +38,7 @@ def markdown_table(columns, rows) -> str:
                       *("| " + " | ".join(fn(r) for _, _, fn in columns) + " |" for r in rows)])
 
 
+MASK = {"seft": "moved (same counts)", "spt": "new (gradual)"}  # the methods that set the mask themselves
 # plain LoRA's "after merge" is merge-then-re-mask; its own merge's sparsity is the next-but-one column
 COLUMNS = [
     ("method", "---", lambda r: r["method"] + (" (re-masked)" if "sparsity_after_plain_merge" in r else "")),
@@ -61,8 +51,7 @@ COLUMNS = [
     ("ppl after merge", "---:", lambda r: fmt(r["ppl_after"])),
     ("sparsity after merge", "---:", lambda r: f"{r['sparsity_after_merge']:.4f}"),
     ("plain merge sparsity", "---:", lambda r: fmt(r.get("sparsity_after_plain_merge"), ".4f")),
-    ("mask identical", "---",
-     lambda r: str({"seft": "moved (same counts)", "spt": "new (gradual)"}.get(r["method"], r["mask_identical"]))),
+    ("mask identical", "---", lambda r: str(MASK.get(r["method"], r["mask_identical"]))),
     ("trainable params", "---:", lambda r: f"{r['trainable_params']:,}"),
     ("step time (s)", "---:", lambda r: f"{r['step_time_s']:.2f}"),
     ("peak RSS (MB)", "---:", lambda r: f"{r['peak_mem_mb']:.0f}"),
@@ -70,11 +59,9 @@ COLUMNS = [
 
 
 def render(rows: list[dict], extra_columns=()) -> str:
-    """``extra_columns``: more ``(header, alignment, fn(row) -> str)`` triples, e.g. ``("ARC-E after", "---:", f)``,
-    inserted before the notes column (benchmarks/sweep.py adds ARC accuracy and wall time this way)."""
+    """``extra_columns``: more ``(header, alignment, fn(row) -> str)`` before the notes (sweep.py's ARC, wall time)."""
     return markdown_table([*COLUMNS, *extra_columns, ("notes", "---", notes)], rows)
 
 
 if __name__ == "__main__":
-    rows = [json.loads(line) for path in sys.argv[1:] for line in open(path) if line.strip()]
-    print(render(rows))
+    print(render([json.loads(line) for path in sys.argv[1:] for line in open(path) if line.strip()]))

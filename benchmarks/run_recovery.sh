@@ -47,3 +47,12 @@ done
 # 2026-11-30 (third run): the hidden-state-only SquareHead rows still missing at 70%
 $S --methods spt --targets 0.7 --losses squarehead --squarehead-lambda 0.1
 $S --methods seft,spt --targets 0.7 --losses squarehead --squarehead-lambda 1
+
+# Not run yet: the default recipes of sp.recover (docs/recover.md) chosen again on the validation split
+# (recovery.py --eval-split validation: train on the first 90% of wiki.valid.tokens, score the last 10%),
+# each scored on wiki.test.raw as well (--also-test). The extra flags are part of each row's key.
+V="--eval-split validation --also-test"
+$S --pruner sparsegpt --methods masked_lora --targets 0.5,0.7 --losses ce --lr masked_lora=2e-3 --extra-args="--induce $V"
+$S --methods masked_lora,lora --targets 0.5,0.7,2:4 --losses ce --extra-args="$V"
+$S --pruner sparsegpt --methods masked_lora --targets 0.5 --losses squarehead --squarehead-targets 0.5 \
+   --squarehead-lambda 0.1 --lr masked_lora=2e-3 --extra-args="--induce --r 64 --logit-lambda 2 $V"

@@ -46,6 +46,7 @@ from .training.squarehead import (
 from .training.spectral import SpectralNormLoss, SpectralNormTrainer, spectral_compute_loss
 from .training.reconstruct import BlockReconstruction, ReconstructionReport, reconstruct
 from .recipes import method_config
+from .recovery import DEFAULT_RECIPES, Recipe, RecoveryReport, recover
 
 _register_all()
 
@@ -99,5 +100,9 @@ __all__ = [
     "parse_pattern",
     "parse_target",
     "method_config",
+    "recover",
+    "Recipe",
+    "RecoveryReport",
+    "DEFAULT_RECIPES",
     "weight_mask",
 ]

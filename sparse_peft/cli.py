@@ -2,6 +2,7 @@
 
     sparse-peft prune    --model M --out pruned/ --method wanda --sparsity 0.5 --data calib.txt
     sparse-peft finetune --model pruned/ --data train.txt --out tuned/ --method spp --steps 200
+    sparse-peft recover  --model M --data train.txt --sparsity 0.5 --out recovered/
     sparse-peft eval     --model tuned/ --data test.txt [--arc arc_easy.jsonl]
     sparse-peft export   --model tuned/ --out dense/ --format dense
     sparse-peft report   --model tuned/ --png layers.png
@@ -274,6 +275,43 @@ def cmd_finetune(args) -> None:
           f"{after.global_sparsity:.2%}) in {out}, adapter in {out / 'adapter'}")
 
 
+# --- recover ---------------------------------------------------------------------------------------
+
+def cmd_recover(args) -> None:
+    """``sp.recover``: prune, (reconstruct,) fine-tune, merge, check; save the model and its recipe."""
+    import sparse_peft as sp
+    from .data import bundled_text
+    from .recovery import default_recipe, recipe_from_flags
+
+    target = {"pattern": args.pattern} if args.pattern is not None else {"sparsity": args.sparsity}
+    if target.get("sparsity") == 0:
+        raise CliError("--sparsity 0: nothing to prune or recover; give a sparsity in (0, 1) or --pattern N:M")
+    if args.method == "spt":
+        raise CliError(SPT_REFUSED.replace("so finetune cannot", "so recover cannot"))
+    try:
+        recipe = recipe_from_flags(args, default_recipe(target))
+    except ValueError as err:
+        raise CliError(_first_line(err)) from None
+    data = args.data or str(bundled_text("train"))
+    if not Path(data).is_file():
+        raise CliError(f"--data {data!r}: no such file")
+    print("recipe: " + ", ".join(f"{k}={v}" for k, v in recipe.to_dict().items()), flush=True)
+    model, tokenizer = load_model(args.model, need_tokenizer=True)
+    calibrates = recipe.pruner != "magnitude" or bool(recipe.induce) or bool(recipe.reconstruct)
+    longest = max([recipe.seq_len] * (recipe.method is not None) + [recipe.calib_seq_len] * calibrates, default=1)
+    ids = read_ids(tokenizer, data, min_tokens=longest + 1)
+    teacher = load_model(args.teacher)[0] if args.teacher and recipe.loss == "squarehead" else None
+    merged, report = sp.recover(model, ids, **target, recipe=recipe, teacher=teacher)
+    save_model(merged, args.out, tokenizer, args.format)
+    record = {"model": args.model, "data": data, "teacher": args.teacher if teacher is not None else None,
+              **report.to_dict()}
+    (Path(args.out) / "recipe.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    print(report.to_markdown())
+    print(f"recovered to {target.get('pattern') or format(target['sparsity'], '.0%')}: every layer checked at the "
+          f"target, global sparsity {report.global_sparsity:.2%}, masks unchanged: {report.mask_unchanged}; merged "
+          f"model ({args.format}) in {args.out}, its recipe and stages in {Path(args.out) / 'recipe.json'}")
+
+
 # --- eval ------------------------------------------------------------------------------------------
 
 def arc_zero_shot(model, tokenizer, jsonl_path: str, limit: int | None = None, show_progress: bool = True) -> dict:
@@ -430,6 +468,8 @@ def cmd_demo(args) -> None:
 # --- the parser ------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
+    from .recovery import add_recipe_flags
+
     parser = argparse.ArgumentParser(prog="sparse-peft", description=__doc__.replace("``", ""),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -489,6 +529,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume-from-checkpoint", nargs="?", const=True, default=None, metavar="CHECKPOINT",
                    help="resume: alone, from the last checkpoint in --out/checkpoints; or from this directory")
     p.add_argument("--format", default="sparse", choices=("sparse", "dense"))
+
+    p = add("recover", "prune, fine-tune, merge and check in one go (sp.recover), with a default recipe per target",
+            cmd_recover,
+            "Prune the model to --sparsity or --pattern and win back its accuracy: one-shot pruning (with "
+            "Sparsity Induction when the recipe has it), optional block-wise reconstruction, fine-tuning with a "
+            "sparsity-preserving method on --data, merge, and a check that every layer is exactly at the target. "
+            "The recipe is sp.DEFAULT_RECIPES' for the target (provisional: chosen on wiki.test windows, not on a "
+            "validation split); each flag below overrides one setting. Writes the merged model to --out (what "
+            "eval, export and report read) and the recipe and each stage's settings and seconds to "
+            "--out/recipe.json (docs/recover.md).")
+    p.add_argument("--model", default=None, help=model_help)
+    p.add_argument("--data", help="training and calibration text file (default: the bundled WikiText-2 excerpt)")
+    p.add_argument("--out", required=True, help="output directory")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--sparsity", type=_target("sparsity"), help="unstructured, in (0, 1) (or 50%%)")
+    group.add_argument("--pattern", type=_target("pattern"), help="N:M semi-structured, e.g. 2:4")
+    p.add_argument("--teacher", help="SquareHead teacher model (default: the model before pruning, kept in memory)")
+    p.add_argument("--format", default="sparse", choices=("sparse", "dense"))
+    add_recipe_flags(p)
 
     p = add("eval", "perplexity on a text file and/or zero-shot accuracy on ARC-format questions", cmd_eval)
     p.add_argument("--model", default=None, help=model_help)

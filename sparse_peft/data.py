@@ -111,6 +111,24 @@ def text_splits(encode, path: str | os.PathLike | None = None) -> dict[str, torc
             "heldout": ids[ids.numel() - tenth:]}
 
 
+def train_validation_split(ids: torch.Tensor, validation_fraction: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(train_ids, validation_ids)``: a 1-D id stream cut in two, the last ``validation_fraction``
+    of its tokens held out. Training and calibration windows drawn from the first part never see
+    the second, so choosing a recipe by its validation perplexity leaves the test text unseen.
+
+    Raises ValueError for a fraction outside (0, 1) or a stream too short for either part to hold a token.
+    """
+    ids = ids.reshape(-1)
+    if isinstance(validation_fraction, bool) or not isinstance(validation_fraction, (int, float)) \
+            or not 0 < validation_fraction < 1:
+        raise ValueError(f"train_validation_split: validation_fraction must be in (0, 1), got {validation_fraction!r}")
+    held_out = int(ids.numel() * validation_fraction)
+    if held_out < 1 or held_out >= ids.numel():
+        raise ValueError(f"train_validation_split: {ids.numel()} tokens are too few to hold out "
+                         f"{validation_fraction:g} of them and keep the rest")
+    return ids[: ids.numel() - held_out], ids[ids.numel() - held_out:]
+
+
 def random_windows(ids: torch.Tensor, n: int, seq_len: int, seed: int = 0, batch_size: int = 1) -> list[torch.Tensor]:
     """``n`` batches of ``batch_size`` random windows of ``seq_len`` tokens from a 1-D id stream."""
     if ids.numel() <= seq_len:

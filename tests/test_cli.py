@@ -230,7 +230,7 @@ def test_report_png_or_message(workspace, capsys):
 def test_installed_entry_point_help():
     exe = shutil.which("sparse-peft")
     cmd = [exe] if exe else [sys.executable, "-m", "sparse_peft.cli"]
-    for sub in ([], ["prune"], ["finetune"], ["eval"], ["export"], ["report"], ["demo"]):
+    for sub in ([], ["prune"], ["finetune"], ["recover"], ["eval"], ["export"], ["report"], ["demo"]):
         result = subprocess.run(cmd + sub + ["--help"], capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
         assert "usage: sparse-peft" in result.stdout

@@ -54,6 +54,7 @@ MODULE_LAYERS = {
     "sparse_peft._peft_registry": FACE,
     "sparse_peft.cli": FACE,
     "sparse_peft.recipes": FACE,
+    "sparse_peft.recovery": FACE,
     "sparse_peft.io": FACE,
     "sparse_peft.merge": FACE,
     "sparse_peft.evaluation": FACE,

@@ -127,3 +127,25 @@ def test_second_run_reuses_pruned_weights_and_before_measurements(tiny_run, tmp_
     # another evaluation setting is another cache entry, measured afresh
     third = tiny_run("--method", "spp", *args[:-2], "--eval-windows", "1", "--cache-dir", str(cache))
     assert third["before_from_cache"] is False and len(list(cache.glob("before-*.json"))) == 2
+
+
+def test_validation_split_trains_on_the_first_90_percent_and_scores_the_rest(tiny_run, tmp_path, monkeypatch):
+    from sparse_peft.data import perplexity, token_ids
+
+    valid_text = "".join(reversed(TEXT))  # unlike wiki.test.raw, so a score on the wrong text shows
+    (tmp_path / "wiki.valid.tokens").write_text(valid_text)
+    seen = []
+    real_fine_tune = recovery.rec.fine_tune
+    monkeypatch.setattr(recovery.rec, "fine_tune", lambda model, ids, *a, **k: seen.append(ids) or real_fine_tune(
+        model, ids, *a, **k))
+    row = tiny_run("--method", "masked_lora", "--sparsity", "0.5", "--lr", "1e-2", "--eval-split", "validation",
+                   "--also-test")
+    ids = token_ids(char_tokenizer(), valid_text)
+    held_out = ids[ids.numel() - ids.numel() // 10:]
+    assert row["eval_split"] == "validation" and row["ppl_after_test"] > 1.0
+    assert seen[0].numel() == ids.numel() - held_out.numel() and torch.equal(seen[0], ids[:seen[0].numel()])
+    dense = perplexity(make_tiny_model("llama"), held_out, n_windows=2, seq_len=16, show_progress=False)
+    assert row["ppl_dense"] == pytest.approx(dense, abs=1e-4)
+    assert "eval_split" not in tiny_run("--method", "masked_lora", "--sparsity", "0.5")  # scored on wiki.test.raw
+    with pytest.raises(SystemExit):
+        tiny_run("--method", "masked_lora", "--sparsity", "0.5", "--also-test")  # needs the validation split

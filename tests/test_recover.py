@@ -1,0 +1,237 @@
+"""sp.recover, its stages and its recipes, the validation split, and ``sparse-peft recover``, on tiny models."""
+
+import argparse
+import dataclasses
+import json
+
+import pytest
+import torch
+from conftest import calibration_batches, make_tiny_model
+from test_cli import run, workspace  # noqa: F401  (workspace: the fixture of a tiny model on disk)
+
+import sparse_peft as sp
+import sparse_peft.recovery as rec
+from sparse_peft.data import train_validation_split
+
+IDS = torch.randint(0, 128, (3000,), generator=torch.Generator().manual_seed(0))
+# every stage on a budget a tiny model runs in a second
+TINY = dict(steps=3, batch_size=2, seq_len=16, calib_samples=4, calib_seq_len=16, lr=1e-2)
+
+
+def recipe(**fields) -> sp.Recipe:
+    return sp.Recipe(**{**TINY, **fields})
+
+
+def stage_names(report) -> list[str]:
+    return [stage.name for stage in report.stages]
+
+
+def zero_counts(model) -> dict[str, int]:
+    return {name: int((lin.weight == 0).sum()) for name, lin in sp.sparsity.named_linears(model)}
+
+
+@pytest.mark.parametrize("fields, stages", [
+    ({}, ["prune", "fine-tune", "merge", "check"]),
+    ({"pruner": "sparsegpt", "induce": True}, ["prune", "fine-tune", "merge", "check"]),
+    ({"reconstruct": {"epochs": 1, "lr": 1e-3}}, ["copy dense model", "prune", "reconstruct", "fine-tune", "merge",
+                                                  "check"]),
+    ({"loss": "squarehead", "squarehead_lambda": 0.1, "logit_lambda": 1.0},
+     ["copy dense model", "prune", "fine-tune", "merge", "check"]),
+    ({"method": None}, ["prune", "check"]),
+    ({"method": "spp", "pruner": "magnitude"}, ["prune", "fine-tune", "merge", "check"]),
+    ({"method": "seft", "method_options": {"density": 0.1, "update_interval": 1, "grow_window": 1}},
+     ["prune", "fine-tune", "merge", "check"]),
+    ({"method": "lora"}, ["prune", "fine-tune", "merge", "check"]),
+])
+def test_each_stage_on_and_off_ends_exactly_at_the_target(fields, stages):
+    merged, report = sp.recover(make_tiny_model("llama"), IDS, sparsity=0.5, recipe=recipe(**fields),
+                                show_progress=False)
+    assert stage_names(report) == stages
+    assert rec.layers_off_target(merged, {"sparsity": 0.5}) == []
+    assert report.global_sparsity == pytest.approx(0.5, abs=1e-9)
+    assert all(stage.seconds >= 0 for stage in report.stages)
+    assert not any("lora" in name for name, _ in merged.named_modules())  # merged, no adapter left
+    # every method but SEFT keeps the pruned mask; SEFT moves positions, each layer keeping its count
+    assert report.mask_unchanged is (fields.get("method") != "seft")
+    json.dumps(report.to_dict())  # JSON-ready, as recipe.json is
+
+
+def test_mask_is_the_pruners_and_the_weights_are_trained():
+    """With Wanda and no induction, the merged mask is the one sp.prune chooses on the same calibration windows,
+    and the kept weights moved (the adapter was trained and merged)."""
+    r = recipe()
+    pruned = make_tiny_model("llama")
+    sp.prune(pruned, method="wanda", sparsity=0.5, calibration=rec.calibration_windows(IDS, r), show_progress=False)
+    merged, _ = sp.recover(make_tiny_model("llama"), IDS, sparsity=0.5, recipe=r, show_progress=False)
+    for name, lin in sp.sparsity.named_linears(merged):
+        assert torch.equal(lin.weight != 0, pruned.get_submodule(name).weight != 0), name
+    assert any(not torch.equal(lin.weight, pruned.get_submodule(name).weight)
+               for name, lin in sp.sparsity.named_linears(merged))
+
+
+def test_reconstruct_stage_changes_kept_weights_not_the_mask():
+    without, _ = sp.recover(make_tiny_model("llama"), IDS, sparsity=0.5, recipe=recipe(method=None),
+                            show_progress=False)
+    with_it, report = sp.recover(make_tiny_model("llama"), IDS, sparsity=0.5, show_progress=False,
+                                 recipe=recipe(method=None, reconstruct={"epochs": 2, "lr": 1e-3}))
+    settings = report.stages[stage_names(report).index("reconstruct")].settings
+    assert settings["mean_error_after"] <= settings["mean_error_before"]
+    for name, lin in sp.sparsity.named_linears(with_it):
+        assert torch.equal(lin.weight != 0, without.get_submodule(name).weight != 0), name
+    assert any(not torch.equal(lin.weight, without.get_submodule(name).weight)
+               for name, lin in sp.sparsity.named_linears(with_it))
+
+
+def test_nm_pattern_and_given_calibration():
+    merged, report = sp.recover(make_tiny_model("llama"), IDS, pattern="2:4", recipe=recipe(),
+                                calibration=calibration_batches(n=3), show_progress=False)
+    assert all(sp.is_nm_sparse(lin.weight, 2, 4) for _, lin in sp.sparsity.named_linears(merged))
+    assert report.stages[0].settings["calibration_batches"] == 3 and report.target == {"pattern": "2:4"}
+
+
+def test_default_recipes_per_target():
+    assert rec.default_recipe({"sparsity": 0.5}) is sp.DEFAULT_RECIPES["0.5"]
+    assert rec.default_recipe({"sparsity": 0.7}) is sp.DEFAULT_RECIPES["0.7"]
+    assert rec.default_recipe({"pattern": "2:4"}) is sp.DEFAULT_RECIPES["2:4"]
+    assert rec.default_recipe({"sparsity": 0.6}) is sp.DEFAULT_RECIPES["fallback"]
+    assert rec.default_recipe({"pattern": "4:8"}) is sp.DEFAULT_RECIPES["fallback"]
+    # no recipe: the table's, here the 2:4 one (Wanda, masked LoRA, CE), on a shortened budget
+    small = dataclasses.replace(sp.DEFAULT_RECIPES["2:4"], **TINY)
+    _, report = sp.recover(make_tiny_model("llama"), IDS, pattern="2:4", recipe=small, show_progress=False)
+    assert report.recipe.pruner == "wanda" and report.recipe.method == "masked_lora"
+
+
+def test_check_names_the_layer_off_target():
+    model = make_tiny_model("llama")
+    sp.prune(model, method="magnitude", sparsity=0.5, show_progress=False)
+    rec.check_sparsity(model, {"sparsity": 0.5})
+    name, lin = next(iter(sp.sparsity.named_linears(model)))
+    with torch.no_grad():
+        lin.weight[lin.weight == 0] = 1.0  # a layer made dense
+    with pytest.raises(RuntimeError, match=name):
+        rec.check_sparsity(model, {"sparsity": 0.5})
+    with pytest.raises(RuntimeError, match="pattern 2:4"):
+        rec.check_sparsity(model, {"pattern": "2:4"})
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({}, "exactly one of sparsity and pattern"),
+    ({"sparsity": 0.5, "pattern": "2:4"}, "exactly one"),
+    ({"sparsity": 0.0}, r"in \(0, 1\)"),
+    ({"sparsity": 1.5}, r"in \(0, 1\)"),
+    ({"pattern": "4:2"}, "4:2"),
+    ({"sparsity": 0.5, "recipe": "wanda"}, "sp.Recipe"),
+    ({"sparsity": 0.5, "recipe": sp.Recipe(method="spt")}, "cannot be merged"),
+    ({"sparsity": 0.5, "recipe": sp.Recipe(method_options={"rank": 4})}, "'rank'"),
+    ({"sparsity": 0.5, "train_ids": IDS[:100]}, "100 tokens"),
+    ({"sparsity": 0.5, "train_ids": IDS.view(30, 100)}, "1-D"),
+])
+def test_bad_input_is_refused_before_any_weight_changes(kwargs, message):
+    model = make_tiny_model("llama")
+    before = {name: p.clone() for name, p in model.state_dict().items()}
+    train_ids = kwargs.pop("train_ids", IDS)
+    with pytest.raises(ValueError, match=message):
+        sp.recover(model, train_ids, show_progress=False, **kwargs)
+    assert all(torch.equal(p, before[name]) for name, p in model.state_dict().items())
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"pruner": "owl"}, "pruner"), ({"loss": "kl"}, "loss"), ({"lr": 0}, "lr"), ({"steps": 0}, "steps"),
+    ({"logit_lambda": 1.0}, "needs loss 'squarehead'"), ({"reconstruct": {"epoch": 1}}, "reconstruct takes"),
+    ({"induce": "yes"}, "induce"), ({"method": "spt", "pruner": "sparsegpt"}, "wanda"), ({"seed": -1}, "seed"),
+])
+def test_recipe_refuses_bad_fields(fields, message):
+    with pytest.raises(ValueError, match=message):
+        sp.Recipe(**fields)
+
+
+def test_recipe_flags_override_the_base_recipe():
+    parser = argparse.ArgumentParser()
+    rec.add_recipe_flags(parser)
+    base = sp.DEFAULT_RECIPES["0.5"]
+    assert rec.recipe_from_flags(parser.parse_args([]), base) == base
+    changed = rec.recipe_from_flags(parser.parse_args(["--steps", "5", "--r", "16", "--no-induce", "--reconstruct",
+                                                       "--reconstruct-epochs", "2"]), base)
+    assert (changed.steps, changed.method_options, changed.induce, changed.reconstruct) == (5, {"r": 16}, False,
+                                                                                          {"epochs": 2})
+    other = rec.recipe_from_flags(parser.parse_args(["--method", "spp", "--spp-r", "4", "--induce-alpha", "0.5"]), base)
+    assert (other.method, other.method_options, other.induce) == ("spp", {"r": 4}, {"alpha": 0.5})
+    assert rec.recipe_from_flags(parser.parse_args(["--method", "none"]), base).method is None
+
+
+def test_train_validation_split_holds_out_the_end():
+    ids = torch.arange(1000)
+    train, validation = train_validation_split(ids)
+    assert (train.numel(), validation.numel()) == (900, 100)
+    assert torch.equal(torch.cat([train, validation]), ids) and int(validation[0]) == 900
+    assert train_validation_split(ids, 0.25)[1].numel() == 250
+    for fraction in (0, 1, 1.5, True):
+        with pytest.raises(ValueError, match="validation_fraction"):
+            train_validation_split(ids, fraction)
+    with pytest.raises(ValueError, match="5 tokens"):
+        train_validation_split(torch.arange(5), 0.1)
+
+
+# --- the command ---------------------------------------------------------------------------------------
+
+TINY_FLAGS = ["--steps", 2, "--batch-size", 2, "--seq-len", 16, "--calib-samples", 2, "--calib-seq-len", 16]
+
+
+def test_recover_command_saves_an_exactly_sparse_model_and_its_recipe(workspace, capsys):  # noqa: F811
+    w = workspace
+    assert run("recover", "--model", w / "base", "--data", w / "text.txt", "--sparsity", 0.5, "--out", w / "out",
+               *TINY_FLAGS, "--r", 4) == 0
+    out = capsys.readouterr().out
+    assert "recipe: pruner=sparsegpt" in out and "| fine-tune |" in out and "global sparsity 50.00%" in out
+    record = json.loads((w / "out" / "recipe.json").read_text())
+    assert record["target"] == {"sparsity": 0.5} and record["data"] == str(w / "text.txt")
+    assert record["recipe"]["pruner"] == "sparsegpt" and record["recipe"]["induce"] is True  # the 50% default
+    assert record["recipe"]["method_options"] == {"r": 4} and record["recipe"]["steps"] == 2
+    assert [s["name"] for s in record["stages"]] == ["copy dense model", "prune", "fine-tune", "merge", "check"]
+    recovered = sp.load_sparse(w / "out", show_progress=False)
+    assert rec.layers_off_target(recovered, {"sparsity": 0.5}) == []
+    assert run("eval", "--model", w / "out", "--data", w / "text.txt", "--seq-len", 16, "--windows", 2) == 0
+    assert "perplexity:" in capsys.readouterr().out
+
+
+def test_recover_command_at_2_4_with_reconstruction(workspace):  # noqa: F811
+    w = workspace
+    assert run("recover", "--model", w / "base", "--data", w / "text.txt", "--pattern", "2:4", "--out", w / "out",
+               *TINY_FLAGS, "--method", "spp", "--reconstruct", "--reconstruct-epochs", 1, "--format", "dense") == 0
+    record = json.loads((w / "out" / "recipe.json").read_text())
+    assert "reconstruct" in [s["name"] for s in record["stages"]] and record["recipe"]["method"] == "spp"
+    from transformers import AutoModelForCausalLM
+
+    recovered = AutoModelForCausalLM.from_pretrained(w / "out")
+    assert all(sp.is_nm_sparse(lin.weight, 2, 4) for _, lin in sp.sparsity.named_linears(recovered))
+
+
+@pytest.mark.parametrize("argv, code, message", [
+    (["--data", "missing.txt", "--sparsity", 0.5], 1, "--data 'missing.txt': no such file"),
+    (["--sparsity", 0.5, "--pattern", "2:4"], 2, None),
+    ([], 2, None),
+    (["--sparsity", 0], 1, "nothing to prune"),
+    (["--sparsity", 0.5, "--method", "spt"], 1, "SPT cannot be merged"),
+    (["--sparsity", 0.5, "--lr", -1], 1, "lr must be a number > 0"),
+    (["--sparsity", 0.5, "--seq-len", 5000], 1, "need at least 5001"),
+])
+def test_recover_command_bad_input_is_one_line(workspace, capsys, argv, code, message):  # noqa: F811
+    w = workspace
+    argv = [str(w / a) if a == "missing.txt" else a for a in argv]
+    data = [] if "--data" in argv else ["--data", w / "text.txt"]
+    assert run("recover", "--model", w / "base", "--out", w / "out", *data, *TINY_FLAGS[:2], *argv) == code
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and not (w / "out" / "recipe.json").exists()
+    if code == 1:  # one line of reason (transformers' own loading bar may come before it)
+        assert [line for line in err.splitlines() if "error" in line] == [err.splitlines()[-1]]
+        assert err.splitlines()[-1].startswith("sparse-peft recover: error: ")
+        assert message.replace("missing.txt", str(w / "missing.txt")) in err
+
+
+def test_recover_command_without_data_reads_the_bundled_text(workspace):  # noqa: F811
+    w = workspace
+    assert run("recover", "--model", w / "base", "--sparsity", "50%", "--out", w / "out", *TINY_FLAGS,
+               "--method", "none", "--pruner", "wanda", "--no-induce") == 0
+    record = json.loads((w / "out" / "recipe.json").read_text())
+    assert record["data"].endswith("wikitext2_train.txt") and record["recipe"]["method"] is None
+    assert [s["name"] for s in record["stages"]] == ["prune", "check"]
