@@ -300,8 +300,8 @@ def ready(device: str) -> str | None:
         f"{os.environ.get('TRITON_INTERPRET')!r}, or set only after triton was imported); run with TRITON_INTERPRET=1")
 
 
-def measure(args, add) -> None:
-    """Every row of the grid, each handed to ``add`` as soon as it is measured."""
+def measure(args):
+    """Every row of the grid, each yielded as soon as it is measured."""
     grid = Grid(args.device, args.dtype, torch.Generator(device=args.device).manual_seed(0), args.rep)
     benches = [(op, bench) for op, bench in (("spp", bench_spp), ("sddmm", bench_sddmm), ("masked", bench_masked),
                                              ("decode", bench_decode)) if op in args.ops]
@@ -310,12 +310,12 @@ def measure(args, add) -> None:
             for tokens in args.tokens:
                 for op, bench in benches:
                     if op != "decode" or tokens <= 16:
-                        add(bench(grid, shape, sparsity, tokens))
+                        yield bench(grid, shape, sparsity, tokens)
                 if args.device == "cuda":
                     torch.cuda.empty_cache()
         if "2:4" in args.ops:
             for tokens in args.tokens:
-                add(bench_two_four(grid, shape, tokens))
+                yield bench_two_four(grid, shape, tokens)
 
 
 def main(argv=None) -> int:
@@ -324,25 +324,22 @@ def main(argv=None) -> int:
     if reason is not None:
         print(reason, file=sys.stderr)
         return 2
+    print(markdown([], args.dtype), flush=True)
     rows = []
-
-    def add(new_row):
+    for new_row in measure(args):
         rows.append(new_row)
         print(table_row(cells(new_row, args.dtype)), flush=True)
         if args.jsonl:
             append_jsonl(args.jsonl, [new_row])
-
-    print(markdown([], args.dtype), flush=True)
-    measure(args, add)
     device = torch.cuda.get_device_name(0) if args.device == "cuda" else (
         f"CPU ({platform.processor() or platform.machine()}), kernels in Triton's interpreter: the times show that "
         "the script runs end to end and measure nothing")
     header = (f"Device: {device}; torch {torch.__version__}; "
               f"dtype {str(args.dtype).replace('torch.', '')}\nCommand: {command_line(__file__, argv)}\n")
-    print("\n" + header + "\n" + markdown(rows, args.dtype))
+    text = header + "\n" + markdown(rows, args.dtype)
+    print("\n" + text)
     if args.markdown:
-        append(args.markdown, "\n## Triton kernels (benchmarks/kernels.py)\n\n" + header + "\n"
-               + markdown(rows, args.dtype) + "\n")
+        append(args.markdown, "\n## Triton kernels (benchmarks/kernels.py)\n\n" + text + "\n")
     bad = [r for r in rows if failed(r, args.dtype)]
     if bad:
         print(f"FAILED: in {len(bad)} rows the op's error exceeds both the {args.dtype} tolerance "

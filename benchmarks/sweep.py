@@ -168,17 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("what to run")
     g.add_argument("--methods", type=comma_list(str, METHODS), default=list(METHODS))
     targets = comma_list(parse_target)
-    g.add_argument("--targets", type=targets, default=["0.5", "0.7", "2:4"],
-                   help="sparsities (0.5 or 50%%) and N:M patterns, comma-separated")
-    g.add_argument("--losses", type=comma_list(str, tuple(LOSS_LABELS)), default=None,
-                   help="comma-separated (default: ce,squarehead)")
+    g.add_argument("--targets", type=targets, default=["0.5", "0.7", "2:4"], help="sparsities (0.5, 50%%), N:M")
+    g.add_argument("--losses", type=comma_list(str, tuple(LOSS_LABELS)), help="default: ce,squarehead")
     g.add_argument("--squarehead-targets", type=lambda text: "all" if text.strip() == "all" else targets(text),
                    help="targets of the SquareHead rows, among --targets, or 'all' (default: "
                         f"{DEFAULT_SQUAREHEAD_TARGET} when it is among --targets)")
     g.add_argument("--squarehead-methods", type=comma_list(str, METHODS), default=list(SPARSE_METHODS),
                    help="methods with SquareHead rows (intersected with --methods)")
-    g.add_argument("--no-dense", dest="dense", action="store_false",
-                   help="leave out the dense reference row (--method lora --sparsity 0, CE)")
+    g.add_argument("--no-dense", dest="dense", action="store_false", help="leave out the dense reference row")
     g.add_argument("--lr", type=parse_lr, action="append", default=[], help="per-method lr, e.g. "
                    "spp=3e-3,lora=2e-4 (defaults: " + ", ".join(f"{m} {lr:g}" for m, lr in DEFAULT_LR.items()) + ")")
     b = p.add_argument_group("budget and settings (passed to recovery.py; part of a row's key)")
@@ -198,8 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("files and modes")
     o.add_argument("--results", default=str(REPO_ROOT / "benchmarks" / "results" / "recovery.jsonl"),
                    help="JSON lines read to skip finished rows, and appended to")
-    o.add_argument("--log-dir", default=str(REPO_ROOT / "runs" / "sweep-logs"),
-                   help="one log (stdout and stderr) per recovery.py run")
+    o.add_argument("--log-dir", default=str(REPO_ROOT / "runs" / "sweep-logs"), help="one log per recovery.py run")
     o.add_argument("--dry-run", action="store_true", help="print what would run, run nothing")
     o.add_argument("--render-only", action="store_true", help="render from --results, run nothing")
     o.add_argument("--no-render", dest="render", action="store_false", help="do not render after running")
@@ -533,10 +529,8 @@ def render_png(args, path) -> Optional[Path]:
     # beside the axes, not on them: inside, it covered the low-ppl lines and the reference lines
     ax_ppl.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     # one bar per method: its CE row at the first target it has (the count barely moves with the target)
-    params = {}
-    for job, row in found.items():
-        if job.loss == "ce" and job.target != DENSE:
-            params.setdefault(job.method, row["trainable_params"])
+    params = {job.method: row["trainable_params"] for job, row in reversed(found.items())
+              if job.loss == "ce" and job.target != DENSE}
     methods = [m for m in args.methods if m in params]
     bars = ax_params.bar(methods, [params[m] for m in methods], color=[colors[m] for m in methods])
     ax_params.bar_label(bars, labels=[f"{params[m]:,}" for m in methods], fontsize=7)
