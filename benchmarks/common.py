@@ -81,12 +81,11 @@ def command_line(script: str, argv: list[str] | None) -> str:
 
 
 def machine_info() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.is_file() else [])
-             if line.startswith("model name")]
-    return (f"{names[0] if names else platform.processor() or platform.machine()}; {os.cpu_count()} CPUs visible, "
-            f"torch threads {torch.get_num_threads()}; torch {torch.__version__}; Python {platform.python_version()}; "
-            f"{platform.system()} {platform.release()}")
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
+    return (f"{names[0] if names else platform.processor() or platform.machine()}; {os.cpu_count()} CPUs "
+            f"visible, torch threads {torch.get_num_threads()}; torch {torch.__version__}; "
+            f"Python {platform.python_version()}; {platform.system()} {platform.release()}")
 
 
 def append(path, text: str) -> None:

@@ -31,8 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    MIB, TORCH_DTYPES, append, arg_parser, comma_list, command_line, machine_info, markdown_table, max_rss_bytes,
-    random_llama, rss_bytes, spawn, timed, trim_heap)
+    MIB, TORCH_DTYPES, append, arg_parser, comma_list, command_line, machine_info, markdown_table,
+    max_rss_bytes, random_llama, rss_bytes, spawn, timed, trim_heap)
 
 import sparse_peft as sp  # noqa: E402
 from sparse_peft.data import load_model_and_tokenizer, load_text  # noqa: E402
@@ -52,8 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=4, help="random model: decoder layers")
     p.add_argument("--vocab", type=int, default=32000, help="random model: vocabulary")
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7])
-    p.add_argument("--variants", type=comma_list(str.strip, VARIANTS), help="comma-separated, with dense; default "
-                   "dense,packed (and 2:4 on CUDA)")
+    p.add_argument("--variants", type=comma_list(str.strip, VARIANTS),
+                   help="comma-separated, with dense; default dense,packed (and 2:4 on CUDA)")
     p.add_argument("--dtype", choices=sorted(TORCH_DTYPES), help="default float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--prompt-tokens", type=int, default=32)
@@ -103,10 +103,12 @@ def write_checkpoint(args, directory: Path, sparsity: float | None, pattern: str
 def weight_bytes(model) -> int:
     """Parameters + buffers (tied ones once; a 2:4 ``SparseSemiStructuredTensor`` holds its kept values
     and metadata) + the packed layers' decode caches."""
-    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
-    parts = [[part for part in (getattr(t, "packed", None), getattr(t, "meta", None)) if isinstance(part, torch.Tensor)]
-             or [t] for t in tensors]
-    return sum(part.numel() * part.element_size() for group in parts for part in group) + sp.decode_cache_bytes(model)
+    total = 0
+    for tensor in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values():
+        parts = [getattr(tensor, name, None) for name in ("packed", "meta")]
+        parts = [part for part in parts if isinstance(part, torch.Tensor)] or [tensor]
+        total += sum(part.numel() * part.element_size() for part in parts)
+    return total + sp.decode_cache_bytes(model)
 
 
 def to_two_four(model) -> int:

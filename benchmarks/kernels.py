@@ -58,7 +58,7 @@ def parse_sparsity(text: str) -> float:
 
 def parse_args(argv=None):
     parser = arg_parser(__doc__)
-    parser.add_argument("--shapes", type=comma_list(parse_shape), default=SHAPES, help="OUTxIN, comma separated")
+    parser.add_argument("--shapes", type=comma_list(parse_shape), default=SHAPES, help="OUTxIN,OUTxIN,...")
     parser.add_argument("--tokens", type=comma_list(int), default=TOKENS)
     parser.add_argument("--sparsities", type=comma_list(parse_sparsity), default=SPARSITIES)
     parser.add_argument("--ops", type=comma_list(str, OPS), default=OPS, help=f"subset of {','.join(OPS)}")
@@ -213,8 +213,8 @@ def bench_masked(grid, shape, sparsity, tokens):
 
     weights = [grid.pruned(shape, sparsity).requires_grad_()  # each copy: the weight and its bool mask
                for _ in range(grid.copies_for(shape[0] * shape[1] * (grid.dtype.itemsize + 1)))]
-    return training_row(grid, "masked_linear fwd+bwd", shape, sparsity, tokens, [(w, w != 0) for w in weights],
-                        grid.randn(tokens, shape[1], requires_grad=True),
+    return training_row(grid, "masked_linear fwd+bwd", shape, sparsity, tokens,
+                        [(w, w != 0) for w in weights], grid.randn(tokens, shape[1], requires_grad=True),
                         lambda x, w, m: ops.masked_linear(x, w, m, backend="triton"),
                         ops.masked_linear_reference, (0, 1), (0, 1), "dense: y, dX, dW GEMMs")
 
@@ -225,13 +225,13 @@ def bench_decode(grid, shape, sparsity, tokens):
     out_f, in_f = shape
     dense_weights = [grid.pruned(shape, sparsity) for _ in range(grid.copies_for(out_f * in_f * grid.dtype.itemsize))]
     sets = [(ops.pack_bitmask(w), w) for w in dense_weights]
-    x = grid.randn(tokens, in_f)
+    p, x = sets[0][0], grid.randn(tokens, in_f)
     with torch.no_grad():
         errors = accuracy(lambda x, p: ops.bitmask_linear(x, p, backend="triton"), ops.bitmask_linear_reference,
-                          (x, sets[0][0]), truth_inputs=(x.float(), ops.pack_bitmask(dense_weights[0].float())))
+                          (x, p), truth_inputs=(x.float(), ops.pack_bitmask(dense_weights[0].float())))
         kernel, dense, naive = grid.times(sets, lambda p, w: ops.bitmask_linear(x, p, backend="triton"),
-                                          lambda p, w: F.linear(x, w), lambda p, w: ops.bitmask_linear_reference(x, p))
-    p = sets[0][0]
+                                          lambda p, w: F.linear(x, w),
+                                          lambda p, w: ops.bitmask_linear_reference(x, p))
     moved = (p.values.numel() * p.values.element_size() + p.bits.numel() + p.row_offsets.numel() * 8
              + x.numel() * x.element_size() + tokens * out_f * x.element_size())
     return row("bitmask decode", shape, sparsity, tokens, kernel, dense, naive, errors,
@@ -252,7 +252,8 @@ def bench_two_four(grid, shape, tokens):
     reason = ops.semi_structured_unsupported_reason(dense_weights[0])
     if reason is not None:
         return not_run(reason)
-    sets = [(ops.to_semi_structured(w, probe_tokens=max(tokens, 16), measure=False), w) for w in dense_weights]
+    sets = [(ops.to_semi_structured(w, probe_tokens=max(tokens, 16), measure=False), w)
+            for w in dense_weights]
     if sets[0][0] is dense_weights[0]:
         return not_run("torch refused this shape")
     x = grid.randn(tokens, shape[1])
@@ -296,8 +297,9 @@ def ready(device: str) -> str | None:
     from sparse_peft.kernels import _common
 
     return None if _common.INTERPRET and _common.LANGUAGE_INTERPRETED else (
-        "--device cpu runs the kernels in Triton's interpreter, which is off in this process (TRITON_INTERPRET="
-        f"{os.environ.get('TRITON_INTERPRET')!r}, or set only after triton was imported); run with TRITON_INTERPRET=1")
+        "--device cpu runs the kernels in Triton's interpreter, which is off in this process "
+        f"(TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r}, or set only after triton was imported); "
+        "run with TRITON_INTERPRET=1")
 
 
 def measure(args):

@@ -22,10 +22,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MODEL_HELP, append_jsonl, arg_parser, comma_list, command_line, machine_info, markdown_table  # noqa: E402
+from common import (  # noqa: E402
+    MODEL_HELP, append_jsonl, arg_parser, comma_list, command_line, machine_info, markdown_table)
 
 import sparse_peft.sparsity as sps  # noqa: E402
-from sparse_peft.data import load_model_and_tokenizer, load_text, perplexity, random_windows, token_ids  # noqa: E402
+from sparse_peft.data import (  # noqa: E402
+    load_model_and_tokenizer, load_text, perplexity, random_windows, token_ids)
 from sparse_peft.sparsity.prune import ALLOCATIONS  # noqa: E402
 
 # Reference figures measured on the default model before this script existed (SmolLM2-135M-Instruct Q4_1 GGUF, 24 x 512
@@ -49,8 +51,9 @@ def parse_args(argv=None):
     parser.add_argument("--induce", nargs="?", const="both", default="no", choices=["no", "only", "both"],
                         help="Sparsity Induction before pruning: rows '<method>+induce' (bare flag: both)")
     parser.add_argument("--induce-alpha", type=float, default=1.0, help="induce_sparsity alpha")
-    parser.add_argument("--induce-pairs", default=None, help="induce_sparsity folds, a subset of qkv,gate_up,vo,down "
-                        "(default: prune's, all four; the column folds qkv,gate_up for unstructured sparsegpt)")
+    parser.add_argument("--induce-pairs", default=None,
+                        help="induce_sparsity folds, comma-separated (a subset of qkv,gate_up,vo,down); default: "
+                             "prune's (all four; the column folds qkv,gate_up for unstructured sparsegpt)")
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--calib-seq-len", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=24)
@@ -59,7 +62,7 @@ def parse_args(argv=None):
     parser.add_argument("--out", default="results.jsonl", help="JSON lines appended here")
     parser.add_argument("--markdown", default=None, help="markdown file whose pruning section is (re)written")
     parser.add_argument("--from-results", action="store_true", help="run nothing: rebuild the table (and "
-                        "--markdown) from the latest rows of --out with these settings (e.g. after a run in parts)")
+                        "--markdown) from the latest rows of --out with these settings")
     return parser.parse_args(argv)
 
 

@@ -168,24 +168,25 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("what to run")
     g.add_argument("--methods", type=comma_list(str, METHODS), default=list(METHODS))
     targets = comma_list(parse_target)
-    g.add_argument("--targets", type=targets, default=["0.5", "0.7", "2:4"], help="sparsities (0.5, 50%%), N:M")
+    g.add_argument("--targets", type=targets, default=["0.5", "0.7", "2:4"], help="0.5 or 50%%, N:M")
     g.add_argument("--losses", type=comma_list(str, tuple(LOSS_LABELS)), help="default: ce,squarehead")
-    g.add_argument("--squarehead-targets", type=lambda text: "all" if text.strip() == "all" else targets(text),
+    g.add_argument("--squarehead-targets", type=lambda s: "all" if s.strip() == "all" else targets(s),
                    help="targets of the SquareHead rows, among --targets, or 'all' (default: "
                         f"{DEFAULT_SQUAREHEAD_TARGET} when it is among --targets)")
     g.add_argument("--squarehead-methods", type=comma_list(str, METHODS), default=list(SPARSE_METHODS),
                    help="methods with SquareHead rows (intersected with --methods)")
     g.add_argument("--no-dense", dest="dense", action="store_false", help="leave out the dense reference row")
-    g.add_argument("--lr", type=parse_lr, action="append", default=[], help="per-method lr, e.g. "
-                   "spp=3e-3,lora=2e-4 (defaults: " + ", ".join(f"{m} {lr:g}" for m, lr in DEFAULT_LR.items()) + ")")
+    g.add_argument("--lr", type=parse_lr, action="append", default=[],
+                   help="per-method lr, e.g. spp=3e-3,lora=2e-4 (defaults: "
+                        + ", ".join(f"{m} {lr:g}" for m, lr in DEFAULT_LR.items()) + ")")
     b = p.add_argument_group("budget and settings (passed to recovery.py; part of a row's key)")
     b.add_argument("--pruner", default="wanda", choices=["wanda", "sparsegpt", "magnitude"])
     for name in KEY_SETTINGS:
         b.add_argument("--" + name.replace("_", "-"), type=int, default=RECOVERY_DEFAULTS[name])
-    b.add_argument("--squarehead-lambda", dest="squarehead_lambdas", type=comma_list(float), help="SquareHead's "
-                   "λ, one row per value, e.g. 1,0.1", default=[RECOVERY_DEFAULTS["squarehead_lambda"]])
+    b.add_argument("--squarehead-lambda", dest="squarehead_lambdas", type=comma_list(float),
+                   default=[RECOVERY_DEFAULTS["squarehead_lambda"]], help="SquareHead's λ: one row each")
     b.add_argument("--teacher", default=None, help="SquareHead teacher model (default: the dense model, untuned)")
-    b.add_argument("--extra-args", default="", help="more recovery.py flags for every row, e.g. \"--spp-r 32\"")
+    b.add_argument("--extra-args", default="", help="more recovery.py flags for every row, one string")
     r = p.add_argument_group("passed to recovery.py, not part of the key")
     r.add_argument("--arc-easy", type=int, default=0, help="zero-shot ARC-Easy before and after on this many "
                    "questions (-1: all); a finished row without these ARC figures is run again")
@@ -195,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("files and modes")
     o.add_argument("--results", default=str(REPO_ROOT / "benchmarks" / "results" / "recovery.jsonl"),
                    help="JSON lines read to skip finished rows, and appended to")
-    o.add_argument("--log-dir", default=str(REPO_ROOT / "runs" / "sweep-logs"), help="one log per recovery.py run")
+    o.add_argument("--log-dir", default=str(REPO_ROOT / "runs" / "sweep-logs"), help="one log per row")
     o.add_argument("--dry-run", action="store_true", help="print what would run, run nothing")
     o.add_argument("--render-only", action="store_true", help="render from --results, run nothing")
     o.add_argument("--no-render", dest="render", action="store_false", help="do not render after running")
