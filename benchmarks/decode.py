@@ -47,17 +47,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    model="hub id, local dir, .gguf, or 'random' (Llama-shaped random layers); default: SmolLM2-135M "
                    "GGUF on the CPU, 'random' on CUDA")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--hidden", type=int, default=4096, help="random model: hidden size (LLaMA-2-7B's)")
-    p.add_argument("--intermediate", type=int, default=11008, help="random model: MLP size")
-    p.add_argument("--layers", type=int, default=4, help="random model: decoder layers")
-    p.add_argument("--vocab", type=int, default=32000, help="random model: vocabulary")
+    for flag, default, what in (("--hidden", 4096, "hidden size"), ("--intermediate", 11008, "MLP size"),
+                                ("--layers", 4, "decoder layers"), ("--vocab", 32000, "vocabulary")):
+        p.add_argument(flag, type=int, default=default, help=f"random model: {what}")
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7])
     p.add_argument("--variants", type=comma_list(str.strip, VARIANTS),
                    help="comma-separated, with dense; default dense,packed (and 2:4 on CUDA)")
     p.add_argument("--dtype", choices=sorted(TORCH_DTYPES), help="default float32 on CPU, bfloat16 on CUDA")
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--prompt-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=5)
+    for flag, default in (("--new-tokens", 32), ("--prompt-tokens", 32), ("--repeats", 5)):
+        p.add_argument(flag, type=int, default=default)
     p.add_argument("--markdown", type=Path, help="also append the table (with command, hardware, date) here")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: measure one variant (a JSON job)
     args = p.parse_args(argv)

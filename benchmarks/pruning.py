@@ -54,11 +54,9 @@ def parse_args(argv=None):
     parser.add_argument("--induce-pairs", default=None,
                         help="induce_sparsity folds, comma-separated (a subset of qkv,gate_up,vo,down); default: "
                              "prune's (all four; the column folds qkv,gate_up for unstructured sparsegpt)")
-    parser.add_argument("--calib-samples", type=int, default=128)
-    parser.add_argument("--calib-seq-len", type=int, default=512)
-    parser.add_argument("--eval-windows", type=int, default=24)
-    parser.add_argument("--eval-seq-len", type=int, default=512)
-    parser.add_argument("--seed", type=int, default=0)
+    for flag, default in (("--calib-samples", 128), ("--calib-seq-len", 512), ("--eval-windows", 24),
+                          ("--eval-seq-len", 512), ("--seed", 0)):
+        parser.add_argument(flag, type=int, default=default)
     parser.add_argument("--out", default="results.jsonl", help="JSON lines appended here")
     parser.add_argument("--markdown", default=None, help="markdown file whose pruning section is (re)written")
     parser.add_argument("--from-results", action="store_true", help="run nothing: rebuild the table (and "
