@@ -1,9 +1,8 @@
-"""Compressed sparse checkpoint size and exactness on a real model.
+"""Compressed sparse checkpoint size and exactness on a real model (docs/results/checkpoints.md).
 
-Prunes SmolLM2-135M (default; ``--model`` for any other) with magnitude pruning at each sparsity,
-casts to bf16, writes ``save_sparse``, loads it back with ``load_sparse``, checks every tensor is
-bit-identical, and prints a markdown table of the linear-weight bytes on disk against dense bf16
-and the bound ``(2 (1 - s) + 1/8) / 2`` of dense bf16:
+Magnitude-prunes the model at each sparsity, casts it to bf16, writes ``save_sparse``, loads it back with
+``load_sparse``, checks every tensor is bit-identical, and prints the linear-weight bytes on disk against
+dense bf16 and the bound ``(2 (1 - s) + 1/8) / 2``:
 
     python benchmarks/checkpoint_size.py --sparsities 0.5 0.7
 """

@@ -6,10 +6,7 @@ Nothing here imports sparse_peft (or transformers) at module level: transformers
 PyPI package ``kernels`` by importing it, which with ``benchmarks/`` on ``sys.path`` is
 ``benchmarks/kernels.py``, and that script imports this module.
 
-Benchmarks run offline on a folder of development assets (``data/wikitext-2/wiki.valid.tokens``,
-``wiki.test.raw``, ``data/arc/*.jsonl``, ``models/``): the folder named by ``SPARSE_PEFT_ASSETS``, else a
-``shared/`` folder beside the checkout. Every script still takes ``--model`` and ``--data`` so that
-users with a model hub or their own text can use it; the library itself never looks for this folder.
+The development assets (WikiText-2, ARC, the model) and ``SPARSE_PEFT_ASSETS``: docs/results/README.md.
 """
 
 from __future__ import annotations
@@ -49,14 +46,18 @@ DEFAULT_DATA_DIR = (assets_dir() or REPO_ROOT.parent / "shared") / "data" / "wik
 # --- arguments, data and the record of a run --------------------------------------------------------
 
 
-def comma_list(convert):
-    """An argparse ``type``: a comma-separated list, each item through ``convert``, whose ValueError
-    becomes argparse's usage error."""
+def comma_list(convert, choices=None):
+    """An argparse ``type``: a comma-separated list (blank items dropped), each item through ``convert``
+    and, given ``choices``, one of them; ``convert``'s ValueError becomes argparse's usage error."""
     def parse(text: str) -> list:
         try:
-            return [convert(item) for item in text.split(",")]
+            values = [convert(item) for item in text.split(",") if item.strip()]
         except ValueError as error:
             raise argparse.ArgumentTypeError(str(error)) from None
+        unknown = [value for value in values if choices is not None and value not in choices]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {unknown}; choose from {', '.join(choices)}")
+        return values
     return parse
 
 
@@ -74,31 +75,17 @@ def arg_parser(doc: str, *, model: str | None = None, data: str | None = None,
     return parser
 
 
-def calibration_batches_from_text(tokenizer, text: str, n: int = 128, seq_len: int = 512, seed: int = 0):
-    """``n`` random windows of ``seq_len`` tokens from ``text``, each a ``[1, seq_len]`` batch."""
-    from sparse_peft.data import random_windows, token_ids
-
-    return random_windows(token_ids(tokenizer, text), n=n, seq_len=seq_len, seed=seed)
-
-
 def command_line(script: str, argv: list[str] | None) -> str:
     """The command that reruns ``script`` (its ``__file__``) with ``argv`` (default: this process's)."""
     return shlex.join(["python", f"benchmarks/{Path(script).name}", *(sys.argv[1:] if argv is None else argv)])
 
 
 def machine_info() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (
-        f"{cpu}; {os.cpu_count()} CPUs visible, torch threads {torch.get_num_threads()}; "
-        f"torch {torch.__version__}; Python {platform.python_version()}; {platform.system()} {platform.release()}"
-    )
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
+    return (f"{names[0] if names else platform.processor() or platform.machine()}; {os.cpu_count()} CPUs "
+            f"visible, torch threads {torch.get_num_threads()}; torch {torch.__version__}; "
+            f"Python {platform.python_version()}; {platform.system()} {platform.release()}")
 
 
 def append(path, text: str) -> None:

@@ -5,20 +5,16 @@
     python benchmarks/decode.py --device cuda                     # Llama-shaped random layers, bf16, + 2:4
     python benchmarks/decode.py --model random --hidden 64 --intermediate 128 --layers 2   # a tiny smoke run
 
-Each sparsity's magnitude-pruned checkpoint (``sp.save_sparse``) is loaded by each variant in a fresh
-process, so its memory is its own: ``dense`` (``sp.load_sparse(dir)``), ``packed`` (``packed=True``:
-the Triton decode kernel on CUDA, the PyTorch path with its decode cache on the CPU),
-``packed-nocache`` (``decode_cache=False``), ``2:4`` (CUDA, 50%: a 2:4 checkpoint, each linear weight a
-``SparseSemiStructuredTensor``). tokens/s: ``--new-tokens`` greedy tokens over the median of
+Each variant (docs/results/checkpoints.md) loads each sparsity's magnitude-pruned checkpoint in a fresh
+process, so its memory is its own. tokens/s: ``--new-tokens`` greedy tokens over the median of
 ``--repeats`` ``generate()`` calls after a warm-up. ``RSS``: the resident set after decoding (after
 ``malloc_trim``); ``Δ RSS``: minus the RSS before loading; ``peak RSS``: the process's largest;
 ``weights``: parameter + buffer bytes plus any decode cache; on CUDA the peak of allocated memory.
 
-Every packed variant must decode the dense tokens, or the script exits with status 1 after the
-table; on CUDA (another summation order than cuBLAS) a first difference where the dense run's two
-best logits are within ``--tie-tolerance`` is reported, not failed. The 2:4 tokens are compared with
-its own dense weights, for information. The prompt: the first ``--prompt-tokens`` tokens of
-``wiki.test.raw`` in ``--data`` (a fixed sentence without it; seeded random ids for 'random').
+Every packed variant must decode the dense tokens, or the script exits with status 1 after the table;
+on CUDA (another summation order than cuBLAS) a first difference at a near-tie of the dense run's two
+best logits is reported, not failed. 2:4 is compared with its own dense weights, for information. The
+prompt: the start of ``wiki.test.raw`` in ``--data`` (a fixed sentence without it; random ids for 'random').
 """
 
 from __future__ import annotations
@@ -35,13 +31,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    MIB, TORCH_DTYPES, append, arg_parser, command_line, machine_info, markdown_table, max_rss_bytes, random_llama,
-    rss_bytes, spawn, timed, trim_heap)
+    MIB, TORCH_DTYPES, append, arg_parser, comma_list, command_line, machine_info, markdown_table,
+    max_rss_bytes, random_llama, rss_bytes, spawn, timed, trim_heap)
 
 import sparse_peft as sp  # noqa: E402
 from sparse_peft.data import load_model_and_tokenizer, load_text  # noqa: E402
 
 VARIANTS = ("dense", "packed", "packed-nocache", "2:4")
+TIE_TOLERANCE = 0.05  # CUDA: the largest top-2 logit gap of dense at which another token is a near-tie
 FALLBACK_PROMPT = "The history of the city begins in the first century, when a small fort was built on the river"
 
 
@@ -50,29 +47,25 @@ def parse_args(argv=None) -> argparse.Namespace:
                    model="hub id, local dir, .gguf, or 'random' (Llama-shaped random layers); default: SmolLM2-135M "
                    "GGUF on the CPU, 'random' on CUDA")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--hidden", type=int, default=4096, help="random model: hidden size (LLaMA-2-7B's)")
-    p.add_argument("--intermediate", type=int, default=11008, help="random model: MLP size")
-    p.add_argument("--layers", type=int, default=4, help="random model: decoder layers")
-    p.add_argument("--vocab", type=int, default=32000, help="random model: vocabulary")
+    for flag, default, what in (("--hidden", 4096, "hidden size"), ("--intermediate", 11008, "MLP size"),
+                                ("--layers", 4, "decoder layers"), ("--vocab", 32000, "vocabulary")):
+        p.add_argument(flag, type=int, default=default, help=f"random model: {what}")
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7])
-    p.add_argument("--variants", default=None, help=f"comma-separated of {','.join(VARIANTS)}; "
-                   "default dense,packed (and 2:4 on CUDA)")
+    p.add_argument("--variants", type=comma_list(str.strip, VARIANTS),
+                   help="comma-separated, with dense; default dense,packed (and 2:4 on CUDA)")
     p.add_argument("--dtype", choices=sorted(TORCH_DTYPES), help="default float32 on CPU, bfloat16 on CUDA")
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--prompt-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--tie-tolerance", type=float, default=None)
+    for flag, default in (("--new-tokens", 32), ("--prompt-tokens", 32), ("--repeats", 5)):
+        p.add_argument(flag, type=int, default=default)
     p.add_argument("--markdown", type=Path, help="also append the table (with command, hardware, date) here")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: measure one variant (a JSON job)
     args = p.parse_args(argv)
     cuda = args.device == "cuda"
     args.model = args.model or ("random" if cuda else None)
     args.dtype = TORCH_DTYPES[args.dtype or ("bfloat16" if cuda else "float32")]
-    args.tie_tolerance = args.tie_tolerance if args.tie_tolerance is not None else 0.05 if cuda else 0.0
-    args.variants = [v.strip() for v in (args.variants or ("dense,packed,2:4" if cuda else "dense,packed")).split(",")
-                     if v.strip()]
-    if any(v not in VARIANTS for v in args.variants) or "dense" not in args.variants:
-        p.error(f"--variants must include dense and name only {', '.join(VARIANTS)}; got {','.join(args.variants)}")
+    args.tie_tolerance = TIE_TOLERANCE if cuda else 0.0
+    args.variants = args.variants or ["dense", "packed", *(["2:4"] if cuda else [])]
+    if "dense" not in args.variants:
+        p.error(f"--variants must include dense; got {','.join(args.variants)}")
     if not all(0 < s < 1 for s in args.sparsities):
         p.error(f"--sparsities must lie in (0, 1), got {args.sparsities}")
     if min(args.new_tokens, args.prompt_tokens, args.repeats, args.threads) < 1:
@@ -123,7 +116,7 @@ def to_two_four(model) -> int:
     converted = 0
     for _, linear in sp.sparsity.named_linears(model):
         weight = to_semi_structured(linear.weight.detach(), measure=False)
-        if weight is not linear.weight:
+        if isinstance(weight, torch.sparse.SparseSemiStructuredTensor):  # else PyTorch refused it
             linear.weight = torch.nn.Parameter(weight, requires_grad=False)
             converted += 1
     return converted

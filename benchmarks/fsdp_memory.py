@@ -1,9 +1,7 @@
 """Per-rank memory of SEFT training under FSDP2 on CPU processes (gloo): one process vs
-``torchrun --standalone --nproc_per_node 2 benchmarks/fsdp_memory.py`` (setup: docs/distributed.md).
-
-Each rank prints the parameter bytes it holds after sharding and its resident set before and at
-its peak during training (``common.PeakMemory``, sampled every 2 ms). Run with
-``MALLOC_MMAP_THRESHOLD_=65536`` so freed tensors go back to the OS and RSS follows what is live.
+``torchrun --standalone --nproc_per_node 2 benchmarks/fsdp_memory.py``. Each rank prints the
+parameter bytes it holds and its RSS before and at its peak during training. Setup, commands (with
+``MALLOC_MMAP_THRESHOLD_=65536``: RSS then follows what is live) and results: docs/results/distributed.md.
 """
 
 import os

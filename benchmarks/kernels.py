@@ -5,15 +5,10 @@
     python benchmarks/kernels.py --ops decode --tokens 1 --markdown docs/results/kernels.md
     python benchmarks/kernels.py --device cpu --shapes 40x24 --tokens 1,20 --dtype float16   # no GPU
 
-Times are ``triton.testing.do_bench`` medians in ms over rotating copies of the weights (together at
-least twice the GPU's L2), against the same computation with cuBLAS (``dense``; the note says which
-GEMMs) and the op's PyTorch twin (``naive``); ``x dense`` / ``x naive`` above 1: the op is faster.
-Before timing, each row checks the op's output and gradients against the twin computed in fp32
-(``err op / naive``: ``max|got - fp32| / max|fp32|`` of the op and of the twin in the benchmark's
-dtype); a row whose error exceeds both the dtype's tolerance and twice the twin's fails, and the
-script exits with status 1 after the table. ``--device cpu`` runs the kernels in Triton's
-interpreter (its times measure nothing; keep shapes small) to test the script without a GPU; without
-it and without a GPU the script exits with status 2. More in docs/kernels.md.
+``x dense`` / ``x naive`` above 1: the op is faster. Each row first checks the op against its PyTorch
+twin in fp32 (``err op / naive``); a failed row makes the script exit with status 1 after the table.
+Without a GPU it exits with status 2, unless ``--device cpu`` (Triton's interpreter, whose times
+measure nothing). What is timed, and the tolerances: docs/kernels.md, section "Benchmark".
 """
 
 from __future__ import annotations
@@ -39,9 +34,8 @@ TOKENS = [1, 16, 4096]
 SPARSITIES = [0.5, 0.7, 0.9]
 OPS = ["spp", "sddmm", "masked", "decode", "2:4"]
 SPP_RANK = 16
-#: An op's error against the fp32 reference may exceed twice the naive reference's only up to this.
-#: fp32 allows for the accumulation order over K up to 11008; fp16/bf16 for the rounding of the
-#: merged SPP weight and of the outputs (a few units of the last place, relative to the largest).
+#: An op's error may exceed twice the naive reference's only up to this: fp32 for the accumulation order
+#: over K up to 11008, fp16/bf16 for the rounding of the merged SPP weight and of the outputs.
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 CPU_TIMED_CALLS = 3  # the interpreter's times mean nothing: as few calls as give a median
 HEADER = ["op", "shape (out x in)", "sparsity", "tokens", "op ms", "dense ms", "naive ms", "x dense", "x naive",
@@ -64,11 +58,10 @@ def parse_sparsity(text: str) -> float:
 
 def parse_args(argv=None):
     parser = arg_parser(__doc__)
-    parser.add_argument("--shapes", type=comma_list(parse_shape), default=",".join(f"{o}x{i}" for o, i in SHAPES),
-                        help="OUTxIN, comma separated")
-    parser.add_argument("--tokens", type=comma_list(int), default=",".join(map(str, TOKENS)))
-    parser.add_argument("--sparsities", type=comma_list(parse_sparsity), default=",".join(map(str, SPARSITIES)))
-    parser.add_argument("--ops", type=comma_list(str), default=",".join(OPS), help=f"subset of {','.join(OPS)}")
+    parser.add_argument("--shapes", type=comma_list(parse_shape), default=SHAPES, help="OUTxIN,OUTxIN,...")
+    parser.add_argument("--tokens", type=comma_list(int), default=TOKENS)
+    parser.add_argument("--sparsities", type=comma_list(parse_sparsity), default=SPARSITIES)
+    parser.add_argument("--ops", type=comma_list(str, OPS), default=OPS, help=f"subset of {','.join(OPS)}")
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(TORCH_DTYPES))
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                         help="cpu: the kernels in Triton's interpreter, to test the script (times mean nothing)")
@@ -77,9 +70,6 @@ def parse_args(argv=None):
     parser.add_argument("--markdown", type=Path, help="also append the table (with device and command) here")
     parser.add_argument("--jsonl", type=Path, help="also append each row here as soon as it is measured")
     args = parser.parse_args(argv)
-    unknown = set(args.ops) - set(OPS)
-    if unknown:
-        parser.error(f"unknown ops {sorted(unknown)}; choose from {OPS}")
     if args.quick:
         args.shapes, args.tokens, args.sparsities = [(4096, 4096)], [1, 4096], [0.5]
     args.dtype = TORCH_DTYPES[args.dtype]
@@ -124,11 +114,13 @@ class Grid:
         return [self.time(fn, arg_sets) for fn in fns]
 
 
-def fwd_bwd(forward, inputs):
-    """A closure timing forward + backward w.r.t. ``inputs`` (gradients not accumulated)."""
-    def run(*args):
-        y = forward(*args)
-        torch.autograd.grad(y, inputs(*args), torch.ones_like(y))
+def fwd_bwd(fn, x, wrt):
+    """A closure timing ``fn(x, *weights)`` forward + backward w.r.t. the arguments at ``wrt`` (gradients
+    not accumulated)."""
+    def run(*weights):
+        inputs = (x, *weights)
+        y = fn(*inputs)
+        torch.autograd.grad(y, [inputs[i] for i in wrt], torch.ones_like(y))
     return run
 
 
@@ -178,24 +170,29 @@ def failed(r, dtype) -> bool:
 # --- one row per op ---------------------------------------------------------------------------------
 
 
+def training_row(grid, name, shape, sparsity, tokens, sets, x, op, naive, wrt, dense_wrt, note):
+    """The row of a training op ``op(x, *weights)``: accuracy, and forward + backward against ``naive`` and
+    ``F.linear(x, weight)`` (gradients w.r.t. the arguments at ``wrt``, for dense at ``dense_wrt``)."""
+    errors = accuracy(op, naive, (x, *sets[0]), wrt=wrt)
+    times = grid.times(sets, fwd_bwd(op, x, wrt), fwd_bwd(lambda x, w, *_: F.linear(x, w), x, dense_wrt),
+                       fwd_bwd(naive, x, wrt))
+    return row(name, shape, sparsity, tokens, *times, errors, note=note)
+
+
 def bench_spp(grid, shape, sparsity, tokens):
     from sparse_peft import ops
 
     out_f, in_f = shape
-    sets = []
-    for _ in range(grid.copies_for(out_f * in_f * grid.dtype.itemsize)):
-        # A, b stay fp32 (as in the layer); b is small, as after a little training.
-        sets.append((grid.pruned(shape, sparsity), grid.randn(SPP_RANK, in_f, dtype=torch.float32,
-                     scale=in_f**-0.5, requires_grad=True),
-                     grid.randn(out_f, 1, dtype=torch.float32, scale=1e-2, requires_grad=True)))
-    x = grid.randn(tokens, in_f, requires_grad=True)
-    errors = accuracy(lambda x, w, A, b: ops.spp_linear(x, w, A, b, 1.0, backend="triton"),
-                      lambda x, w, A, b: ops.spp_linear_reference(x, w, A, b, 1.0), (x, *sets[0]), wrt=(0, 2, 3))
-    kernel = fwd_bwd(lambda w, A, b: ops.spp_linear(x, w, A, b, 1.0, backend="triton"), lambda w, A, b: (x, A, b))
-    dense = fwd_bwd(lambda w, A, b: F.linear(x, w), lambda w, A, b: (x,))
-    naive = fwd_bwd(lambda w, A, b: ops.spp_linear_reference(x, w, A, b, 1.0), lambda w, A, b: (x, A, b))
-    return row("spp_linear fwd+bwd", shape, sparsity, tokens, *grid.times(sets, kernel, dense, naive), errors,
-               note="dense: y and dX GEMMs")
+    # A, b stay fp32 (as in the layer); b is small, as after a little training.
+    sets = [(grid.pruned(shape, sparsity),
+             grid.randn(SPP_RANK, in_f, dtype=torch.float32, scale=in_f**-0.5, requires_grad=True),
+             grid.randn(out_f, 1, dtype=torch.float32, scale=1e-2, requires_grad=True))
+            for _ in range(grid.copies_for(out_f * in_f * grid.dtype.itemsize))]
+    return training_row(grid, "spp_linear fwd+bwd", shape, sparsity, tokens, sets,
+                        grid.randn(tokens, in_f, requires_grad=True),
+                        lambda x, w, A, b: ops.spp_linear(x, w, A, b, 1.0, backend="triton"),
+                        lambda x, w, A, b: ops.spp_linear_reference(x, w, A, b, 1.0), (0, 2, 3), (0,),
+                        "dense: y and dX GEMMs")
 
 
 def bench_sddmm(grid, shape, sparsity, tokens):
@@ -214,18 +211,12 @@ def bench_sddmm(grid, shape, sparsity, tokens):
 def bench_masked(grid, shape, sparsity, tokens):
     from sparse_peft import ops
 
-    sets = []
-    for _ in range(grid.copies_for(shape[0] * shape[1] * (grid.dtype.itemsize + 1))):  # weight + bool mask
-        weight = grid.pruned(shape, sparsity)
-        sets.append((weight.requires_grad_(), weight != 0))
-    x = grid.randn(tokens, shape[1], requires_grad=True)
-    errors = accuracy(lambda x, w, m: ops.masked_linear(x, w, m, backend="triton"), ops.masked_linear_reference,
-                      (x, *sets[0]), wrt=(0, 1))
-    kernel = fwd_bwd(lambda w, m: ops.masked_linear(x, w, m, backend="triton"), lambda w, m: (x, w))
-    dense = fwd_bwd(lambda w, m: F.linear(x, w), lambda w, m: (x, w))
-    naive = fwd_bwd(lambda w, m: ops.masked_linear_reference(x, w, m), lambda w, m: (x, w))
-    return row("masked_linear fwd+bwd", shape, sparsity, tokens, *grid.times(sets, kernel, dense, naive), errors,
-               note="dense: y, dX, dW GEMMs")
+    weights = [grid.pruned(shape, sparsity).requires_grad_()  # each copy: the weight and its bool mask
+               for _ in range(grid.copies_for(shape[0] * shape[1] * (grid.dtype.itemsize + 1)))]
+    return training_row(grid, "masked_linear fwd+bwd", shape, sparsity, tokens,
+                        [(w, w != 0) for w in weights], grid.randn(tokens, shape[1], requires_grad=True),
+                        lambda x, w, m: ops.masked_linear(x, w, m, backend="triton"),
+                        ops.masked_linear_reference, (0, 1), (0, 1), "dense: y, dX, dW GEMMs")
 
 
 def bench_decode(grid, shape, sparsity, tokens):
@@ -233,15 +224,14 @@ def bench_decode(grid, shape, sparsity, tokens):
 
     out_f, in_f = shape
     dense_weights = [grid.pruned(shape, sparsity) for _ in range(grid.copies_for(out_f * in_f * grid.dtype.itemsize))]
-    packed = [(ops.pack_bitmask(w),) for w in dense_weights]
-    x = grid.randn(tokens, in_f)
+    sets = [(ops.pack_bitmask(w), w) for w in dense_weights]
+    p, x = sets[0][0], grid.randn(tokens, in_f)
     with torch.no_grad():
         errors = accuracy(lambda x, p: ops.bitmask_linear(x, p, backend="triton"), ops.bitmask_linear_reference,
-                          (x, packed[0][0]), truth_inputs=(x.float(), ops.pack_bitmask(dense_weights[0].float())))
-        kernel = grid.time(lambda p: ops.bitmask_linear(x, p, backend="triton"), packed)
-        dense = grid.time(lambda w: F.linear(x, w), [(w,) for w in dense_weights])
-        naive = grid.time(lambda p: ops.bitmask_linear_reference(x, p), packed)
-    p = packed[0][0]
+                          (x, p), truth_inputs=(x.float(), ops.pack_bitmask(dense_weights[0].float())))
+        kernel, dense, naive = grid.times(sets, lambda p, w: ops.bitmask_linear(x, p, backend="triton"),
+                                          lambda p, w: F.linear(x, w),
+                                          lambda p, w: ops.bitmask_linear_reference(x, p))
     moved = (p.values.numel() * p.values.element_size() + p.bits.numel() + p.row_offsets.numel() * 8
              + x.numel() * x.element_size() + tokens * out_f * x.element_size())
     return row("bitmask decode", shape, sparsity, tokens, kernel, dense, naive, errors,
@@ -262,16 +252,17 @@ def bench_two_four(grid, shape, tokens):
     reason = ops.semi_structured_unsupported_reason(dense_weights[0])
     if reason is not None:
         return not_run(reason)
-    sparse = [(ops.to_semi_structured(w, probe_tokens=max(tokens, 16), measure=False),) for w in dense_weights]
-    if sparse[0][0] is dense_weights[0]:
+    sets = [(ops.to_semi_structured(w, probe_tokens=max(tokens, 16), measure=False), w)
+            for w in dense_weights]
+    if sets[0][0] is dense_weights[0]:
         return not_run("torch refused this shape")
     x = grid.randn(tokens, shape[1])
     with torch.no_grad():
         errors = accuracy(lambda x, w: ops.semi_structured_linear(x, w, backend="triton"),
-                          ops.semi_structured_linear_reference, (x, sparse[0][0]),
+                          ops.semi_structured_linear_reference, (x, sets[0][0]),
                           truth_inputs=(x.float(), dense_weights[0].float()))
-        kernel = grid.time(lambda w: ops.semi_structured_linear(x, w, backend="triton"), sparse)
-        dense = grid.time(lambda w: F.linear(x, w), [(w,) for w in dense_weights])
+        kernel, dense = grid.times(sets, lambda s, w: ops.semi_structured_linear(x, s, backend="triton"),
+                                   lambda s, w: F.linear(x, w))
     return row("2:4 semi-structured", shape, 0.5, tokens, kernel, dense, dense, errors, note="naive = dense")
 
 
@@ -297,24 +288,22 @@ def markdown(rows, dtype) -> str:
 def ready(device: str) -> str | None:
     """Why the grid cannot run on ``device`` here, or ``None``."""
     if device == "cuda":
-        if torch.cuda.is_available():
-            return None
-        return ("benchmarks/kernels.py needs a CUDA GPU (the Triton kernels and cuBLAS baselines are timed there); "
-                "none is visible here, so nothing was measured. To run the script itself on the CPU, with the "
-                "kernels in Triton's interpreter: --device cpu --shapes 40x24 --tokens 1,20 --sparsities 0.5")
+        return None if torch.cuda.is_available() else (
+            "benchmarks/kernels.py needs a CUDA GPU (the Triton kernels and cuBLAS baselines are timed there); "
+            "none is visible here, so nothing was measured. To run the script itself on the CPU, with the "
+            "kernels in Triton's interpreter: --device cpu --shapes 40x24 --tokens 1,20 --sparsities 0.5")
     if "triton" not in sys.modules:  # the interpreter must be chosen before triton is first imported
         os.environ.setdefault("TRITON_INTERPRET", "1")
     from sparse_peft.kernels import _common
 
-    if _common.INTERPRET and _common.LANGUAGE_INTERPRETED:
-        return None
-    return ("--device cpu runs the kernels in Triton's interpreter, which is off in this process (TRITON_INTERPRET="
-            f"{os.environ.get('TRITON_INTERPRET')!r}, or set only after triton was imported); run with "
-            "TRITON_INTERPRET=1")
+    return None if _common.INTERPRET and _common.LANGUAGE_INTERPRETED else (
+        "--device cpu runs the kernels in Triton's interpreter, which is off in this process "
+        f"(TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r}, or set only after triton was imported); "
+        "run with TRITON_INTERPRET=1")
 
 
-def measure(args, add) -> None:
-    """Every row of the grid, each handed to ``add`` as soon as it is measured."""
+def measure(args):
+    """Every row of the grid, each yielded as soon as it is measured."""
     grid = Grid(args.device, args.dtype, torch.Generator(device=args.device).manual_seed(0), args.rep)
     benches = [(op, bench) for op, bench in (("spp", bench_spp), ("sddmm", bench_sddmm), ("masked", bench_masked),
                                              ("decode", bench_decode)) if op in args.ops]
@@ -323,12 +312,12 @@ def measure(args, add) -> None:
             for tokens in args.tokens:
                 for op, bench in benches:
                     if op != "decode" or tokens <= 16:
-                        add(bench(grid, shape, sparsity, tokens))
+                        yield bench(grid, shape, sparsity, tokens)
                 if args.device == "cuda":
                     torch.cuda.empty_cache()
         if "2:4" in args.ops:
             for tokens in args.tokens:
-                add(bench_two_four(grid, shape, tokens))
+                yield bench_two_four(grid, shape, tokens)
 
 
 def main(argv=None) -> int:
@@ -337,25 +326,22 @@ def main(argv=None) -> int:
     if reason is not None:
         print(reason, file=sys.stderr)
         return 2
+    print(markdown([], args.dtype), flush=True)
     rows = []
-
-    def add(new_row):
+    for new_row in measure(args):
         rows.append(new_row)
         print(table_row(cells(new_row, args.dtype)), flush=True)
         if args.jsonl:
             append_jsonl(args.jsonl, [new_row])
-
-    print(markdown([], args.dtype), flush=True)
-    measure(args, add)
     device = torch.cuda.get_device_name(0) if args.device == "cuda" else (
         f"CPU ({platform.processor() or platform.machine()}), kernels in Triton's interpreter: the times show that "
         "the script runs end to end and measure nothing")
     header = (f"Device: {device}; torch {torch.__version__}; "
               f"dtype {str(args.dtype).replace('torch.', '')}\nCommand: {command_line(__file__, argv)}\n")
-    print("\n" + header + "\n" + markdown(rows, args.dtype))
+    text = header + "\n" + markdown(rows, args.dtype)
+    print("\n" + text)
     if args.markdown:
-        append(args.markdown, "\n## Triton kernels (benchmarks/kernels.py)\n\n" + header + "\n"
-               + markdown(rows, args.dtype) + "\n")
+        append(args.markdown, "\n## Triton kernels (benchmarks/kernels.py)\n\n" + text + "\n")
     bad = [r for r in rows if failed(r, args.dtype)]
     if bad:
         print(f"FAILED: in {len(bad)} rows the op's error exceeds both the {args.dtype} tolerance "

@@ -4,13 +4,9 @@
     python benchmarks/pruning.py --model HuggingFaceTB/SmolLM2-135M --methods wanda --sparsities 0.5
     python benchmarks/pruning.py --methods wanda,sparsegpt --sparsities 0.7,2:4 --induce   # with vs without
 
-``--induce`` (= ``both``) adds a "<method>+induce" row after every method: the same pruner after
-Sparsity Induction's function-preserving scales (docs/induction.md) with the same calibration;
-``--induce only`` runs only those.
-
-Prints a markdown table, appends one JSON line per run to --out, and with --markdown FILE writes the
-table into FILE under the heading "## Pruning (sparse_peft.prune) on <model>" (other sections of
-FILE are kept).
+``--induce`` adds a "<method>+induce" row after every method: the same pruner after Sparsity Induction
+(docs/induction.md); ``--induce only`` runs only those. Prints a markdown table and appends one JSON line
+per run to --out; ``--markdown FILE`` (re)writes this script's section of FILE, keeping the others.
 """
 
 from __future__ import annotations
@@ -27,10 +23,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    MODEL_HELP, append_jsonl, arg_parser, calibration_batches_from_text, command_line, machine_info, markdown_table)
+    MODEL_HELP, append_jsonl, arg_parser, comma_list, command_line, machine_info, markdown_table)
 
 import sparse_peft.sparsity as sps  # noqa: E402
-from sparse_peft.data import load_model_and_tokenizer, load_text, perplexity  # noqa: E402
+from sparse_peft.data import (  # noqa: E402
+    load_model_and_tokenizer, load_text, perplexity, random_windows, token_ids)
 from sparse_peft.sparsity.prune import ALLOCATIONS  # noqa: E402
 
 # Reference figures measured on the default model before this script existed (SmolLM2-135M-Instruct Q4_1 GGUF, 24 x 512
@@ -42,12 +39,14 @@ REFERENCE_PPL = {
     ("magnitude", "2:4"): 1581.7, ("wanda", "2:4"): 236.4, ("sparsegpt", "2:4"): 124.2,
 }
 SECTION_TITLE = "## Pruning (`sparse_peft.prune`) on SmolLM2-135M"  # the heading in docs/results/pruning.md
+INDUCE_RUNS = {"no": (False,), "only": (True,), "both": (False, True)}  # --induce: without, with induction
 
 
 def parse_args(argv=None):
     parser = arg_parser(__doc__, model=MODEL_HELP, data="dir with wiki.test.raw and wiki.valid.tokens", threads=2)
-    parser.add_argument("--methods", default="magnitude,wanda,sparsegpt")
-    parser.add_argument("--sparsities", default="0.5,0.7,2:4", help="comma list of fractions and N:M patterns")
+    parser.add_argument("--methods", type=comma_list(str), default=["magnitude", "wanda", "sparsegpt"])
+    parser.add_argument("--sparsities", type=comma_list(str), default=["0.5", "0.7", "2:4"],
+                        help="comma list of fractions and N:M patterns")
     parser.add_argument("--allocation", default="uniform", choices=ALLOCATIONS)
     parser.add_argument("--induce", nargs="?", const="both", default="no", choices=["no", "only", "both"],
                         help="Sparsity Induction before pruning: rows '<method>+induce' (bare flag: both)")
@@ -55,16 +54,13 @@ def parse_args(argv=None):
     parser.add_argument("--induce-pairs", default=None,
                         help="induce_sparsity folds, comma-separated (a subset of qkv,gate_up,vo,down); default: "
                              "prune's (all four; the column folds qkv,gate_up for unstructured sparsegpt)")
-    parser.add_argument("--calib-samples", type=int, default=128)
-    parser.add_argument("--calib-seq-len", type=int, default=512)
-    parser.add_argument("--eval-windows", type=int, default=24)
-    parser.add_argument("--eval-seq-len", type=int, default=512)
-    parser.add_argument("--seed", type=int, default=0)
+    for flag, default in (("--calib-samples", 128), ("--calib-seq-len", 512), ("--eval-windows", 24),
+                          ("--eval-seq-len", 512), ("--seed", 0)):
+        parser.add_argument(flag, type=int, default=default)
     parser.add_argument("--out", default="results.jsonl", help="JSON lines appended here")
     parser.add_argument("--markdown", default=None, help="markdown file whose pruning section is (re)written")
-    parser.add_argument("--from-results", action="store_true",
-                        help="run nothing: rebuild the table (and --markdown) from the latest rows of --out that "
-                             "match --model/--calib-*/--seed/--allocation (e.g. after a run split in parts)")
+    parser.add_argument("--from-results", action="store_true", help="run nothing: rebuild the table (and "
+                        "--markdown) from the latest rows of --out with these settings")
     return parser.parse_args(argv)
 
 
@@ -99,7 +95,7 @@ def markdown_section(rows: list[dict], model: str | None, fields: dict) -> str:
         f"- evaluation: perplexity on the {fields['eval']}",
         f"- allocation: {allocation}; global sparsity counts every linear but the output head{dense_note}",
         *(["- '+induce' rows: the same pruner after `sp.induce_sparsity` (docs/induction.md), same calibration"]
-          if fields.get("induce", "no") != "no" else []),
+          if fields["induce"] != "no" else []),
         f"- machine: {fields['machine']}",
         "",
         results_table(rows, with_reference=model is None and allocation == "uniform"),
@@ -130,8 +126,7 @@ def rows_from_results(path: str, fields: dict, methods: list[str], targets: list
         row = json.loads(line)
         if all(row.get(key) == fields[key] for key in ("model", "calibration", "eval", "allocation")):
             latest[(row["method"], row["target"])] = row
-    label = fields.get("induce_label", "+induce")
-    suffixes = {"no": [""], "only": [label], "both": ["", label]}[fields.get("induce", "no")]
+    suffixes = [fields["induce_label"] if induce else "" for induce in INDUCE_RUNS[fields["induce"]]]
     keys = [("dense", "-")] + [(m + s, t) for t in targets for m in methods for s in suffixes]
     missing = [key for key in keys if key not in latest]
     if missing:
@@ -144,15 +139,15 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     if args.from_results:
         fields = settings_fields(args, command="")
-        rows = rows_from_results(args.out, fields, args.methods.split(","), args.sparsities.split(","))
+        rows = rows_from_results(args.out, fields, args.methods, args.sparsities)
         commands = sorted({row["command"] for row in rows})
         return publish(rows, args, {**fields, "command": "`; `".join(commands), "machine": rows[-1]["machine"]})
 
     model, tokenizer = load_model_and_tokenizer(args.model)
-    eval_ids = tokenizer(load_text(Path(args.data) / "wiki.test.raw"), add_special_tokens=False)["input_ids"]
-    eval_ids = torch.tensor(eval_ids[: args.eval_windows * args.eval_seq_len + 1])
-    calibration = calibration_batches_from_text(tokenizer, load_text(Path(args.data) / "wiki.valid.tokens"),
-                                                n=args.calib_samples, seq_len=args.calib_seq_len, seed=args.seed)
+    eval_ids = token_ids(tokenizer, load_text(Path(args.data) / "wiki.test.raw"))
+    eval_ids = eval_ids[: args.eval_windows * args.eval_seq_len + 1]
+    calibration = random_windows(token_ids(tokenizer, load_text(Path(args.data) / "wiki.valid.tokens")),
+                                 n=args.calib_samples, seq_len=args.calib_seq_len, seed=args.seed)
     fields = settings_fields(args, command_line(__file__, argv))
 
     def measure(row, pruned, prune_seconds):
@@ -167,9 +162,9 @@ def main(argv=None):
 
     rows = [measure({"method": "dense", "target": "-", "global_sparsity": sps.sparsity_report(model).global_sparsity},
                     model, 0.0)]
-    for target in args.sparsities.split(","):
-        for method in args.methods.split(","):
-            for induce in {"no": [False], "only": [True], "both": [False, True]}[args.induce]:
+    for target in args.sparsities:
+        for method in args.methods:
+            for induce in INDUCE_RUNS[args.induce]:
                 pruned = copy.deepcopy(model)  # every run starts from the dense weights
                 start = time.time()
                 report = sps.prune(pruned, method=method, calibration=calibration, allocation=args.allocation,
@@ -183,10 +178,8 @@ def main(argv=None):
 
 
 def induce_options(args) -> dict:
-    options = {"alpha": args.induce_alpha}
-    if args.induce_pairs:
-        options["pairs"] = tuple(args.induce_pairs.split(","))
-    return options
+    pairs = {"pairs": tuple(args.induce_pairs.split(","))} if args.induce_pairs else {}
+    return {"alpha": args.induce_alpha, **pairs}
 
 
 def induce_label(args) -> str:

@@ -4,11 +4,8 @@
     python benchmarks/sweep.py --threads 1        # run every missing row, then render
     python benchmarks/sweep.py --render-only      # markdown tables + PNG from the results file
 
-The default plan is the recovery table: every method at 50%, 70% and 2:4 with CE, SquareHead for the four
-sparse methods at 70%, and the dense reference row (``--method lora --sparsity 0``); every row gets the same
-tokens and schedule, only the lr differs per method. A row is done when the results file holds a row with
-its ``row_key``. Each missing row runs recovery.py in its own subprocess: a crash fails that row only, and
-``peak_mem_mb`` is the row's own. docs/results/sweep.md describes the options, the keys and the rendered tables.
+Each missing row runs recovery.py in its own subprocess: a crash fails that row only, and ``peak_mem_mb``
+is the row's own. The default plan, the row keys, the options and the tables: docs/results/sweep.md.
 """
 
 from __future__ import annotations
@@ -33,9 +30,9 @@ import sparse_peft as sp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import recovery  # noqa: E402
 import recovery_table  # noqa: E402
+from common import REPO_ROOT, append_jsonl, comma_list  # noqa: E402
 from recovery_table import LOSS_LABELS, markdown_table  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 RECOVERY_SCRIPT = Path(__file__).resolve().with_name("recovery.py")
 METHODS = ("masked_lora", "spp", "seft", "spt", "lora")
 SPARSE_METHODS = METHODS[:4]
@@ -58,12 +55,9 @@ RowKey = namedtuple("RowKey", "method pruner target loss squarehead steps seq_le
 
 def parse_target(text: str) -> str:
     """A ``--targets`` entry as the sweep names it: ``"0.5"`` (also from ``50%``) or ``"2:4"``."""
-    try:
-        target = sp.parse_target(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+    target = sp.parse_target(text)
     if target.get("sparsity") == 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: sparsity 0 is the dense reference row (on unless --no-dense)")
+        raise ValueError(f"{text!r}: sparsity 0 is the dense reference row (on unless --no-dense)")
     return target.get("pattern") or f"{target['sparsity']:g}"
 
 
@@ -116,9 +110,8 @@ def row_key(row: dict) -> RowKey:
 
 def has_arc(row: dict, questions: int) -> bool:
     """The row holds ARC-Easy before and after on ``questions`` questions (any number when negative: all)."""
-    if row.get("arc_easy_acc_before") is None or row.get("arc_easy_acc_after") is None:
-        return False
-    return questions < 0 or row.get("arc_easy_questions") == questions
+    measured = row.get("arc_easy_acc_before") is not None and row.get("arc_easy_acc_after") is not None
+    return measured and (questions < 0 or row.get("arc_easy_questions") == questions)
 
 
 @dataclass(frozen=True)
@@ -160,17 +153,6 @@ class Job:
         return argv + shlex.split(settings.extra_args)
 
 
-def comma_list(choices=None, convert=str):
-    def parse(text: str) -> list:
-        values = [convert(v) for v in text.split(",") if v.strip()]
-        bad = [v for v in values if choices is not None and v not in choices]
-        if bad:
-            raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {', '.join(choices)}")
-        return values
-
-    return parse
-
-
 def parse_lr(text: str) -> dict[str, float]:
     out = {}
     for item in text.split(","):
@@ -184,43 +166,37 @@ def parse_lr(text: str) -> dict[str, float]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("what to run")
-    g.add_argument("--methods", type=comma_list(METHODS), default=list(METHODS))
-    g.add_argument("--targets", type=comma_list(convert=parse_target), default=["0.5", "0.7", "2:4"],
-                   help="sparsities (0.5 or 50%%) and N:M patterns, comma-separated")
-    g.add_argument("--losses", type=comma_list(tuple(LOSS_LABELS)), default=None,
-                   help="comma-separated (default: ce,squarehead)")
-    g.add_argument("--squarehead-targets", default=None,
-                   help="targets of the SquareHead rows, comma-separated and among --targets, or 'all' for every "
-                        f"--targets (default: {DEFAULT_SQUAREHEAD_TARGET} when it is among --targets)")
-    g.add_argument("--squarehead-methods", type=comma_list(METHODS), default=list(SPARSE_METHODS),
+    g.add_argument("--methods", type=comma_list(str, METHODS), default=list(METHODS))
+    targets = comma_list(parse_target)
+    g.add_argument("--targets", type=targets, default=["0.5", "0.7", "2:4"], help="0.5 or 50%%, N:M")
+    g.add_argument("--losses", type=comma_list(str, tuple(LOSS_LABELS)), help="default: ce,squarehead")
+    g.add_argument("--squarehead-targets", type=lambda s: "all" if s.strip() == "all" else targets(s),
+                   help="targets of the SquareHead rows, among --targets, or 'all' (default: "
+                        f"{DEFAULT_SQUAREHEAD_TARGET} when it is among --targets)")
+    g.add_argument("--squarehead-methods", type=comma_list(str, METHODS), default=list(SPARSE_METHODS),
                    help="methods with SquareHead rows (intersected with --methods)")
-    g.add_argument("--no-dense", dest="dense", action="store_false",
-                   help="leave out the dense reference row (--method lora --sparsity 0, CE)")
+    g.add_argument("--no-dense", dest="dense", action="store_false", help="leave out the dense reference row")
     g.add_argument("--lr", type=parse_lr, action="append", default=[],
-                   help="per-method lr, e.g. --lr spp=3e-3,lora=2e-4 (defaults: "
+                   help="per-method lr, e.g. spp=3e-3,lora=2e-4 (defaults: "
                         + ", ".join(f"{m} {lr:g}" for m, lr in DEFAULT_LR.items()) + ")")
     b = p.add_argument_group("budget and settings (passed to recovery.py; part of a row's key)")
     b.add_argument("--pruner", default="wanda", choices=["wanda", "sparsegpt", "magnitude"])
     for name in KEY_SETTINGS:
         b.add_argument("--" + name.replace("_", "-"), type=int, default=RECOVERY_DEFAULTS[name])
-    b.add_argument("--squarehead-lambda", dest="squarehead_lambdas", type=comma_list(convert=float),
-                   default=[RECOVERY_DEFAULTS["squarehead_lambda"]],
-                   help="SquareHead's λ; comma-separated for one row per value, e.g. 1,0.1")
+    b.add_argument("--squarehead-lambda", dest="squarehead_lambdas", type=comma_list(float),
+                   default=[RECOVERY_DEFAULTS["squarehead_lambda"]], help="SquareHead's λ: one row each")
     b.add_argument("--teacher", default=None, help="SquareHead teacher model (default: the dense model, untuned)")
-    b.add_argument("--extra-args", default="",
-                   help="more recovery.py flags for every row, one string, e.g. \"--spp-r 32\"")
+    b.add_argument("--extra-args", default="", help="more recovery.py flags for every row, one string")
     r = p.add_argument_group("passed to recovery.py, not part of the key")
-    r.add_argument("--arc-easy", type=int, default=0,
-                   help="zero-shot ARC-Easy before and after on this many questions (-1: all). Not part of the "
-                        "key, but a finished row without these ARC figures is run again")
+    r.add_argument("--arc-easy", type=int, default=0, help="zero-shot ARC-Easy before and after on this many "
+                   "questions (-1: all); a finished row without these ARC figures is run again")
     for flag in ("--model", "--data", "--cache-dir"):
         r.add_argument(flag, default=None)
     r.add_argument("--threads", type=int, default=None)
     o = p.add_argument_group("files and modes")
     o.add_argument("--results", default=str(REPO_ROOT / "benchmarks" / "results" / "recovery.jsonl"),
                    help="JSON lines read to skip finished rows, and appended to")
-    o.add_argument("--log-dir", default=str(REPO_ROOT / "runs" / "sweep-logs"),
-                   help="one log (stdout and stderr) per recovery.py run")
+    o.add_argument("--log-dir", default=str(REPO_ROOT / "runs" / "sweep-logs"), help="one log per row")
     o.add_argument("--dry-run", action="store_true", help="print what would run, run nothing")
     o.add_argument("--render-only", action="store_true", help="render from --results, run nothing")
     o.add_argument("--no-render", dest="render", action="store_false", help="do not render after running")
@@ -237,17 +213,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.losses = args.losses if losses_given else list(LOSS_LABELS)
     if args.squarehead_targets is None:  # the recovery table's SquareHead rows are at 70%, when the sweep has it
         args.squarehead_targets = [t for t in (DEFAULT_SQUAREHEAD_TARGET,) if t in args.targets]
-    elif args.squarehead_targets.strip() == "all":
+    elif args.squarehead_targets == "all":
         args.squarehead_targets = list(args.targets)
-    else:
-        try:
-            args.squarehead_targets = comma_list(convert=parse_target)(args.squarehead_targets)
-        except argparse.ArgumentTypeError as e:
-            p.error(f"--squarehead-targets: {e}")
-        outside = [t for t in args.squarehead_targets if t not in args.targets]
-        if outside:  # a SquareHead row at a target the sweep was not asked for would run unnoticed
-            p.error(f"--squarehead-targets {','.join(outside)} not among --targets {','.join(args.targets)}: "
-                    "add it to --targets, or name SquareHead targets among them (or 'all')")
+    outside = [t for t in args.squarehead_targets if t not in args.targets]
+    if outside:  # a SquareHead row at a target the sweep was not asked for would run unnoticed
+        p.error(f"--squarehead-targets {','.join(outside)} not among --targets {','.join(args.targets)}: "
+                "add it to --targets, or name SquareHead targets among them (or 'all')")
     if losses_given and "squarehead" in args.losses and not args.squarehead_targets:
         p.error(f"--losses squarehead: no SquareHead target among --targets {','.join(args.targets)} (the default "
                 f"SquareHead target is {target_label(DEFAULT_SQUAREHEAD_TARGET)}); pass --squarehead-targets "
@@ -326,8 +297,7 @@ def record(row: dict, job: Job, args) -> dict:
         raise RecoveryFailed(f"row key {row_key(row)} does not match the job's {row_key(known)}; "
                              f"the row, not recorded: {json.dumps(row)}")
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.results, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    append_jsonl(args.results, [row])
     return row
 
 
@@ -560,10 +530,8 @@ def render_png(args, path) -> Optional[Path]:
     # beside the axes, not on them: inside, it covered the low-ppl lines and the reference lines
     ax_ppl.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     # one bar per method: its CE row at the first target it has (the count barely moves with the target)
-    params = {}
-    for job, row in found.items():
-        if job.loss == "ce" and job.target != DENSE:
-            params.setdefault(job.method, row["trainable_params"])
+    params = {job.method: row["trainable_params"] for job, row in reversed(found.items())
+              if job.loss == "ce" and job.target != DENSE}
     methods = [m for m in args.methods if m in params]
     bars = ax_params.bar(methods, [params[m] for m in methods], color=[colors[m] for m in methods])
     ax_params.bar_label(bars, labels=[f"{params[m]:,}" for m in methods], fontsize=7)
