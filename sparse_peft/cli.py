@@ -467,22 +467,11 @@ def cmd_demo(args) -> None:
 
 # --- the parser ------------------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
-    from .recovery import add_recipe_flags
+MODEL_HELP = "hub id, local dir, .gguf, or sparse checkpoint dir (default: the SmolLM2-135M GGUF)"
 
-    parser = argparse.ArgumentParser(prog="sparse-peft", description=__doc__.replace("``", ""),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def add(name, help_text, func, description=None):
-        p = sub.add_parser(name, help=help_text, description=description or help_text)
-        p.set_defaults(func=func)
-        return p
-
-    model_help = "hub id, local dir, .gguf, or sparse checkpoint dir (default: the SmolLM2-135M GGUF)"
-
-    p = add("prune", "one-shot prune a model and save it", cmd_prune)
-    p.add_argument("--model", default=None, help=model_help)
+def _prune_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--method", default="wanda", choices=PRUNE_METHODS)
     group = p.add_mutually_exclusive_group()
@@ -496,14 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="sparse", choices=("sparse", "dense"),
                    help="sparse: compressed checkpoint (save_sparse); dense: plain transformers checkpoint")
 
-    p = add("finetune", "fine-tune a pruned model keeping its sparsity (HF Trainer), merge, save", cmd_finetune,
-            "Fine-tune with a sparse-peft method through the HF Trainer, merge the adapter (sparsity kept), "
-            "save the merged model to --out and the adapter to --out/adapter. Checkpoints go to "
-            "--out/checkpoints; --resume-from-checkpoint continues from the last one (or a given one). "
-            "Single process only (multi-process / accelerate launch is not wired into the CLI yet). "
-            "SPT (--method spt) is refused: its prompts are extra key/value positions that cannot be merged "
-            "into the weights, so there is no merged model to save; train it from Python (docs/spt.md).")
-    p.add_argument("--model", default=None, help=model_help)
+
+def _finetune_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--data", required=True, help="training text file")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--method", default="spp", choices=FINETUNE_METHODS + ("spt",),
@@ -530,16 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resume: alone, from the last checkpoint in --out/checkpoints; or from this directory")
     p.add_argument("--format", default="sparse", choices=("sparse", "dense"))
 
-    p = add("recover", "prune, fine-tune, merge and check in one go (sp.recover), with a default recipe per target",
-            cmd_recover,
-            "Prune the model to --sparsity or --pattern and win back its accuracy: one-shot pruning (with "
-            "Sparsity Induction when the recipe has it), optional block-wise reconstruction, fine-tuning with a "
-            "sparsity-preserving method on --data, merge, and a check that every layer is exactly at the target. "
-            "The recipe is sp.DEFAULT_RECIPES' for the target (provisional: chosen on wiki.test windows, not on a "
-            "validation split); each flag below overrides one setting. Writes the merged model to --out (what "
-            "eval, export and report read) and the recipe and each stage's settings and seconds to "
-            "--out/recipe.json (docs/recover.md).")
-    p.add_argument("--model", default=None, help=model_help)
+
+def _recover_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--data", help="training and calibration text file (default: the bundled WikiText-2 excerpt)")
     p.add_argument("--out", required=True, help="output directory")
     group = p.add_mutually_exclusive_group(required=True)
@@ -547,10 +524,13 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--pattern", type=_target("pattern"), help="N:M semi-structured, e.g. 2:4")
     p.add_argument("--teacher", help="SquareHead teacher model (default: the model before pruning, kept in memory)")
     p.add_argument("--format", default="sparse", choices=("sparse", "dense"))
+    from .recovery import add_recipe_flags
+
     add_recipe_flags(p)
 
-    p = add("eval", "perplexity on a text file and/or zero-shot accuracy on ARC-format questions", cmd_eval)
-    p.add_argument("--model", default=None, help=model_help)
+
+def _eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--data", help="text file for perplexity")
     p.add_argument("--seq-len", type=_positive_int, default=512)
     p.add_argument("--windows", type=_positive_int, default=None, help="windows scored (default min(24, available))")
@@ -558,22 +538,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive_int, default=None, help="score only the first N questions")
     p.add_argument("--json", help="also write the results here")
 
-    p = add("export", "write a model as a compressed sparse checkpoint or a plain dense one", cmd_export)
-    p.add_argument("--model", default=None, help=model_help)
+
+def _export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--out", required=True)
     p.add_argument("--format", default="dense", choices=("sparse", "dense"))
 
-    p = add("report", "per-layer sparsity as markdown (and a PNG if matplotlib is installed)", cmd_report)
-    p.add_argument("--model", default=None, help=model_help)
+
+def _report_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--out", help="also write the markdown here")
     p.add_argument("--png", help="per-layer sparsity bar chart (needs matplotlib)")
 
-    p = add("demo", "eval -> prune -> eval -> finetune -> eval on one model, then a short summary", cmd_demo,
-            "The whole flow on one model: perplexity of the dense model, prune it, perplexity, fine-tune with a "
-            "sparsity-preserving method, merge, perplexity, and a summary (the per-layer table goes to "
-            "OUT/report.md). Without --data it uses the WikiText-2 excerpt that ships with sparse-peft: "
-            "calibration, training and held-out text are disjoint articles.")
-    p.add_argument("--model", default=None, help=model_help)
+
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--data", help="a text file: the last 10%% held out, the 10%% before it for calibration, the "
                                   "rest for training, cut at white space (default: the bundled WikiText-2 excerpt)")
     p.add_argument("--out", help="output directory (default: a new temporary one)")
@@ -584,6 +563,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=_positive_int, default=128)
     p.add_argument("--calib-samples", type=_positive_int, default=16, help="calibration windows of --seq-len tokens")
     p.add_argument("--windows", type=_positive_int, default=16, help="held-out windows of --seq-len tokens scored")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparse-peft", description=__doc__.replace("``", ""),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name, help_text, func, description=None):
+        p = sub.add_parser(name, help=help_text, description=description or help_text)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("prune", "one-shot prune a model and save it", cmd_prune)
+    _prune_arguments(p)
+
+    p = add("finetune", "fine-tune a pruned model keeping its sparsity (HF Trainer), merge, save", cmd_finetune,
+            "Fine-tune with a sparse-peft method through the HF Trainer, merge the adapter (sparsity kept), "
+            "save the merged model to --out and the adapter to --out/adapter. Checkpoints go to "
+            "--out/checkpoints; --resume-from-checkpoint continues from the last one (or a given one). "
+            "Single process only (multi-process / accelerate launch is not wired into the CLI yet). "
+            "SPT (--method spt) is refused: its prompts are extra key/value positions that cannot be merged "
+            "into the weights, so there is no merged model to save; train it from Python (docs/spt.md).")
+    _finetune_arguments(p)
+
+    p = add("recover", "prune, fine-tune, merge and check in one go (sp.recover), with a default recipe per target",
+            cmd_recover,
+            "Prune the model to --sparsity or --pattern and win back its accuracy: one-shot pruning (with "
+            "Sparsity Induction when the recipe has it), optional block-wise reconstruction, fine-tuning with a "
+            "sparsity-preserving method on --data, merge, and a check that every layer is exactly at the target. "
+            "The recipe is sp.DEFAULT_RECIPES' for the target (provisional: chosen on wiki.test windows, not on a "
+            "validation split); each flag below overrides one setting. Writes the merged model to --out (what "
+            "eval, export and report read) and the recipe and each stage's settings and seconds to "
+            "--out/recipe.json (docs/recover.md).")
+    _recover_arguments(p)
+
+    p = add("eval", "perplexity on a text file and/or zero-shot accuracy on ARC-format questions", cmd_eval)
+    _eval_arguments(p)
+
+    p = add("export", "write a model as a compressed sparse checkpoint or a plain dense one", cmd_export)
+    _export_arguments(p)
+
+    p = add("report", "per-layer sparsity as markdown (and a PNG if matplotlib is installed)", cmd_report)
+    _report_arguments(p)
+
+    p = add("demo", "eval -> prune -> eval -> finetune -> eval on one model, then a short summary", cmd_demo,
+            "The whole flow on one model: perplexity of the dense model, prune it, perplexity, fine-tune with a "
+            "sparsity-preserving method, merge, perplexity, and a summary (the per-layer table goes to "
+            "OUT/report.md). Without --data it uses the WikiText-2 excerpt that ships with sparse-peft: "
+            "calibration, training and held-out text are disjoint articles.")
+    _demo_arguments(p)
     return parser
 
 

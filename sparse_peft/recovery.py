@@ -484,6 +484,29 @@ def _target_of(sparsity, pattern) -> dict:
     return {"sparsity": float(sparsity)}
 
 
+def _check_inputs(train_ids, recipe, target: dict, calibration) -> bool:
+    """``recover``'s refusals, before any weight changes; whether calibration windows must be drawn
+    from ``train_ids``."""
+    if not isinstance(recipe, Recipe):
+        raise ValueError(f"recover: recipe must be an sp.Recipe, got {type(recipe).__name__}")
+    if recipe.method == "spt":
+        raise ValueError("recover: recipe.method 'spt' cannot be merged (its prompts are extra key/value "
+                         "positions, not a weight change); train SPT with sp.SPTConfig (docs/spt.md)")
+    if not torch.is_tensor(train_ids) or train_ids.dim() != 1 or train_ids.is_floating_point():
+        raise ValueError(f"recover: train_ids must be a 1-D tensor of token ids, got "
+                         f"{tuple(train_ids.shape) if torch.is_tensor(train_ids) else type(train_ids).__name__}")
+    if recipe.method is not None:
+        peft_config(recipe, target)  # an unknown or bad method option fails now, not after pruning
+    needs_calibration = calibration is None and (recipe.pruner != "magnitude" or bool(recipe.induce)
+                                                 or bool(recipe.reconstruct))
+    longest = max([recipe.seq_len] * (recipe.method is not None) + [recipe.calib_seq_len] * needs_calibration,
+                  default=0)
+    if train_ids.numel() <= longest:
+        raise ValueError(f"recover: train_ids has {train_ids.numel()} tokens, need more than {longest} "
+                         "(the recipe's seq_len / calib_seq_len windows)")
+    return needs_calibration
+
+
 def recover(model: nn.Module, train_ids: torch.Tensor, *, sparsity: float | None = None, pattern: str | None = None,
             recipe: Recipe | None = None, calibration=None, teacher: nn.Module | None = None,
             show_progress: bool = True):
@@ -530,23 +553,7 @@ def recover(model: nn.Module, train_ids: torch.Tensor, *, sparsity: float | None
     """
     target = _target_of(sparsity, pattern)
     recipe = recipe if recipe is not None else default_recipe(target)
-    if not isinstance(recipe, Recipe):
-        raise ValueError(f"recover: recipe must be an sp.Recipe, got {type(recipe).__name__}")
-    if recipe.method == "spt":
-        raise ValueError("recover: recipe.method 'spt' cannot be merged (its prompts are extra key/value "
-                         "positions, not a weight change); train SPT with sp.SPTConfig (docs/spt.md)")
-    if not torch.is_tensor(train_ids) or train_ids.dim() != 1 or train_ids.is_floating_point():
-        raise ValueError(f"recover: train_ids must be a 1-D tensor of token ids, got "
-                         f"{tuple(train_ids.shape) if torch.is_tensor(train_ids) else type(train_ids).__name__}")
-    if recipe.method is not None:
-        peft_config(recipe, target)  # an unknown or bad method option fails now, not after pruning
-    needs_calibration = calibration is None and (recipe.pruner != "magnitude" or bool(recipe.induce)
-                                                 or bool(recipe.reconstruct))
-    longest = max([recipe.seq_len] * (recipe.method is not None) + [recipe.calib_seq_len] * needs_calibration,
-                  default=0)
-    if train_ids.numel() <= longest:
-        raise ValueError(f"recover: train_ids has {train_ids.numel()} tokens, need more than {longest} "
-                         "(the recipe's seq_len / calib_seq_len windows)")
+    needs_calibration = _check_inputs(train_ids, recipe, target, calibration)
     report = RecoveryReport(target=target, recipe=recipe)
 
     def timed(name, run, **settings):

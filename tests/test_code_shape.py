@@ -1,0 +1,37 @@
+"""The code stays readable in pieces: no function of the library, the kernels or the benchmarks is
+over 100 lines (docstring included); a longer one is a pipeline that wants named stages."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+LIMIT = 100
+
+
+def long_functions(roots=("sparse_peft", "kernels", "benchmarks")) -> list[str]:
+    found = []
+    for root in roots:
+        for path in sorted((REPO / root).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    length = node.end_lineno - node.lineno + 1
+                    if length > LIMIT:
+                        found.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({length} lines)")
+    return found
+
+
+def test_no_function_is_over_100_lines():
+    assert not long_functions(), "\n".join(long_functions())
+
+
+def test_the_check_sees_a_long_function(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "m.py").write_text("def f():\n" + "    x = 1\n" * LIMIT)
+    global REPO
+    saved, REPO = REPO, tmp_path
+    try:
+        assert long_functions(("pkg",)) == [f"pkg/m.py:1 f ({LIMIT + 1} lines)"]
+    finally:
+        REPO = saved
