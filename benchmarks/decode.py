@@ -1,19 +1,20 @@
-"""Greedy decoding speed and memory of a sparse checkpoint: dense, packed and (CUDA) 2:4.
+"""Greedy decoding speed and memory of a sparse checkpoint: dense and packed.
 
     python benchmarks/decode.py                                   # SmolLM2-135M, 50% and 70%, CPU, 1 thread
     python benchmarks/decode.py --variants dense,packed,packed-nocache --repeats 3
-    python benchmarks/decode.py --device cuda                     # Llama-shaped random layers, bf16, + 2:4
+    python benchmarks/decode.py --device cuda                     # Llama-shaped random layers, bf16
     python benchmarks/decode.py --model random --hidden 64 --intermediate 128 --layers 2   # a tiny smoke run
 
 Each variant (docs/results/checkpoints.md) loads each sparsity's magnitude-pruned checkpoint in a fresh
 process, so its memory is its own. tokens/s: ``--new-tokens`` greedy tokens over the median of
 ``--repeats`` ``generate()`` calls after a warm-up. ``RSS``: the resident set after decoding (after
 ``malloc_trim``); ``Δ RSS``: minus the RSS before loading; ``peak RSS``: the process's largest;
-``weights``: parameter + buffer bytes plus any decode cache; on CUDA the peak of allocated memory.
+``weights``: ``get_memory_footprint()`` (parameters and buffers) plus any decode cache; on CUDA the peak of
+allocated memory.
 
 Every packed variant must decode the dense tokens, or the script exits with status 1 after the table;
 on CUDA (another summation order than cuBLAS) a first difference at a near-tie of the dense run's two
-best logits is reported, not failed. 2:4 is compared with its own dense weights, for information. The
+best logits is reported, not failed (2:4 through PyTorch's sparse GEMM: ``kernels.py --ops 2:4``). The
 prompt: the start of ``wiki.test.raw`` in ``--data`` (a fixed sentence without it; random ids for 'random').
 """
 
@@ -37,7 +38,7 @@ from common import (  # noqa: E402
 import sparse_peft as sp  # noqa: E402
 from sparse_peft.data import load_model_and_tokenizer, load_text  # noqa: E402
 
-VARIANTS = ("dense", "packed", "packed-nocache", "2:4")
+VARIANTS = ("dense", "packed", "packed-nocache")
 TIE_TOLERANCE = 0.05  # CUDA: the largest top-2 logit gap of dense at which another token is a near-tie
 FALLBACK_PROMPT = "The history of the city begins in the first century, when a small fort was built on the river"
 
@@ -52,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.add_argument(flag, type=int, default=default, help=f"random model: {what}")
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7])
     p.add_argument("--variants", type=comma_list(str.strip, VARIANTS),
-                   help="comma-separated, with dense; default dense,packed (and 2:4 on CUDA)")
+                   help="comma-separated, with dense; default dense,packed")
     p.add_argument("--dtype", choices=sorted(TORCH_DTYPES), help="default float32 on CPU, bfloat16 on CUDA")
     for flag, default in (("--new-tokens", 32), ("--prompt-tokens", 32), ("--repeats", 5)):
         p.add_argument(flag, type=int, default=default)
@@ -63,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.model = args.model or ("random" if cuda else None)
     args.dtype = TORCH_DTYPES[args.dtype or ("bfloat16" if cuda else "float32")]
     args.tie_tolerance = TIE_TOLERANCE if cuda else 0.0
-    args.variants = args.variants or ["dense", "packed", *(["2:4"] if cuda else [])]
+    args.variants = args.variants or ["dense", "packed"]
     if "dense" not in args.variants:
         p.error(f"--variants must include dense; got {','.join(args.variants)}")
     if not all(0 < s < 1 for s in args.sparsities):
@@ -76,7 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 # --- the model and its checkpoints (parent process) ---------------------------------------------------
 
 
-def write_checkpoint(args, directory: Path, sparsity: float | None, pattern: str | None) -> list[int]:
+def write_checkpoint(args, directory: Path, sparsity: float) -> list[int]:
     """Prune a fresh copy of the model, save it with ``save_sparse``; returns the prompt ids."""
     if args.model == "random":  # LLaMA-2-7B's shapes by default; built, and pruned, on the GPU: seconds
         with torch.device(args.device):
@@ -90,36 +91,12 @@ def write_checkpoint(args, directory: Path, sparsity: float | None, pattern: str
         text_file = Path(args.data) / "wiki.test.raw"
         text = load_text(text_file) if text_file.is_file() else FALLBACK_PROMPT
         prompt = tokenizer(text[: 20 * args.prompt_tokens], add_special_tokens=False)["input_ids"][: args.prompt_tokens]
-    sp.prune(model, method="magnitude", sparsity=sparsity, pattern=pattern, show_progress=False)
+    sp.prune(model, method="magnitude", sparsity=sparsity, show_progress=False)
     sp.save_sparse(model.to(args.dtype), directory, show_progress=False)
     return prompt
 
 
 # --- one variant in its own process (worker) -----------------------------------------------------------
-
-
-def weight_bytes(model) -> int:
-    """Parameters + buffers (tied ones once; a 2:4 ``SparseSemiStructuredTensor`` holds its kept values
-    and metadata) + the packed layers' decode caches."""
-    total = 0
-    for tensor in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values():
-        parts = [getattr(tensor, name, None) for name in ("packed", "meta")]
-        parts = [part for part in parts if isinstance(part, torch.Tensor)] or [tensor]
-        total += sum(part.numel() * part.element_size() for part in parts)
-    return total + sp.decode_cache_bytes(model)
-
-
-def to_two_four(model) -> int:
-    """Each linear's weight as a ``SparseSemiStructuredTensor`` where PyTorch takes it; returns how many."""
-    from sparse_peft.ops import to_semi_structured
-
-    converted = 0
-    for _, linear in sp.sparsity.named_linears(model):
-        weight = to_semi_structured(linear.weight.detach(), measure=False)
-        if isinstance(weight, torch.sparse.SparseSemiStructuredTensor):  # else PyTorch refused it
-            linear.weight = torch.nn.Parameter(weight, requires_grad=False)
-            converted += 1
-    return converted
 
 
 def greedy(model, ids: torch.Tensor, new_tokens: int):
@@ -145,10 +122,6 @@ def measure(job: dict) -> dict:
     model = sp.load_sparse(job["checkpoint"], packed=variant.startswith("packed"), device=device,
                            decode_cache=variant != "packed-nocache", show_progress=False)
     ids = torch.tensor([job["prompt"]], device=device)
-    note, own_dense_tokens = "", None
-    if variant == "2:4":
-        own_dense_tokens, _ = greedy(model, ids, new_tokens)
-        note = f"{to_two_four(model)} linears semi-structured"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     tokens, gaps = greedy(model, ids, new_tokens)  # warm-up: also builds the CPU decode cache
@@ -156,10 +129,11 @@ def measure(job: dict) -> dict:
     trim_heap()
     rss_after, rss_peak = rss_bytes() / MIB, max_rss_bytes() / MIB
     return {
-        "variant": variant, "tokens": tokens, "gaps": gaps, "own_dense_tokens": own_dense_tokens, "note": note,
+        "variant": variant, "tokens": tokens, "gaps": gaps,
         "tok_s": new_tokens / statistics.median(times), "times": times,
         "rss_mib": rss_after, "rss_delta_mib": rss_after - rss_before, "rss_peak_mib": rss_peak,
-        "weights_mib": weight_bytes(model) / MIB, "cache_mib": sp.decode_cache_bytes(model) / MIB,
+        "cache_mib": sp.decode_cache_bytes(model) / MIB,
+        "weights_mib": (model.get_memory_footprint() + sp.decode_cache_bytes(model)) / MIB,
         "cuda_peak_mib": torch.cuda.max_memory_allocated() / MIB if cuda else float("nan"),
     }
 
@@ -186,17 +160,12 @@ def same_tokens(dense: dict, other: dict, tie_tolerance: float) -> tuple[bool, s
 
 def table(rows: list[dict], cuda: bool) -> str:
     header = ["sparsity", "variant", "tokens/s", "x dense", "RSS MiB", "Δ RSS MiB", "peak RSS MiB", "weights MiB",
-              "decode cache MiB", *(["GPU peak MiB"] if cuda else []), "same tokens as dense", "note"]
-    lines = []
-    for r in rows:
-        if "skipped" in r:
-            lines.append([f"{r['sparsity']:.0%}", r["variant"], *["–"] * (len(header) - 3), r["skipped"]])
-            continue
-        lines.append([f"{r['sparsity']:.0%}", r["variant"], f"{r['tok_s']:.2f}", f"{r['x_dense']:.2f}",
-                      f"{r['rss_mib']:.0f}", f"{r['rss_delta_mib']:.0f}", f"{r['rss_peak_mib']:.0f}",
-                      f"{r['weights_mib']:.1f}", f"{r['cache_mib']:.1f}",
-                      *([f"{r['cuda_peak_mib']:.0f}"] if cuda else []), r["same"], r["note"]])
-    return markdown_table(header, "rl" + "r" * (len(header) - 4) + "ll", lines)
+              "decode cache MiB", *(["GPU peak MiB"] if cuda else []), "same tokens as dense"]
+    lines = [[f"{r['sparsity']:.0%}", r["variant"], f"{r['tok_s']:.2f}", f"{r['x_dense']:.2f}",
+              *(f"{r[key]:.0f}" for key in ("rss_mib", "rss_delta_mib", "rss_peak_mib")),
+              f"{r['weights_mib']:.1f}", f"{r['cache_mib']:.1f}", *([f"{r['cuda_peak_mib']:.0f}"] if cuda else []),
+              r["same"]] for r in rows]
+    return markdown_table(header, "rl" + "r" * (len(header) - 3) + "l", lines)
 
 
 def main(argv=None) -> int:
@@ -214,12 +183,9 @@ def main(argv=None) -> int:
             checkpoint = Path(tmp) / f"magnitude-{sparsity}"
             job = {"device": args.device, "new_tokens": args.new_tokens, "repeats": args.repeats,
                    "threads": args.threads, "checkpoint": str(checkpoint),
-                   "prompt": write_checkpoint(args, checkpoint, sparsity, None)}
+                   "prompt": write_checkpoint(args, checkpoint, sparsity)}
             dense = run_worker({**job, "variant": "dense"})
             for variant in args.variants:
-                if variant == "2:4":
-                    rows.append(two_four_row(args, tmp, job, sparsity, dense))
-                    continue
                 result = dense if variant == "dense" else run_worker({**job, "variant": variant})
                 ok, same = same_tokens(dense, result, args.tie_tolerance)
                 if not ok:
@@ -244,21 +210,6 @@ def report(args, argv, rows: list[dict]) -> str:
             f"Date: {datetime.date.today().isoformat()}; model {model}, {str(args.dtype).removeprefix('torch.')}, "
             f"magnitude pruning, greedy, {args.prompt_tokens} prompt + {args.new_tokens} new tokens, "
             f"median of {args.repeats}\n\n" + table(rows, args.device == "cuda") + "\n")
-
-
-def two_four_row(args, tmp: str, job: dict, sparsity: float, dense: dict) -> dict:
-    """The 2:4 variant beside a sparsity's rows: measured at 50% (2:4 is 50% by definition) on CUDA."""
-    base = {"variant": "2:4", "sparsity": sparsity}
-    if args.device != "cuda":
-        return {**base, "skipped": "PyTorch's 2:4 sparse GEMM needs CUDA"}
-    if abs(sparsity - 0.5) > 1e-9:
-        return {**base, "skipped": "2:4 is 50% sparse: measured in the 50% rows"}
-    checkpoint = Path(tmp) / "two-four"
-    write_checkpoint(args, checkpoint, None, "2:4")
-    result = run_worker({**job, "checkpoint": str(checkpoint), "variant": "2:4"})
-    matched = sum(a == b for a, b in zip(result["own_dense_tokens"], result["tokens"]))
-    same = f"own mask: {matched}/{len(result['own_dense_tokens'])} tokens as its dense weights"
-    return {**result, **base, "same": same, "x_dense": result["tok_s"] / dense["tok_s"]}
 
 
 if __name__ == "__main__":

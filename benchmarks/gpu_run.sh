@@ -22,7 +22,7 @@
 #      kernels are wrong on this GPU, and the grid is skipped)                   ACCURACY_S=110
 #   2. the grid (GRID: extra arguments to kernels.py, e.g. "--quick")            GRID_S=200
 #   3. greedy decoding from packed checkpoints (benchmarks/decode.py): dense, packed (the Triton
-#      decode kernel) and 2:4 on two Llama-shaped random decoder layers, 50% and 70%, tokens/s and
+#      decode kernel) on two Llama-shaped random decoder layers, 50% and 70%, tokens/s and
 #      memory; exits 1 if packed tokens differ from dense past a near-tie (DECODE: its arguments)
 #                                                                                 DECODE_S=90
 #   4. training cost against peft's LoRA (benchmarks/training_cost.py): peak CUDA memory and

@@ -6,7 +6,7 @@
 
 ``--induce`` adds a "<method>+induce" row after every method: the same pruner after Sparsity Induction
 (docs/induction.md); ``--induce only`` runs only those. Prints a markdown table and appends one JSON line
-per run to --out; ``--markdown FILE`` (re)writes this script's section of FILE, keeping the others.
+per run to --out; ``--markdown FILE`` appends the section (command, settings, machine, table) to FILE.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    MODEL_HELP, append_jsonl, arg_parser, comma_list, command_line, machine_info, markdown_table)
+    MODEL_HELP, append, append_jsonl, arg_parser, comma_list, command_line, machine_info, markdown_table)
 
 import sparse_peft.sparsity as sps  # noqa: E402
 from sparse_peft.data import (  # noqa: E402
@@ -58,9 +58,7 @@ def parse_args(argv=None):
                           ("--eval-seq-len", 512), ("--seed", 0)):
         parser.add_argument(flag, type=int, default=default)
     parser.add_argument("--out", default="results.jsonl", help="JSON lines appended here")
-    parser.add_argument("--markdown", default=None, help="markdown file whose pruning section is (re)written")
-    parser.add_argument("--from-results", action="store_true", help="run nothing: rebuild the table (and "
-                        "--markdown) from the latest rows of --out with these settings")
+    parser.add_argument("--markdown", default=None, help="append the markdown section to this file")
     return parser.parse_args(argv)
 
 
@@ -73,13 +71,6 @@ def results_table(rows: list[dict], with_reference: bool) -> str:
                       f"{row['prune_seconds']:.0f} s"])
     return markdown_table(["method", "target", "ppl", "reference ppl", "ratio", "global sparsity", "prune time"],
                           "llrrrrr", lines)
-
-
-def sparsegpt_vs_wanda(rows: list[dict]) -> str:
-    ppl = {(row["method"], row["target"]): row["ppl"] for row in rows}
-    verdicts = [f"{target}: {'yes' if ppl[('sparsegpt', target)] < ppl[('wanda', target)] else 'NO'}"
-                for (method, target) in ppl if method == "sparsegpt" and ("wanda", target) in ppl]
-    return "SparseGPT below Wanda? " + (", ".join(verdicts) if verdicts else "(not both run)")
 
 
 def markdown_section(rows: list[dict], model: str | None, fields: dict) -> str:
@@ -99,50 +90,12 @@ def markdown_section(rows: list[dict], model: str | None, fields: dict) -> str:
         f"- machine: {fields['machine']}",
         "",
         results_table(rows, with_reference=model is None and allocation == "uniform"),
-        "",
-        sparsegpt_vs_wanda(rows) + ".",
     ])
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replace this script's section of ``path`` (up to the next ``## `` heading), or append it."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.startswith(SECTION_TITLE)), None)
-    if start is None:
-        new_text = text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        new_lines = lines[:start] + section.rstrip("\n").splitlines() + ([""] if end < len(lines) else []) + lines[end:]
-        new_text = "\n".join(new_lines) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(new_text)
-
-
-def rows_from_results(path: str, fields: dict, methods: list[str], targets: list[str]) -> list[dict]:
-    """The latest recorded row for dense and every method x target, under the same settings."""
-    latest = {}
-    for line in Path(path).read_text().splitlines():
-        row = json.loads(line)
-        if all(row.get(key) == fields[key] for key in ("model", "calibration", "eval", "allocation")):
-            latest[(row["method"], row["target"])] = row
-    suffixes = [fields["induce_label"] if induce else "" for induce in INDUCE_RUNS[fields["induce"]]]
-    keys = [("dense", "-")] + [(m + s, t) for t in targets for m in methods for s in suffixes]
-    missing = [key for key in keys if key not in latest]
-    if missing:
-        raise SystemExit(f"{path} has no rows for {missing} with these settings")
-    return [latest[key] for key in keys]
 
 
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.from_results:
-        fields = settings_fields(args, command="")
-        rows = rows_from_results(args.out, fields, args.methods, args.sparsities)
-        commands = sorted({row["command"] for row in rows})
-        return publish(rows, args, {**fields, "command": "`; `".join(commands), "machine": rows[-1]["machine"]})
-
     model, tokenizer = load_model_and_tokenizer(args.model)
     eval_ids = token_ids(tokenizer, load_text(Path(args.data) / "wiki.test.raw"))
     eval_ids = eval_ids[: args.eval_windows * args.eval_seq_len + 1]
@@ -194,7 +147,6 @@ def settings_fields(args, command: str) -> dict:
         "eval": f"first {args.eval_windows} x {args.eval_seq_len} tokens of wiki.test.raw",
         "allocation": args.allocation,
         "induce": args.induce,
-        "induce_label": induce_label(args),
         "machine": machine_info(),
         "command": command,
     }
@@ -202,9 +154,8 @@ def settings_fields(args, command: str) -> dict:
 
 def publish(rows: list[dict], args, fields: dict) -> list[dict]:
     print(results_table(rows, with_reference=args.model is None and args.allocation == "uniform"))
-    print(sparsegpt_vs_wanda(rows))
     if args.markdown:
-        write_section(Path(args.markdown), markdown_section(rows, args.model, fields))
+        append(args.markdown, "\n" + markdown_section(rows, args.model, fields) + "\n")
     return rows
 
 

@@ -2,7 +2,7 @@
 
     python benchmarks/sweep.py --dry-run          # what would run, what is done, what is not applicable
     python benchmarks/sweep.py --threads 1        # run every missing row, then render
-    python benchmarks/sweep.py --render-only      # markdown tables + PNG from the results file
+    python benchmarks/sweep.py --render-only      # the markdown tables from the results file
 
 Each missing row runs recovery.py in its own subprocess: a crash fails that row only, and ``peak_mem_mb``
 is the row's own. The default plan, the row keys, the options and the tables: docs/results/sweep.md.
@@ -11,7 +11,6 @@ is the row's own. The default plan, the row keys, the options and the tables: do
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import re
@@ -29,9 +28,7 @@ import sparse_peft as sp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import recovery  # noqa: E402
-import recovery_table  # noqa: E402
-from common import REPO_ROOT, append_jsonl, comma_list  # noqa: E402
-from recovery_table import LOSS_LABELS, markdown_table  # noqa: E402
+from common import REPO_ROOT, append_jsonl, comma_list, markdown_table  # noqa: E402
 
 RECOVERY_SCRIPT = Path(__file__).resolve().with_name("recovery.py")
 METHODS = ("masked_lora", "spp", "seft", "spt", "lora")
@@ -201,7 +198,6 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--render-only", action="store_true", help="render from --results, run nothing")
     o.add_argument("--no-render", dest="render", action="store_false", help="do not render after running")
     o.add_argument("--markdown-out", default=str(REPO_ROOT / "docs" / "results" / "sweep_results.md"))
-    o.add_argument("--png-out", default=str(REPO_ROOT / "docs" / "results" / "sweep.png"))
     return p
 
 
@@ -340,20 +336,74 @@ def run_sweep(args) -> int:
     return 1 if failed else 0
 
 
-# --- rendering: every table is markdown_table(columns, rows) -----------------------------------------------
+# --- rendering: every table is recovery_table(rows, extra_columns) ----------------------------------------
+
+LOSS_LABELS = {"ce": "CE", "squarehead": "SquareHead"}
+
+
+def fmt(value, spec=".1f"):
+    return "–" if value is None else format(value, spec)
+
+
+def loss_label(r: dict) -> str:
+    """``CE``, or ``SquareHead λ=0.1`` with `` + logit KL λ=1`` when the row had a logit term."""
+    loss, logit = r.get("loss") or "ce", float(r.get("logit_lambda") or 0.0)
+    return LOSS_LABELS.get(loss, loss) if loss != "squarehead" else (
+        f"SquareHead λ={float(r.get('squarehead_lambda', 1.0)):g}" + (f" + logit KL λ={logit:g}" if logit else ""))
+
+
+def notes(r: dict) -> str:
+    """What a row adds: the loss, the sweep's --extra-args, SEFT's moved positions, SPT's gradual pruning."""
+    method, out = r["method"], [loss_label(r)] if (r.get("loss") or "ce") != "ce" else []
+    out += [f"recovery.py flags `{r['extra_args']}`"] if r.get("extra_args") else []
+    out += [f"regrown {r['seft_regrown']:,}, moved {r['positions_moved']:,}, counts kept: {r['counts_identical']}"
+            ] if method == "seft" else []
+    out += [f"{r['pattern']} in every layer: {r['pattern_kept']}"] if method in MASK and "pattern_kept" in r else []
+    out += [f"pruned 0→{r.get('pattern') or format(r['sparsity'], '.0%')} while tuning; without prompts "
+            f"{fmt(r.get('ppl_after_without_prompts'))}; {r['zeros_shared_with_oneshot']:.0%} of one-shot zeros "
+            "shared"] if method == "spt" else []
+    return "; ".join(out)
+
+
+MASK = {"seft": "moved (same counts)", "spt": "new (gradual)"}  # the methods that set the mask themselves
+# plain LoRA's "after merge" is merge-then-re-mask; its own merge's sparsity is the next-but-one column
+COLUMNS = [
+    ("method", "l", lambda r: r["method"] + (" (re-masked)" if "sparsity_after_plain_merge" in r else "")),
+    ("pruner", "l", lambda r: r["pruner"] if r["sparsity"] or r.get("pattern") else "–"),
+    ("target", "l", lambda r: r.get("pattern") or f"{r['sparsity']:.0%}"),
+    ("lr", "r", lambda r: f"{r['lr']:g}"),
+    ("ppl dense", "r", lambda r: fmt(r["ppl_dense"])),
+    ("ppl pruned", "r", lambda r: fmt(r["ppl_pruned"])),
+    ("ppl after (unmerged)", "r", lambda r: fmt(r.get("ppl_after_unmerged"))),
+    ("ppl after merge", "r", lambda r: fmt(r["ppl_after"])),
+    ("sparsity after merge", "r", lambda r: f"{r['sparsity_after_merge']:.4f}"),
+    ("plain merge sparsity", "r", lambda r: fmt(r.get("sparsity_after_plain_merge"), ".4f")),
+    ("mask identical", "l", lambda r: str(MASK.get(r["method"], r["mask_identical"]))),
+    ("trainable params", "r", lambda r: f"{r['trainable_params']:,}"),
+    ("step time (s)", "r", lambda r: f"{r['step_time_s']:.2f}"),
+    ("peak RSS (MB)", "r", lambda r: f"{r['peak_mem_mb']:.0f}"),
+]
+
+
+def recovery_table(rows: list[dict], extra_columns=()) -> str:
+    """The rows under ``COLUMNS``, then ``extra_columns`` (more ``(header, "r" or "l", fn(row) -> str)``), then notes."""
+    headers, aligns, cells = zip(*COLUMNS, *extra_columns, ("notes", "l", notes))
+    return markdown_table(headers, "".join(aligns), [[cell(r) for cell in cells] for r in rows])
+
+
 
 def fmt_acc(value) -> str:  # accuracies are fractions; a value above 1 is taken as already a percentage
     return "–" if value is None else f"{value * 100 if value <= 1 else value:.1f}"
 
 
 def render_table(rows: list[dict]) -> str:
-    """recovery_table's table with the ARC columns the rows have (acc_norm: lm-eval-harness's
+    """``recovery_table`` with the ARC columns the rows have (acc_norm: lm-eval-harness's
     length-normalised accuracy) and the wall time."""
-    arc = [(f"{name} {measure} {when} (%)", "---:", lambda r, key=f"{prefix}_{measure}_{when}": fmt_acc(r.get(key)))
+    arc = [(f"{name} {measure} {when} (%)", "r", lambda r, key=f"{prefix}_{measure}_{when}": fmt_acc(r.get(key)))
            for prefix, name in (("arc_easy", "ARC-E"), ("arc_challenge", "ARC-C")) for measure in ("acc", "acc_norm")
            for when in ("before", "after") if any(f"{prefix}_{measure}_{when}" in r for r in rows)]
-    wall = ("wall (min)", "---:", lambda r: "–" if r.get("wall_s") is None else f"{r['wall_s'] / 60:.0f}")
-    return recovery_table.render(rows, extra_columns=[*arc, wall])
+    wall = ("wall (min)", "r", lambda r: "–" if r.get("wall_s") is None else f"{r['wall_s'] / 60:.0f}")
+    return recovery_table(rows, extra_columns=[*arc, wall])
 
 
 def is_exact(row: dict, target: str) -> bool:
@@ -381,6 +431,10 @@ def intro(args) -> str:
         parts.append(f"ARC-Easy: zero-shot, {'all' if args.arc_easy < 0 else f'the first {args.arc_easy}'} questions "
                      "of the test set, before (one-shot pruned) and after (merged), acc_norm = lm-eval-harness's "
                      "length-normalised accuracy")
+    parts.append("Each table holds the plan's rows, then the rows at the same budget it does not name (another "
+                 "pruner, lr, SquareHead λ or recovery.py flags: the notes say which). Its last line names the lowest "
+                 "ppl on these test windows: a comparison, not a selection (selection: recovery.py --eval-split "
+                 "validation)")
     return ". ".join(parts) + "."
 
 
@@ -391,30 +445,14 @@ def render_markdown(args) -> str:
     # rows at this budget the plan does not name: another pruner, lr, SquareHead λ or flags (recipes tried by hand)
     others = [row for key, row in done.items() if key not in planned_keys
               and (key.steps, key.seq_len, key.batch_size, key.seed, key.eval_windows, key.eval_seq_len) == budget]
-    planned = [found[job] for job in jobs if found[job]]
     blocks = ["## Recovery sweep", intro(args)]
-    for target in [DENSE, *args.targets]:
+    for target in [DENSE, *args.targets, *sorted({target_of(r) for r in others} - {DENSE, *args.targets})]:
         rows = [found[job] for job in jobs if job.target == target and found[job]]
-        if rows:
+        extra = sorted((r for r in others if target_of(r) == target), key=lambda r: (r["pruner"], r["method"]))
+        if rows or extra:
             heading = "Dense reference (plain LoRA, nothing pruned)" if target == DENSE else target_label(target)
-            blocks += [f"### {heading}", render_table(rows)]
-            if target != DENSE:
-                blocks += best_recipe(rows, target, [r for r in others if target_of(r) == target])
-    pairs = with_ce(planned, planned, lambda row: (row["method"], target_of(row)))
-    if pairs:
-        blocks += ["### SquareHead vs CE (ppl after merge, same tokens)", markdown_table(PLAN_RATIOS, pairs)]
-    if others:
-        blocks += ["### Other recipes at the same budget",
-                   "Rows of the results file with the same tokens, schedule, seed and evaluation that this plan does "
-                   "not name: another pruner, lr, SquareHead λ or recovery.py flags (in the notes). They count for "
-                   "the best-recipe lines above."]
-        for target in [*args.targets, *sorted({target_of(r) for r in others} - set(args.targets))]:
-            rows = sorted((r for r in others if target_of(r) == target), key=lambda r: (r["pruner"], r["method"]))
-            blocks += [f"#### {target_label(target)}", render_table(rows)] if rows else []
-        pairs = with_ce(others, [*planned, *others], lambda row: (row["method"], target_of(row), row["pruner"],
-                                                                  float(row["lr"]), flags_of(row, RECIPE_FLAGS)))
-        blocks += ["SquareHead rows among them against their CE row (same method, target, pruner, lr and flags):",
-                   markdown_table(OTHER_RATIOS, pairs)] if pairs else []
+            blocks += [f"### {heading}", render_table(rows + extra)]
+            blocks += best_recipe(rows, target, extra) if target != DENSE else []
     for heading, items in (
             ("Not applicable", [f"- {job.method} at {target_label(job.target)} ({job.loss_label}): {reason}"
                                 for job, reason in skipped]),
@@ -427,122 +465,25 @@ def render_markdown(args) -> str:
 
 
 def best_recipe(rows: list[dict], target: str, others: list[dict]) -> list[str]:
-    """The best sparse method exactly at the target after merge, against the plan's plain LoRA re-masked.
-
-    ``others`` (rows at the target and budget from outside the plan) are candidates too; such a best
-    recipe is also set against plain LoRA re-masked on its own pruned model (same pruner, lr and flags)
-    when that row exists, so that the pruner's share of the gain shows apart from the method's."""
+    """The lowest ppl exactly at the target after merge among the sparse methods' rows (``others``: the
+    rows outside the plan), against the plan's plain LoRA re-masked. Chosen on the evaluation windows:
+    a recipe chosen on a validation split is ``recovery.py --eval-split validation``'s (docs/results/recovery.md)."""
     candidates = [r for r in (*rows, *others) if r["method"] != "lora" and r.get("ppl_after") is not None
                   and is_exact(r, target)]
     if not candidates:
         return []
     best = min(candidates, key=lambda r: r["ppl_after"])
-    in_plan, flags = any(best is r for r in rows), flags_of(best)
-    recipe = recovery_table.loss_label(best) + ("" if in_plan else f"; {best['pruner']}, lr {float(best['lr']):g}"
+    flags = flags_of(best)
+    recipe = loss_label(best) + ("" if any(best is r for r in rows) else
+                                                f"; {best['pruner']}, lr {float(best['lr']):g}"
                                                 + (f", `{flags}`" if flags else ""))
-    line = (f"- Best recipe exactly at {target_label(target)} after merge: {best['method']} ({recipe}), "
+    line = (f"- Lowest ppl exactly at {target_label(target)} after merge: {best['method']} ({recipe}), "
             f"ppl {best['ppl_after']:.1f}")
-    lora = [r for r in rows if r["method"] == "lora" and loss_of(r) == "ce"]
-    if lora and lora[0].get("ppl_after"):
+    lora = [r for r in rows if r["method"] == "lora" and loss_of(r) == "ce" and r.get("ppl_after")]
+    if lora:
         line += (f" = {best['ppl_after'] / lora[0]['ppl_after']:.2f}x plain LoRA merged-then-re-masked "
                  f"({lora[0]['ppl_after']:.1f})")
-    same_model = [r["ppl_after"] for r in others if r["method"] == "lora" and loss_of(r) == "ce" and r.get("ppl_after")
-                  and (r["pruner"], float(r["lr"]), flags_of(r)) == (best["pruner"], float(best["lr"]), flags)]
-    if not in_plan and same_model:
-        line += (f"; {best['ppl_after'] / same_model[0]:.2f}x plain LoRA re-masked on the same pruned model and lr "
-                 f"({same_model[0]:.1f})")
     return [line + "."]
-
-
-RECIPE_FLAGS = (*EVALUATION_ONLY_FLAGS, "--logit-lambda")  # the logit term is part of the SquareHead recipe
-
-
-def squarehead_recipe(row: dict) -> str:
-    flags = flags_of(row, RECIPE_FLAGS)
-    return recovery_table.loss_label(row) + (f", `{flags}`" if flags else "")
-
-
-def with_ce(rows: list[dict], pool: list[dict], what) -> list[dict]:
-    """Each measured SquareHead row of ``rows`` with the first measured CE row of ``pool`` of the same ``what``."""
-    ce_rows = [r for r in pool if loss_of(r) == "ce" and r.get("ppl_after") is not None]
-    pairs = [{"sh": sh, "ce": next((ce for ce in ce_rows if what(ce) == what(sh)), None)} for sh in rows
-             if loss_of(sh) == "squarehead" and sh.get("ppl_after") is not None]
-    return [pair for pair in pairs if pair["ce"] is not None]
-
-
-RATIOS = [("CE", "---:", lambda p: f"{p['ce']['ppl_after']:.1f}"),
-          ("SquareHead", "---:", lambda p: f"{p['sh']['ppl_after']:.1f}"),
-          ("SquareHead / CE", "---:", lambda p: f"{p['sh']['ppl_after'] / p['ce']['ppl_after']:.2f}")]
-METHOD_TARGET = [("method", "---", lambda p: p["sh"]["method"]),
-                 ("target", "---", lambda p: target_label(target_of(p["sh"])))]
-PLAN_RATIOS = [*METHOD_TARGET, ("λ", "---:", lambda p: f"{float(p['sh'].get('squarehead_lambda', 1.0)):g}"), *RATIOS]
-OTHER_RATIOS = [*METHOD_TARGET, ("pruner", "---", lambda p: p["sh"]["pruner"]),
-                ("lr", "---:", lambda p: f"{float(p['sh']['lr']):g}"),
-                ("SquareHead recipe", "---", lambda p: squarehead_recipe(p["sh"])), *RATIOS]
-
-
-def render_png(args, path) -> Optional[Path]:
-    """Two panels: ppl after merge per target and method (log y), trainable parameters per method.
-    Returns the path, or None (with a message) when matplotlib is missing or there is nothing to plot."""
-    try:
-        import matplotlib
-    except ImportError:
-        print("matplotlib is not installed: skipped the PNG (pip install 'sparse-peft[bench]' or pip install "
-              "matplotlib)", file=sys.stderr)
-        return None
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    found = {job: row for job, row in found_rows(args)[3].items() if row is not None}
-    if not found:
-        print("no sweep rows in the results file yet: skipped the PNG", file=sys.stderr)
-        return None
-    # x: the unstructured targets by sparsity, joined by lines, then the N:M patterns as lone markers
-    # (a line from 50% through 2:4 to 70% would read as a trend through one axis)
-    targets = sorted((t for t in args.targets if ":" not in t), key=float) + [t for t in args.targets if ":" in t]
-    fig, (ax_ppl, ax_params) = plt.subplots(1, 2, figsize=(14, 4.5), width_ratios=(1.6, 1))
-    colors = {m: f"C{i}" for i, m in enumerate(METHODS)}
-    variants = [("ce", None, "-", "o")] + [("squarehead", lam, linestyle, marker) for lam, linestyle, marker
-                                           in zip(args.squarehead_lambdas, ("--", "-.", ":"), ("s", "^", "v"))]
-    for method, (loss, lam, linestyle, marker) in itertools.product(args.methods, variants):
-        points = {j.target: row["ppl_after"] for j, row in found.items()
-                  if (j.method, j.loss, j.squarehead_lambda) == (method, loss, lam) and j.target in targets}
-        label = (method + (" re-masked" if method == "lora" else "")
-                 + ("" if loss == "ce" else f" SquareHead λ={lam:g}"))
-        line, lone = ([(i, points[t]) for i, t in enumerate(targets) if t in points and (":" in t) == nm]
-                      for nm in (False, True))
-        if line:
-            ax_ppl.plot(*zip(*line), linestyle=linestyle, marker=marker, color=colors[method], label=label)
-        if lone:
-            ax_ppl.plot(*zip(*lone), linestyle="none", marker=marker, color=colors[method],
-                        label=None if line else label)
-    dense = [row for job, row in found.items() if job.target == DENSE]
-    if dense:
-        ax_ppl.axhline(dense[0]["ppl_after"], color="gray", linestyle=":", label="dense LoRA reference")
-        ax_ppl.axhline(dense[0]["ppl_dense"], color="black", linestyle=":", linewidth=0.8, label="dense, untuned")
-    ax_ppl.set_xticks(range(len(targets)), [target_label(t) for t in targets])
-    ax_ppl.set_yscale("log")
-    ax_ppl.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())  # 60, not 6 x 10^1
-    ax_ppl.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
-    ax_ppl.set(xlabel="sparsity", ylabel="wikitext ppl after merge (log)",
-               title=f"ppl after merge ({args.steps} steps x {args.batch_size} x {args.seq_len} tokens)")
-    # beside the axes, not on them: inside, it covered the low-ppl lines and the reference lines
-    ax_ppl.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
-    # one bar per method: its CE row at the first target it has (the count barely moves with the target)
-    params = {job.method: row["trainable_params"] for job, row in reversed(found.items())
-              if job.loss == "ce" and job.target != DENSE}
-    methods = [m for m in args.methods if m in params]
-    bars = ax_params.bar(methods, [params[m] for m in methods], color=[colors[m] for m in methods])
-    ax_params.bar_label(bars, labels=[f"{params[m]:,}" for m in methods], fontsize=7)
-    if methods:  # SPT's prompts are thousands of parameters, the others millions; no range without a bar
-        ax_params.set_yscale("log")
-    ax_params.set(ylabel="trainable parameters (log)", title="trainable parameters per method")
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
 
 
 def render_outputs(args) -> None:
@@ -550,9 +491,6 @@ def render_outputs(args) -> None:
     markdown.parent.mkdir(parents=True, exist_ok=True)
     markdown.write_text(render_markdown(args))
     print(f"wrote {markdown}")
-    png = render_png(args, args.png_out)
-    if png is not None:
-        print(f"wrote {png}")
 
 
 def main(argv=None) -> int:
