@@ -1,5 +1,6 @@
 """The code stays readable in pieces: no function of the library, the kernels or the benchmarks is
-over 100 lines (docstring included); a longer one is a pipeline that wants named stages."""
+over 100 lines (docstring included); a longer one is a pipeline that wants named stages. The
+benchmarks stay measurements, not a second library: at most 2,200 lines of Python together."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 LIMIT = 100
+BENCHMARK_LINES = 2200
 
 
 def long_functions(roots=("sparse_peft", "kernels", "benchmarks")) -> list[str]:
@@ -35,3 +37,11 @@ def test_the_check_sees_a_long_function(tmp_path):
         assert long_functions(("pkg",)) == [f"pkg/m.py:1 f ({LIMIT + 1} lines)"]
     finally:
         REPO = saved
+
+
+def test_the_benchmarks_stay_small():
+    lines = {path.name: len(path.read_text(encoding="utf-8").splitlines())
+             for path in sorted((REPO / "benchmarks").glob("*.py"))}
+    assert sum(lines.values()) <= BENCHMARK_LINES, (
+        f"benchmarks/ holds {sum(lines.values())} lines of Python (limit {BENCHMARK_LINES}): {lines}; move what "
+        "is reusable into the library or drop what no results page uses")
