@@ -1,7 +1,7 @@
 """The layers on a CUDA GPU: SPP and SEFT train through the Triton kernels, agree with their PyTorch
 path, and keep the invariant through training and merge; 2:4 weights take PyTorch's sparse GEMM.
 
-CI has no GPU, so these skip there. ``benchmarks/gpu_run.sh`` runs them on a lent GPU with
+CI has no GPU, so these skip there. ``benchmarks/gpu_run.sh`` runs them on a GPU with
 ``TRITON_INTERPRET=0`` (the kernels compile; in the interpreter the layers never call them anyway,
 since they take the kernels for CUDA inputs only). The kernels themselves are compared with their
 references on the CPU in ``test_kernels.py``.
