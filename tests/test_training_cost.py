@@ -155,3 +155,83 @@ def test_adapter_dtype_follows_autocast_adapter_dtype(method, autocast):
     loss = peft_model(input_ids=IDS, labels=IDS).loss
     loss.backward()
     assert all(p.grad is not None and p.grad.dtype == p.dtype for p in trainable)
+
+
+
+def _masked_lora_inputs(out_features, in_features, seed=0):
+    """A pruned fp64 weight, a bias, A, B and an input for a masked low-rank delta_linear."""
+    g = torch.Generator().manual_seed(seed)
+    weight = sparse_weight((out_features, in_features), seed=seed)
+    bias = torch.randn(out_features, generator=g, dtype=torch.float64)
+    A = torch.randn(4, in_features, generator=g, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(out_features, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 3, in_features, generator=g, dtype=torch.float64, requires_grad=True)
+    return weight, bias, A, B, x
+
+
+def _masked_lora_step(out_features, in_features, block_elements, inputs=None):
+    """One forward and backward through delta_linear; the gradients of x, A and B."""
+    weight, bias, A, B, x = inputs or _masked_lora_inputs(out_features, in_features)
+    delta_linear(x, weight, bias, MaskedLowRankUpdate(A, B, 0.5), block_elements=block_elements).sum().backward()
+    return x.grad, A.grad, B.grad
+
+
+def test_cpu_passes_reuse_one_workspace_of_three_blocks_until_released():
+    """Every pass on a CPU takes its blocks from the one kept workspace: the same memory from call to
+    call, as large as three of the largest block (W + ΔW, the mask, G) whatever the number of blocks
+    or calls, and freed by release_workspace."""
+    import weakref
+
+    delta_linear_module.release_workspace()
+    assert delta_linear_module.workspace_bytes() == 0
+    first = _masked_lora_step(64, 48, block_elements=16 * 48)  # 4 blocks of 16 rows
+    buffers = delta_linear_module._kept_workspace.buffers
+    pointers = {name: buffer.data_ptr() for name, buffer in buffers.items()}
+    assert delta_linear_module.workspace_bytes() == 3 * 16 * 48 * 8
+    again = _masked_lora_step(64, 48, block_elements=16 * 48)
+    assert {name: buffer.data_ptr() for name, buffer in buffers.items()} == pointers
+    assert all(torch.equal(a, b) for a, b in zip(first, again))  # reused memory, same results
+    _masked_lora_step(40, 48, block_elements=16 * 48)  # a smaller layer fits in the same buffers
+    assert delta_linear_module.workspace_bytes() == 3 * 16 * 48 * 8
+    _masked_lora_step(64, 80, block_elements=16 * 80)  # a larger block grows them, no more
+    assert delta_linear_module.workspace_bytes() == 3 * 16 * 80 * 8
+    kept = [weakref.ref(buffer) for buffer in buffers.values()]
+    del buffers
+    delta_linear_module.release_workspace()
+    assert delta_linear_module.workspace_bytes() == 0 and all(ref() is None for ref in kept)
+
+
+def test_a_pass_allocates_nothing_block_sized_once_the_workspace_is_kept():
+    """After a first step, a step's allocations are activation- or parameter-sized (all smaller than one
+    block here): the blocks are rebuilt in the kept workspace, not allocated and freed block by block."""
+    from torch.profiler import ProfilerActivity, profile
+
+    block_bytes = 16 * 48 * 8
+    _masked_lora_step(64, 48, block_elements=16 * 48)
+    inputs = _masked_lora_inputs(64, 48, seed=1)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        _masked_lora_step(64, 48, block_elements=16 * 48, inputs=inputs)
+    sizes = [event.self_cpu_memory_usage for event in prof.events() if event.self_cpu_memory_usage > 0]
+    assert sizes and max(sizes) < block_bytes, sorted(sizes)[-5:]
+
+
+def test_concurrent_passes_get_their_own_workspace_and_one_is_kept():
+    cpu = torch.device("cpu")
+    delta_linear_module.release_workspace()
+    with delta_linear_module.pass_workspace(cpu) as outer:
+        outer.take("grad", (4, 4), torch.float32, cpu)
+        with delta_linear_module.pass_workspace(cpu) as inner:  # as another thread's pass would
+            assert inner is not outer
+            inner.take("grad", (8, 8), torch.float32, cpu)
+    assert delta_linear_module.workspace_bytes() == 8 * 8 * 4  # the first one back is kept, the other freed
+    delta_linear_module.release_workspace()
+
+
+def test_a_workspace_made_under_inference_mode_serves_training():
+    delta_linear_module.release_workspace()
+    weight, bias, A, B, x = _masked_lora_inputs(64, 48)
+    with torch.inference_mode():
+        delta_linear(x, weight, bias, MaskedLowRankUpdate(A, B, 0.5), block_elements=16 * 48)
+    assert delta_linear_module.workspace_bytes() > 0
+    grads = _masked_lora_step(64, 48, block_elements=16 * 48)  # writes into buffers made in inference mode
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
