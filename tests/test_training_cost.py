@@ -235,3 +235,16 @@ def test_a_workspace_made_under_inference_mode_serves_training():
     assert delta_linear_module.workspace_bytes() > 0
     grads = _masked_lora_step(64, 48, block_elements=16 * 48)  # writes into buffers made in inference mode
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_mask_fingerprint_hashed_in_chunks_equals_the_whole_mask_checksum(monkeypatch):
+    """The fingerprint is hashed a chunk of positions at a time (no int64 index per weight at once):
+    [numel, nnz, Σ (i · mult) mod p over the kept flat positions i], as over the whole mask."""
+    import sparse_peft.sparsity.masks as masks
+
+    monkeypatch.setattr(masks, "_FINGERPRINT_CHUNK", 7)  # 143 positions: 21 chunks, the last one short
+    mask = sparse_weight((13, 11), seed=3) != 0
+    kept = mask.reshape(-1).nonzero().squeeze(-1)
+    checksum = ((kept * masks._HASH_MULT) % masks._HASH_MOD).sum()
+    assert masks.mask_fingerprint(mask).tolist() == [143, kept.numel(), int(checksum)]
+    assert masks.mask_fingerprint(mask.t()).tolist() != masks.mask_fingerprint(mask).tolist()  # positions count
