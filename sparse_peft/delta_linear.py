@@ -19,6 +19,14 @@ rounding (what the merged model holds) and turns ``G`` into fp32 gradients for i
 ``with_base=False`` the update alone is applied (``y = x ΔWᵀ``; the caller runs the base layer
 itself, e.g. when the base layer has hooks or the update's input went through dropout).
 
+Each pass takes its block-sized scratch tensors (the block of ``W + ΔW``, its mask, ``G[rows]``) by
+name from a ``Workspace`` and writes into them with ``out=`` and in-place ops, so its loop allocates
+nothing per block. On a CPU the process keeps that workspace between passes (``pass_workspace``):
+once glibc's mmap threshold has adapted, blocks of a few MiB allocated and freed one after another
+come from its heap, and those freed between activations stay in the resident set. The kept buffers
+are bounded: a few names, each as large as the largest block a pass asked for (``workspace_bytes``;
+``release_workspace`` frees them).
+
 The mask of a pruned layer is ``W != 0`` (every merge in this package keeps that exact), so an
 update that needs it derives it from the block of ``W`` it is given: no mask is stored.
 
@@ -29,7 +37,10 @@ that is freed when the pass ends, instead of saving one out x in tensor per laye
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Protocol, Sequence, Union
+import math
+import threading
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional, Protocol, Sequence, Union
 
 import torch
 
@@ -45,24 +56,101 @@ WeightSource = Union[torch.Tensor, Callable[[], torch.Tensor]]
 GradPiece = tuple[int, Optional[slice], torch.Tensor]
 
 
+class Workspace:
+    """Where a pass takes its scratch tensors, by name. This one allocates a new tensor each time: what
+    a ``RowUpdate`` returns through it outlives the call (a whole ``ΔW`` for merging, say)."""
+
+    def take(self, name: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """An uninitialized tensor. In a ``ReusedWorkspace`` a name's tensors share memory: whatever was
+        taken under the name before is overwritten. Names in use: ``grad`` (the loops' ``G[rows]``),
+        ``update``, ``mask``, ``cast`` and ``sampled`` (the ``RowUpdate``s')."""
+        return torch.empty(shape, dtype=dtype, device=device)
+
+
+#: A workspace that allocates every tensor: the default wherever a result must outlive the call.
+FRESH = Workspace()
+
+
+class ReusedWorkspace(Workspace):
+    """One buffer per (name, device), grown to the largest request and reused by every later ``take``
+    of that name, whatever the dtype."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+    def take(self, name, shape, dtype, device):
+        nbytes = math.prod(shape) * dtype.itemsize
+        key = (name, torch.device(device))
+        if key not in self.buffers or self.buffers[key].numel() < nbytes:
+            self.buffers.pop(key, None)  # freed before the larger one is allocated
+            # A normal tensor even under inference_mode: a later training pass writes into it.
+            with torch.inference_mode(False):
+                self.buffers[key] = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        return self.buffers[key][:nbytes].view(dtype).view(shape)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(buffer.numel() for buffer in self.buffers.values())
+
+
+_kept_workspace: Optional[ReusedWorkspace] = None  # the CPU passes' workspace while no pass holds it
+_kept_lock = threading.Lock()
+
+
+@contextmanager
+def pass_workspace(device: torch.device) -> Iterator[ReusedWorkspace]:
+    """The workspace of one pass on ``device``, reused from block to block. On a CPU the process keeps
+    it for the next pass (one at most: a pass running meanwhile, in another thread, gets its own, freed
+    when it ends); elsewhere each pass has its own, which the device's caching allocator recycles."""
+    global _kept_workspace
+    if torch.device(device).type != "cpu":
+        yield ReusedWorkspace()
+        return
+    with _kept_lock:
+        workspace, _kept_workspace = _kept_workspace, None
+    workspace = workspace if workspace is not None else ReusedWorkspace()
+    try:
+        yield workspace
+    finally:
+        with _kept_lock:
+            if _kept_workspace is None:
+                _kept_workspace = workspace
+
+
+def workspace_bytes() -> int:
+    """Bytes the CPU workspace kept between passes holds (0 when there is none)."""
+    workspace = _kept_workspace
+    return workspace.nbytes if workspace is not None else 0
+
+
+def release_workspace() -> None:
+    """Free the CPU workspace kept between passes (call it between passes: the next one allocates anew)."""
+    global _kept_workspace
+    with _kept_lock:
+        _kept_workspace = None
+
+
 class RowUpdate(Protocol):
     """How one method's ``ΔW`` is built and differentiated a block of rows at a time."""
 
     params: Sequence[torch.Tensor]
 
-    def mask_rows(self, weight_rows: torch.Tensor, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    def mask_rows(self, weight_rows: torch.Tensor, dtype: torch.dtype,
+                  workspace: Workspace = FRESH) -> Optional[torch.Tensor]:
         """What the block's two backward calls share (its mask), or None: computed once per block."""
         ...
 
     def weight_rows(self, start: int, stop: int, weight_rows: torch.Tensor, dtype: torch.dtype,
-                    with_base: bool, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``W[rows] + ΔW[rows]`` (``with_base``) or ``ΔW[rows]``, in ``dtype``, without autograd."""
+                    with_base: bool, mask: Optional[torch.Tensor] = None,
+                    workspace: Workspace = FRESH) -> torch.Tensor:
+        """``W[rows] + ΔW[rows]`` (``with_base``) or ``ΔW[rows]``, in ``dtype``, without autograd; its
+        block-sized tensors (the result included) taken from ``workspace``."""
         ...
 
     def param_grads(self, start: int, stop: int, weight_rows: torch.Tensor, grad_rows: torch.Tensor,
-                    mask: Optional[torch.Tensor] = None) -> list[GradPiece]:
+                    mask: Optional[torch.Tensor] = None, workspace: Workspace = FRESH) -> list[GradPiece]:
         """The parameters' gradients from ``G[rows]`` (``grad_rows``, in the activations' dtype; the
-        update may overwrite it)."""
+        update may overwrite it). The pieces are new tensors (they are summed after the block)."""
         ...
 
 
@@ -78,12 +166,12 @@ def blockwise_linear(x_2d: torch.Tensor, weight: torch.Tensor, update: RowUpdate
                      block_elements: Optional[int] = None) -> torch.Tensor:
     """``x (W + ΔW)ᵀ`` (or ``x ΔWᵀ``) for 2-D ``x``, no autograd, one block of rows at a time."""
     out_features, in_features = weight.shape
-    pieces = []
-    with torch.no_grad():
+    with torch.no_grad(), pass_workspace(x_2d.device) as workspace:
+        y = x_2d.new_empty(x_2d.shape[0], out_features)
         for start, stop in row_blocks(out_features, in_features, block_elements):
-            block = update.weight_rows(start, stop, weight[start:stop], x_2d.dtype, with_base)
-            pieces.append(x_2d @ block.t())
-    return torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
+            block = update.weight_rows(start, stop, weight[start:stop], x_2d.dtype, with_base, workspace=workspace)
+            torch.mm(x_2d, block.t(), out=y[:, start:stop])  # a strided column block: the GEMM writes it directly
+    return y
 
 
 def blockwise_grad_input(grad_2d: torch.Tensor, weight: torch.Tensor, update: RowUpdate, with_base: bool,
@@ -91,11 +179,18 @@ def blockwise_grad_input(grad_2d: torch.Tensor, weight: torch.Tensor, update: Ro
     """``dy (W + ΔW)`` (or ``dy ΔW``) for 2-D ``dy``, no autograd, one block of rows at a time."""
     out_features, in_features = weight.shape
     grad_x = grad_2d.new_zeros(grad_2d.shape[0], in_features)
-    with torch.no_grad():
+    with torch.no_grad(), pass_workspace(grad_2d.device) as workspace:
         for start, stop in row_blocks(out_features, in_features, block_elements):
-            block = update.weight_rows(start, stop, weight[start:stop], grad_2d.dtype, with_base)
+            block = update.weight_rows(start, stop, weight[start:stop], grad_2d.dtype, with_base, workspace=workspace)
             grad_x.addmm_(grad_2d[:, start:stop], block)
     return grad_x
+
+
+def grad_weight_rows(grad_2d: torch.Tensor, x_2d: torch.Tensor, start: int, stop: int,
+                     workspace: Workspace = FRESH) -> torch.Tensor:
+    """``G[rows] = dy[:, rows]ᵀ x`` in the activations' dtype, in ``workspace``'s ``grad``."""
+    out = workspace.take("grad", (stop - start, x_2d.shape[1]), x_2d.dtype, x_2d.device)
+    return torch.mm(grad_2d[:, start:stop].t(), x_2d, out=out)
 
 
 class DeltaLinear(torch.autograd.Function):
@@ -115,7 +210,7 @@ class DeltaLinear(torch.autograd.Function):
         out_features, in_features = weight.shape
         y = blockwise_linear(x.reshape(-1, in_features), weight, update, with_base, block_elements)
         if bias is not None and with_base:
-            y = y + bias.to(y.dtype)
+            y.add_(bias.to(y.dtype))  # y is new: no second activation-sized tensor
         return y.view(*x.shape[:-1], out_features)
 
     @staticmethod
@@ -134,16 +229,17 @@ class DeltaLinear(torch.autograd.Function):
         need_params = any(ctx.needs_input_grad[6:])
         grad_x = torch.zeros_like(x_2d) if need_x else None
         grad_params: list[Optional[torch.Tensor]] = [None] * len(params)
-        for start, stop in row_blocks(out_features, in_features, ctx.block_elements):
-            weight_rows = weight[start:stop]
-            grad_rows = grad_2d[:, start:stop]
-            mask = update.mask_rows(weight_rows, x.dtype) if need_x and need_params else None
-            if need_x:
-                grad_x.addmm_(grad_rows, update.weight_rows(start, stop, weight_rows, x.dtype, ctx.with_base, mask))
-            if need_params:
-                pieces = update.param_grads(start, stop, weight_rows, grad_rows.t() @ x_2d, mask)
-                for index, rows, piece in pieces:
-                    _accumulate(grad_params, index, rows, piece, params[index])
+        with pass_workspace(x.device) as workspace:
+            for start, stop in row_blocks(out_features, in_features, ctx.block_elements):
+                weight_rows = weight[start:stop]
+                mask = update.mask_rows(weight_rows, x.dtype, workspace) if need_x and need_params else None
+                if need_x:
+                    block = update.weight_rows(start, stop, weight_rows, x.dtype, ctx.with_base, mask, workspace)
+                    grad_x.addmm_(grad_2d[:, start:stop], block)
+                if need_params:
+                    grad_rows = grad_weight_rows(grad_2d, x_2d, start, stop, workspace)
+                    for index, rows, piece in update.param_grads(start, stop, weight_rows, grad_rows, mask, workspace):
+                        _accumulate(grad_params, index, rows, piece, params[index])
         grad_bias = grad_2d.sum(dim=0) if ctx.has_bias and ctx.with_base and ctx.needs_input_grad[2] else None
         grad_params = [g.to(p.dtype) if g is not None else None for g, p in zip(grad_params, params)]
         grad_x = grad_x.view(x.shape) if grad_x is not None else None
@@ -188,10 +284,23 @@ def _wide(grad_rows: torch.Tensor, param: torch.Tensor) -> torch.dtype:
     return torch.promote_types(torch.promote_types(grad_rows.dtype, param.dtype), torch.float32)
 
 
-def kept(weight_rows: torch.Tensor) -> torch.Tensor:
-    """The mask ``W != 0`` as 0/1 in ``W``'s dtype (``|sign(W)|``): multiplying by it is one vectorized
-    pass, where a bool mask's ``masked_fill``/``where`` on bf16 runs several times slower on a CPU."""
-    return weight_rows.sign().abs_()
+def kept(weight_rows: torch.Tensor, dtype: Optional[torch.dtype] = None, workspace: Workspace = FRESH) -> torch.Tensor:
+    """The mask ``W != 0`` as 0/1 in ``dtype`` (default ``W``'s), ``|sign(W)|`` taken in ``W``'s dtype (a
+    tiny weight may round to 0 in another) as ``workspace``'s ``mask``: multiplying by it is one
+    vectorized pass, where a bool mask's ``masked_fill``/``where`` on bf16 runs several times slower on
+    a CPU."""
+    dtype = weight_rows.dtype if dtype is None else dtype
+    shape, device = weight_rows.shape, weight_rows.device
+    signs = workspace.take("mask" if dtype == weight_rows.dtype else "cast", shape, weight_rows.dtype, device)
+    signs = torch.sign(weight_rows, out=signs).abs_()
+    return signs if dtype == weight_rows.dtype else workspace.take("mask", shape, dtype, device).copy_(signs)
+
+
+def in_dtype(weight_rows: torch.Tensor, dtype: torch.dtype, workspace: Workspace = FRESH) -> torch.Tensor:
+    """``W[rows]`` in ``dtype``: itself, or a copy in ``workspace``'s ``cast``."""
+    if weight_rows.dtype == dtype:
+        return weight_rows
+    return workspace.take("cast", weight_rows.shape, dtype, weight_rows.device).copy_(weight_rows)
 
 
 class MaskedLowRankUpdate:
@@ -200,23 +309,24 @@ class MaskedLowRankUpdate:
     def __init__(self, A: torch.Tensor, B: torch.Tensor, scaling: float):
         self.params, self.scaling = (A, B), float(scaling)
 
-    def mask_rows(self, weight_rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return kept(weight_rows).to(dtype)
+    def mask_rows(self, weight_rows, dtype, workspace=FRESH):
+        return kept(weight_rows, dtype, workspace)
 
-    def weight_rows(self, start, stop, weight_rows, dtype, with_base, mask=None):
+    def weight_rows(self, start, stop, weight_rows, dtype, with_base, mask=None, workspace=FRESH):
         A, B = self.params
-        low_rank = (B[start:stop].detach() * self.scaling).to(dtype) @ A.detach().to(dtype)
-        mask = self.mask_rows(weight_rows, dtype) if mask is None else mask
+        low_rank = workspace.take("update", weight_rows.shape, dtype, weight_rows.device)
+        torch.mm((B[start:stop].detach() * self.scaling).to(dtype), A.detach().to(dtype), out=low_rank)
+        mask = self.mask_rows(weight_rows, dtype, workspace) if mask is None else mask
         if with_base:  # W + s·(B A) ⊙ M, rounded once to dtype
-            return torch.addcmul(weight_rows.to(dtype), low_rank, mask)
+            return torch.addcmul(in_dtype(weight_rows, dtype, workspace), low_rank, mask, out=low_rank)
         return low_rank.mul_(mask)
 
-    def param_grads(self, start, stop, weight_rows, grad_rows, mask=None):
+    def param_grads(self, start, stop, weight_rows, grad_rows, mask=None, workspace=FRESH):
         # dB = s (G ⊙ M) Aᵀ, dA = s Bᵀ (G ⊙ M). The two thin GEMMs run in G's dtype (AMX / tensor
         # cores for bf16, fp32 accumulation inside) and their small results are summed in fp32.
         A, B = self.params
         dtype, wide = grad_rows.dtype, _wide(grad_rows, A)
-        masked = grad_rows.mul_(self.mask_rows(weight_rows, dtype) if mask is None else mask)
+        masked = grad_rows.mul_(self.mask_rows(weight_rows, dtype, workspace) if mask is None else mask)
         grad_B_rows = masked @ (A.detach() * self.scaling).to(dtype).t()
         grad_A = (B[start:stop].detach() * self.scaling).to(dtype).t() @ masked
         return [(0, None, grad_A.to(wide)), (1, slice(start, stop), grad_B_rows.to(wide))]
@@ -241,21 +351,25 @@ class RowScaleUpdate:
         weights[torch.arange(stop - start, device=A.device), groups] = b[start:stop, 0].detach().to(weights.dtype) * self.alpha
         return groups, weights.to(dtype)
 
-    def mask_rows(self, weight_rows: torch.Tensor, dtype: torch.dtype) -> None:
+    def mask_rows(self, weight_rows, dtype, workspace=FRESH) -> None:
         return None  # W ⊙ change is zero wherever W is
 
-    def weight_rows(self, start, stop, weight_rows, dtype, with_base, mask=None):
+    def weight_rows(self, start, stop, weight_rows, dtype, with_base, mask=None, workspace=FRESH):
         # W + W ⊙ (α R(A) ⊙ b) in one pass, rounded once to dtype. Never 1 + change in a low precision:
         # near 1 a bf16 would round the small change away; W ⊙ change keeps its relative precision.
-        change = self._group_weights(start, stop, dtype)[1] @ self.params[0].detach().to(dtype)
-        weight_rows = weight_rows.to(dtype)
-        return torch.addcmul(weight_rows, weight_rows, change) if with_base else change.mul_(weight_rows)
+        change = workspace.take("update", weight_rows.shape, dtype, weight_rows.device)
+        torch.mm(self._group_weights(start, stop, dtype)[1], self.params[0].detach().to(dtype), out=change)
+        weight_rows = in_dtype(weight_rows, dtype, workspace)
+        return torch.addcmul(weight_rows, weight_rows, change, out=change) if with_base else change.mul_(weight_rows)
 
-    def param_grads(self, start, stop, weight_rows, grad_rows, mask=None):
+    def param_grads(self, start, stop, weight_rows, grad_rows, mask=None, workspace=FRESH):
         A, b = self.params
         wide = _wide(grad_rows, A)
         groups, weights = self._group_weights(start, stop, wide)
-        sampled = grad_rows.mul(weight_rows.to(grad_rows.dtype)).to(wide)  # S = G ⊙ W: G at the nonzeros only
+        # S = G ⊙ W: G at the nonzeros only, rounded to G's dtype, then widened
+        sampled = grad_rows.mul_(in_dtype(weight_rows, grad_rows.dtype, workspace))
+        if sampled.dtype != wide:
+            sampled = workspace.take("sampled", sampled.shape, wide, sampled.device).copy_(sampled)
         # db_i = α Σ_j S_ij A_{g(i), j}: row i of S Aᵀ at column g(i)
         per_group = sampled @ A.detach().to(wide).t()
         grad_b_rows = per_group.gather(1, groups[:, None]).mul_(self.alpha)

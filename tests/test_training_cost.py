@@ -1,5 +1,5 @@
 """Training at LoRA's cost, checked without timing: what autograd saves, what a layer keeps, gradients
-against plain dense autograd, and the adapters' dtype."""
+against plain dense autograd, the adapters' dtype, and the blocks' workspace (reused, not reallocated)."""
 
 import pytest
 import torch
@@ -155,3 +155,208 @@ def test_adapter_dtype_follows_autocast_adapter_dtype(method, autocast):
     loss = peft_model(input_ids=IDS, labels=IDS).loss
     loss.backward()
     assert all(p.grad is not None and p.grad.dtype == p.dtype for p in trainable)
+
+
+def _masked_lora_inputs(out_features, in_features, seed=0):
+    """A pruned fp64 weight, a bias, A, B and an input for a masked low-rank delta_linear."""
+    g = torch.Generator().manual_seed(seed)
+    weight = sparse_weight((out_features, in_features), seed=seed)
+    bias = torch.randn(out_features, generator=g, dtype=torch.float64)
+    A = torch.randn(4, in_features, generator=g, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(out_features, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 3, in_features, generator=g, dtype=torch.float64, requires_grad=True)
+    return weight, bias, A, B, x
+
+
+def _masked_lora_step(out_features, in_features, block_elements, inputs=None):
+    """One forward and backward through delta_linear; the gradients of x, A and B."""
+    weight, bias, A, B, x = inputs or _masked_lora_inputs(out_features, in_features)
+    delta_linear(x, weight, bias, MaskedLowRankUpdate(A, B, 0.5), block_elements=block_elements).sum().backward()
+    return x.grad, A.grad, B.grad
+
+
+def test_cpu_passes_reuse_one_workspace_of_three_blocks_until_released():
+    """Every pass on a CPU takes its blocks from the one kept workspace: the same memory from call to
+    call, as large as three of the largest block (W + ΔW, the mask, G) whatever the number of blocks
+    or calls, and freed by release_workspace."""
+    import weakref
+
+    delta_linear_module.release_workspace()
+    assert delta_linear_module.workspace_bytes() == 0
+    first = _masked_lora_step(64, 48, block_elements=16 * 48)  # 4 blocks of 16 rows
+    buffers = delta_linear_module._kept_workspace.buffers
+    pointers = {name: buffer.data_ptr() for name, buffer in buffers.items()}
+    assert delta_linear_module.workspace_bytes() == 3 * 16 * 48 * 8
+    again = _masked_lora_step(64, 48, block_elements=16 * 48)
+    assert {name: buffer.data_ptr() for name, buffer in buffers.items()} == pointers
+    assert all(torch.equal(a, b) for a, b in zip(first, again))  # reused memory, same results
+    _masked_lora_step(40, 48, block_elements=16 * 48)  # a smaller layer fits in the same buffers
+    assert delta_linear_module.workspace_bytes() == 3 * 16 * 48 * 8
+    _masked_lora_step(64, 80, block_elements=16 * 80)  # a larger block grows them, no more
+    assert delta_linear_module.workspace_bytes() == 3 * 16 * 80 * 8
+    kept = [weakref.ref(buffer) for buffer in buffers.values()]
+    del buffers
+    delta_linear_module.release_workspace()
+    assert delta_linear_module.workspace_bytes() == 0 and all(ref() is None for ref in kept)
+
+
+class _CollectingSink:
+    """Where SEFT's backward adds the dense weight gradient while collecting (as its layer does)."""
+
+    collecting = True
+
+    def __init__(self, weight):
+        self.grad_accum = torch.zeros_like(weight)
+
+    def accumulate_rows(self, start, stop, grad_rows):
+        self.grad_accum[start:stop] += grad_rows
+
+
+def _layer(method, out_features, in_features, seed=0):
+    """One pruned fp64 layer of ``method`` through delta_linear's blockwise passes: ``(forward, params,
+    dense)``, ``dense(*params)`` its effective weight (``W + ΔW``) with plain autograd."""
+    from sparse_peft.tuners.seft.functional import effective_weight, sparse_delta_linear
+
+    g = torch.Generator().manual_seed(seed)
+    weight = sparse_weight((out_features, in_features), seed=seed)
+    A = torch.randn(4, in_features, generator=g, dtype=torch.float64, requires_grad=True)
+    if method == "masked_lora":
+        B = torch.randn(out_features, 4, generator=g, dtype=torch.float64, requires_grad=True)
+        return (lambda x: delta_linear(x, weight, None, MaskedLowRankUpdate(A, B, 0.5)), (A, B),
+                lambda A_, B_: weight + 0.5 * (B_ @ A_) * (weight != 0))
+    if method == "spp":
+        b = torch.randn(out_features, 1, generator=g, dtype=torch.float64, requires_grad=True)
+        return (lambda x: delta_linear(x, weight, None, RowScaleUpdate(A, b, 0.7)), (A, b),
+                lambda A_, b_: weight + 0.7 * expand_rows(A_, out_features) * b_ * weight)
+    positions = torch.randperm(weight.numel(), generator=g)
+    delta_index, frozen_index, removed_index = (part.sort().values for part in positions[:30].split([20, 5, 5]))
+    delta = torch.randn(20, generator=g, dtype=torch.float64, requires_grad=True)
+    frozen_delta = torch.randn(5, generator=g, dtype=torch.float64)
+    sink = _CollectingSink(weight) if method == "seft_collecting" else None
+    return (lambda x: sparse_delta_linear(x, delta, weight, delta_index, frozen_index, frozen_delta, removed_index,
+                                          grad_sink=sink), (delta,),
+            # effective_weight builds no graph: Δ's gradient is the output's at Δ's positions
+            lambda delta_: effective_weight(weight, delta_index, delta_.detach(), frozen_index, frozen_delta,
+                                            removed_index).view(-1).index_add(0, delta_index, delta_ - delta_.detach())
+            .view(out_features, in_features))
+
+
+def _grads(forward, params, x):
+    """The gradients of ``x`` and ``params`` for the sum of squares of ``forward(x)``."""
+    x = x.detach().requires_grad_(True)
+    for param in params:
+        param.grad = None
+    forward(x).pow(2).sum().backward()  # not autograd.grad: reentrant checkpointing refuses it
+    return [tensor.grad for tensor in (x, *params)]
+
+
+BLOCK_METHODS = ["masked_lora", "spp", "seft", "seft_collecting"]
+
+
+@pytest.mark.parametrize("method", BLOCK_METHODS)
+def test_a_pass_allocates_nothing_block_sized_once_the_workspace_is_kept(method, monkeypatch):
+    """After a first step, a step's allocations are activation- or parameter-sized (all smaller than one
+    block here): the blocks are rebuilt in the kept workspace, not allocated and freed block by block."""
+    from torch.profiler import ProfilerActivity, profile
+
+    monkeypatch.setattr(delta_linear_module, "BLOCK_ELEMENTS", 16 * 48)  # 4 blocks of 16 rows
+    block_bytes = 16 * 48 * 8
+    forward, params, _ = _layer(method, 64, 48)
+    x = torch.randn(2, 3, 48, dtype=torch.float64)
+    _grads(forward, params, x)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        _grads(forward, params, x)
+    sizes = [event.self_cpu_memory_usage for event in prof.events() if event.self_cpu_memory_usage > 0]
+    assert sizes and max(sizes) < block_bytes, sorted(sizes)[-5:]
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_layers_share_the_kept_workspace_in_turn_under_gradient_checkpointing(use_reentrant, monkeypatch):
+    """Layers of different shapes and methods take their blocks from the one kept workspace in turn,
+    and checkpointing re-runs their forwards inside the backward: the gradients equal those without
+    checkpointing, bit for bit, and plain dense autograd's."""
+    from torch.utils.checkpoint import checkpoint
+
+    monkeypatch.setattr(delta_linear_module, "BLOCK_ELEMENTS", 16 * 48)
+    layers = [_layer("masked_lora", 64, 48, seed=1), _layer("spp", 40, 64, seed=2),
+              _layer("seft_collecting", 48, 40, seed=3)]
+    params = [p for _, layer_params, _ in layers for p in layer_params]
+
+    def blockwise(x):
+        for forward, _, _ in layers:
+            x = torch.tanh(forward(x))
+        return x
+
+    def dense(x):
+        for _, layer_params, effective in layers:
+            x = torch.tanh(F.linear(x, effective(*layer_params)))
+        return x
+
+    x = torch.randn(2, 3, 48, dtype=torch.float64)
+    delta_linear_module.release_workspace()
+    plain = _grads(blockwise, params, x)
+    checkpointed = _grads(lambda x_: checkpoint(blockwise, x_, use_reentrant=use_reentrant), params, x)
+    assert all(torch.equal(a, b) for a, b in zip(checkpointed, plain))
+    assert all(torch.allclose(a, b) for a, b in zip(plain, _grads(dense, params, x)))
+    assert delta_linear_module.workspace_bytes() > 0  # the kept one served them
+
+
+def test_passes_in_two_threads_give_the_results_of_one_thread(monkeypatch):
+    """Passes running at once in two threads each get a workspace of their own: every step's gradients
+    equal those of the same step run alone."""
+    import threading
+
+    monkeypatch.setattr(delta_linear_module, "BLOCK_ELEMENTS", 16 * 48)
+    runs = [(_layer("masked_lora", 64, 48, seed=1), torch.randn(2, 3, 48, dtype=torch.float64)),
+            (_layer("spp", 96, 48, seed=2), torch.randn(4, 5, 48, dtype=torch.float64))]
+    alone = [_grads(forward, params, x) for (forward, params, _), x in runs]
+    results = [[], []]
+
+    def train(index):
+        (forward, params, _), x = runs[index]
+        for _ in range(20):
+            results[index].append(_grads(forward, params, x))
+
+    threads = [threading.Thread(target=train, args=(index,)) for index in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for expected, steps in zip(alone, results):
+        assert len(steps) == 20
+        assert all(torch.equal(a, b) for step in steps for a, b in zip(step, expected))
+
+
+def test_concurrent_passes_get_their_own_workspace_and_one_is_kept():
+    cpu = torch.device("cpu")
+    delta_linear_module.release_workspace()
+    with delta_linear_module.pass_workspace(cpu) as outer:
+        outer.take("grad", (4, 4), torch.float32, cpu)
+        with delta_linear_module.pass_workspace(cpu) as inner:  # as another thread's pass would
+            assert inner is not outer
+            inner.take("grad", (8, 8), torch.float32, cpu)
+    assert delta_linear_module.workspace_bytes() == 8 * 8 * 4  # the first one back is kept, the other freed
+    delta_linear_module.release_workspace()
+
+
+def test_a_workspace_made_under_inference_mode_serves_training():
+    delta_linear_module.release_workspace()
+    weight, bias, A, B, x = _masked_lora_inputs(64, 48)
+    with torch.inference_mode():
+        delta_linear(x, weight, bias, MaskedLowRankUpdate(A, B, 0.5), block_elements=16 * 48)
+    assert delta_linear_module.workspace_bytes() > 0
+    grads = _masked_lora_step(64, 48, block_elements=16 * 48)  # writes into buffers made in inference mode
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_mask_fingerprint_hashed_in_chunks_equals_the_whole_mask_checksum(monkeypatch):
+    """The fingerprint is hashed a chunk of positions at a time (no int64 index per weight at once):
+    [numel, nnz, Σ (i · mult) mod p over the kept flat positions i], as over the whole mask."""
+    import sparse_peft.sparsity.masks as masks
+
+    monkeypatch.setattr(masks, "_FINGERPRINT_CHUNK", 7)  # 143 positions: 21 chunks, the last one short
+    mask = sparse_weight((13, 11), seed=3) != 0
+    kept = mask.reshape(-1).nonzero().squeeze(-1)
+    checksum = ((kept * masks._HASH_MULT) % masks._HASH_MOD).sum()
+    assert masks.mask_fingerprint(mask).tolist() == [143, kept.numel(), int(checksum)]
+    assert masks.mask_fingerprint(mask.t()).tolist() != masks.mask_fingerprint(mask).tolist()  # positions count

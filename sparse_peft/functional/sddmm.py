@@ -20,7 +20,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ..delta_linear import row_blocks
+from ..delta_linear import grad_weight_rows, pass_workspace, row_blocks
 from ..kernels._checks import check_sddmm
 
 
@@ -61,9 +61,10 @@ def sddmm_reference(grad_out: torch.Tensor, x: torch.Tensor, indices: torch.Tens
                                               (out_features, in_features), check_invariants=False)
         values[order] = torch.sparse.sampled_addmm(pattern, grad_out.t(), x, beta=0.0).values()
         return values
-    for start, stop in row_blocks(out_features, in_features):
-        inside = (indices >= start * in_features) & (indices < stop * in_features)
-        if bool(inside.any()):
-            dense = grad_out[:, start:stop].t() @ x  # the block's rows of grad_outᵀ x, in the inputs' dtype
-            values[inside] = dense.view(-1)[indices[inside] - start * in_features].to(wide)
+    with pass_workspace(x.device) as workspace:  # each block's product written into one reused buffer
+        for start, stop in row_blocks(out_features, in_features):
+            inside = (indices >= start * in_features) & (indices < stop * in_features)
+            if bool(inside.any()):
+                dense = grad_weight_rows(grad_out, x, start, stop, workspace)  # in the inputs' dtype
+                values[inside] = dense.view(-1)[indices[inside] - start * in_features].to(wide)
     return values

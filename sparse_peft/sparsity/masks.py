@@ -18,6 +18,9 @@ LINEAR_TYPES = (nn.Linear, Conv1D)
 # term below 2**31 so the int64 sum cannot overflow for layers of up to 2**32 positions.
 _HASH_MULT = 2654435761
 _HASH_MOD = 2**31 - 1
+# Positions a fingerprint hashes at a time: their int64 indices (8 bytes a position, 2 MiB here) stay
+# small next to a layer's, which glibc would otherwise keep in its heap after the tuners' setup.
+_FINGERPRINT_CHUNK = 1 << 18
 
 
 def weight_mask(weight: torch.Tensor) -> torch.Tensor:
@@ -88,10 +91,14 @@ def mask_fingerprint(mask: torch.Tensor) -> torch.Tensor:
     Adapters store it instead of the whole mask so that loading them onto a base whose sparsity
     pattern differs can be refused (the checksum depends on every kept position).
     """
-    flat_idx = mask.reshape(-1).nonzero().squeeze(-1).to(torch.int64)
-    checksum = ((flat_idx * _HASH_MULT) % _HASH_MOD).sum()
+    flat = mask.reshape(-1)
+    checksum, kept = torch.zeros((), dtype=torch.int64, device=mask.device), 0
+    for start in range(0, flat.numel(), _FINGERPRINT_CHUNK):
+        flat_idx = flat[start:start + _FINGERPRINT_CHUNK].nonzero().squeeze(-1).to(torch.int64).add_(start)
+        kept += flat_idx.numel()
+        checksum += flat_idx.mul_(_HASH_MULT).remainder_(_HASH_MOD).sum()
     return torch.stack(
-        [torch.tensor(mask.numel(), dtype=torch.int64), torch.tensor(flat_idx.numel(), dtype=torch.int64), checksum.cpu()]
+        [torch.tensor(mask.numel(), dtype=torch.int64), torch.tensor(kept, dtype=torch.int64), checksum.cpu()]
     )
 
 

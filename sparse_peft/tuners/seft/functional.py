@@ -12,7 +12,8 @@ from typing import NamedTuple, Optional
 import torch
 
 from ... import ops
-from ...delta_linear import blockwise_grad_input, blockwise_linear, row_blocks
+from ...delta_linear import (FRESH, Workspace, blockwise_grad_input, blockwise_linear, grad_weight_rows,
+                             pass_workspace, row_blocks)
 
 
 class SparseLayout(NamedTuple):
@@ -54,15 +55,16 @@ class SparseUpdate:
         self.amounts = torch.zeros(layout.positions.numel(), dtype=self.wide, device=added.device)
         self.amounts.index_add_(0, layout.slot, added)
 
-    def mask_rows(self, weight_rows: torch.Tensor, dtype: torch.dtype) -> None:
+    def mask_rows(self, weight_rows: torch.Tensor, dtype: torch.dtype, workspace: Workspace = FRESH) -> None:
         return None
 
-    def weight_rows(self, start, stop, weight_rows, dtype, with_base=True, mask=None):
+    def weight_rows(self, start, stop, weight_rows, dtype, with_base=True, mask=None,
+                    workspace: Workspace = FRESH):
         positions = self.layout.positions
         low, high = start * self.in_features, stop * self.in_features
         lo, hi = torch.searchsorted(positions, torch.tensor([low, high], device=positions.device)).tolist()
         touched = positions[lo:hi] - low
-        block = weight_rows.to(dtype, copy=True, memory_format=torch.contiguous_format)
+        block = workspace.take("update", weight_rows.shape, dtype, weight_rows.device).copy_(weight_rows)
         flat = block.view(-1)
         values = flat.index_select(0, touched).to(self.wide).add_(self.amounts[lo:hi])
         values.masked_fill_(self.layout.removed[lo:hi], 0)  # switched off: exactly 0
@@ -101,11 +103,12 @@ class SparseDeltaLinear(torch.autograd.Function):
         sink = ctx.grad_sink
         if sink is not None and sink.collecting:
             grad_delta = torch.empty(delta_index.numel(), dtype=torch.float32, device=delta.device)
-            for start, stop in row_blocks(out_features, in_features):
-                dense = grad_2d[:, start:stop].t() @ x_2d  # G[rows], in the activations' dtype
-                sink.accumulate_rows(start, stop, dense)
-                inside = (delta_index >= start * in_features) & (delta_index < stop * in_features)
-                grad_delta[inside] = dense.view(-1)[delta_index[inside] - start * in_features].float()
+            with pass_workspace(x.device) as workspace:
+                for start, stop in row_blocks(out_features, in_features):
+                    dense = grad_weight_rows(grad_2d, x_2d, start, stop, workspace)  # in the activations' dtype
+                    sink.accumulate_rows(start, stop, dense)
+                    inside = (delta_index >= start * in_features) & (delta_index < stop * in_features)
+                    grad_delta[inside] = dense.view(-1)[delta_index[inside] - start * in_features].float()
             if not ctx.needs_input_grad[1]:
                 grad_delta = None
         elif ctx.needs_input_grad[1]:
