@@ -26,6 +26,7 @@ from .sparsity.masks import restore_mask
 from .sparsity.quantized import (
     QUANTIZED_KINDS,
     QuantizedSnapshot,
+    block_order_scales_,
     dequantized_weight,
     differentiable_layout_,
     first_quantized_linear,
@@ -41,10 +42,10 @@ from .sparsity.quantized import (
 )
 
 __all__ = [
-    "QUANTIZED_KINDS", "QuantizedSnapshot", "dequantize_model_", "dequantized_linear", "dequantized_weight",
-    "differentiable_layout_", "first_quantized_linear", "is_quantized_linear", "merge_and_unload_dequantized",
-    "merge_quantized_layer", "quantize_weight_", "quantized_kind", "quantized_snapshot", "refuse_quantized",
-    "requantize_masked_", "restore_quantized_", "warn_rounded_to_zero",
+    "QUANTIZED_KINDS", "QuantizedSnapshot", "block_order_scales_", "dequantize_model_", "dequantized_linear",
+    "dequantized_weight", "differentiable_layout_", "first_quantized_linear", "is_quantized_linear",
+    "merge_and_unload_dequantized", "merge_quantized_layer", "quantize_weight_", "quantized_kind",
+    "quantized_snapshot", "refuse_quantized", "requantize_masked_", "restore_quantized_", "warn_rounded_to_zero",
 ]
 
 

@@ -80,18 +80,44 @@ def _is_cpu_packed(state) -> bool:
     return bool(getattr(state, "packing_format_for_cpu", False))
 
 
+def block_order_scales_(module: nn.Module) -> None:
+    """Put a 4-bit layer's block scales back in the order its weight's blocks are stored, if
+    bitsandbytes' inverse of the CPU packing left them transposed.
+
+    The packing stores one bf16 scale per (block of ``blocksize`` inputs, output row), as a
+    ``[in / blocksize, out]`` tensor. bitsandbytes 0.50's inverse (run by ``differentiable_layout_``,
+    and by bitsandbytes itself when it saves a state dict or moves a repacked weight) restores the
+    standard layout of nested statistics only: plain ones (``bnb_4bit_use_double_quant=False``,
+    transformers' default) keep that 2-D shape, while ``dequantize_4bit``, the layer's matmul and the
+    next repacking read them flat, one per block of the row-major ``out x in`` weight. Every weight
+    would then be scaled by another block's scale (silently; only ``in == blocksize`` is unaffected):
+    the model's outputs, its training and every merge turn to noise. A standard state's scales are
+    1-D, so a 2-D one outside the packing is this leftover, put back flat in float32 (as
+    ``quantize_4bit`` makes them; their values keep the packing's bf16 rounding)."""
+    if quantized_kind(module) == "4bit":
+        _block_order_scales_(module.weight.quant_state)
+
+
+def _block_order_scales_(state) -> None:
+    if state is None or state.nested or _is_cpu_packed(state) or state.absmax.dim() != 2:
+        return
+    state.absmax = state.absmax.T.reshape(-1).float()
+
+
 def differentiable_layout_(module: nn.Module) -> None:
     """Before a forward that needs gradients: put a 4-bit weight that an inference forward repacked
     for the CPU kernel back in the standard packing. bitsandbytes runs a repacked weight through
     ``gemv_4bit``, which has no autograd formula, so no gradient would flow back through the layer
     (silently: torch only warns); in training mode bitsandbytes does not repack it again. Its own
-    converter is used, as bitsandbytes does before saving or moving the weight."""
+    converter is used, as bitsandbytes does before saving or moving the weight, followed by
+    ``block_order_scales_`` for the scales that converter leaves transposed."""
     if quantized_kind(module) != "4bit" or not _is_cpu_packed(module.weight.quant_state):
         return
     from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
     weight = module.weight
     weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+    block_order_scales_(module)
 
 
 def _dequantize_cpu_packed(weight: torch.Tensor) -> torch.Tensor:
@@ -111,12 +137,13 @@ def _dequantize_cpu_packed(weight: torch.Tensor) -> torch.Tensor:
 
 def dequantized_weight(module: nn.Module, snapshot: Optional["QuantizedSnapshot"] = None) -> torch.Tensor:
     """The layer's weight (or a ``snapshot`` of it) as floats, out x in: a new tensor each call,
-    nothing is cached."""
+    nothing is cached (scales bitsandbytes left transposed are put back first: ``block_order_scales_``)."""
     import bitsandbytes as bnb
 
     with torch.no_grad():
         if quantized_kind(module) == "4bit":
             weight = module.weight if snapshot is None else snapshot.weight
+            _block_order_scales_(weight.quant_state)
             if _is_cpu_packed(weight.quant_state):
                 return _dequantize_cpu_packed(weight)
             return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)

@@ -171,9 +171,12 @@ class DerivedMask:
         forward and the backward each hold a dequantized copy only while they run (``delta_linear``
         calls it once per pass) and nothing out x in is kept between them. Called before the base
         layer's forward: with gradients on, it also undoes bitsandbytes' CPU inference repacking,
-        through which no gradient flows (``quantized.differentiable_layout_``)."""
+        through which no gradient flows (``quantized.differentiable_layout_``), and it puts back block
+        scales a state-dict save of a repacked layer left transposed (``quantized.block_order_scales_``),
+        before the base computes with them or repacks them."""
         if self.quantized_base:
             base = self.get_base_layer()
+            quantized.block_order_scales_(base)
             if torch.is_grad_enabled():
                 quantized.differentiable_layout_(base)  # before the base's own forward runs
             return partial(quantized.dequantized_weight, base)
