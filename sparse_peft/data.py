@@ -139,10 +139,12 @@ def random_windows(ids: torch.Tensor, n: int, seq_len: int, seed: int = 0, batch
 
 
 @torch.no_grad()
+@torch.no_grad()
 def perplexity(model, ids: torch.Tensor, n_windows: int = 24, seq_len: int = 512, show_progress: bool = True) -> float:
     """Perplexity on the first ``n_windows`` non-overlapping windows of ``seq_len`` tokens of ``ids``.
 
-    Each window is scored on its ``seq_len - 1`` next-token predictions; ppl = exp(mean NLL).
+    Each window is scored on its ``seq_len - 1`` next-token predictions; ppl = exp(mean NLL). No
+    autograd graph is built (a trainable adapter would otherwise keep every window's activations).
     """
     ids = ids.reshape(-1)
     n_available = ids.numel() // seq_len

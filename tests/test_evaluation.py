@@ -91,3 +91,24 @@ def test_lm_eval_adapter_explains_a_missing_install(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_lm_eval)
     with pytest.raises(ImportError, match="pip install lm-eval"):
         lm_eval_model(make_tiny_model("llama"), char_tokenizer())
+
+
+def test_perplexity_builds_no_autograd_graph():
+    """Scoring a model with trainable parameters keeps no activations for a backward."""
+    import torch
+    from sparse_peft.data import perplexity
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.grad_enabled = torch.nn.Embedding(16, 16), []
+
+        def forward(self, input_ids, use_cache=False):
+            self.grad_enabled.append(torch.is_grad_enabled())
+            logits = self.embed(input_ids)
+            assert not logits.requires_grad
+            return type("Out", (), {"logits": logits})()
+
+    model = Tiny()
+    ppl = perplexity(model, torch.arange(32) % 16, n_windows=2, seq_len=8, show_progress=False)
+    assert ppl > 0 and model.grad_enabled == [False, False]
