@@ -1,15 +1,16 @@
 """Masked LoRA and SPP on an NF4-quantized pruned model against the same runs on fp32 and bf16 bases.
 
 Prunes the model once (Wanda, SmolLM2-135M by default), saves it, then runs each (base, method) row
-in a fresh process: load the pruned checkpoint as fp32, bf16 or bitsandbytes NF4 (bf16 compute,
-``prepare_model_for_kbit_training``), train the same batches, merge, measure. A row reports the
+in a fresh process: load the pruned checkpoint as fp32, bf16 or bitsandbytes NF4 with bf16 compute
+(``nf4``: embeddings and norms in bf16; ``nf4-kbit``: through ``prepare_model_for_kbit_training``,
+which keeps them in fp32), train the same batches, merge, measure. A row reports the
 bytes held by the base's linear weights (NF4: packed codes and block statistics), the peak RSS
 while building the adapter and training (sampled every 5 ms, a fresh process per row), the median
 step time, and the held-out perplexity after merging (NF4: merged into the 4-bit layers, i.e.
 after re-quantization, and merged into dequantized bf16 weights), with a check that every layer
 keeps exactly its zeros:
 
-    python benchmarks/quantized.py --bases fp32 bf16 nf4 --methods masked_lora spp --steps 200
+    python benchmarks/quantized.py --bases fp32 bf16 nf4 nf4-kbit --methods masked_lora spp --steps 200
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from sparse_peft.quantized import dequantized_weight, is_quantized_linear
 
 from common import PeakMemory, append_jsonl, assets_dir, machine_info, markdown_table, spawn
 
+BASES = ("fp32", "bf16", "nf4", "nf4-kbit")
 LR = {"masked_lora": 1e-3, "spp": 4e-3}  # the recovery sweep's learning rates at this budget
 
 
@@ -72,13 +74,15 @@ def linear_weight_bytes(model) -> int:
 
 
 def load_base(path: str, base: str):
+    """One of ``BASES``: ``nf4`` keeps embeddings and norms in bf16, ``nf4-kbit`` in fp32 (peft's preparation)."""
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    if base == "nf4":
+    if base.startswith("nf4"):
         bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb, device_map="cpu")
-        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb, device_map="cpu",
+                                                     dtype=torch.bfloat16)
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False) if base == "nf4-kbit" else model
     return AutoModelForCausalLM.from_pretrained(path, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[base])
 
 
@@ -134,7 +138,7 @@ def run_row(args) -> dict:
     memory.stop()
     row.update(rss_before_mb=memory.base / 2**20, peak_training_rss_mb=memory.peak / 2**20,
                step_time_s=statistics.median(times))
-    if args.base == "nf4":
+    if args.base.startswith("nf4"):
         with warnings.catch_warnings():  # the re-quantization's rounded-to-0 count is reported below
             warnings.simplefilter("ignore")
             peft_model.merge_adapter()
@@ -171,7 +175,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="hub id, local dir or .gguf (default: SmolLM2-135M GGUF)")
     parser.add_argument("--data", default=None, help="a WikiText-2 folder or a text file (default: the "
                         "development assets' WikiText-2, else the bundled excerpt)")
-    parser.add_argument("--bases", nargs="+", default=["fp32", "bf16", "nf4"], choices=["fp32", "bf16", "nf4"])
+    parser.add_argument("--bases", nargs="+", default=list(BASES), choices=BASES)
     parser.add_argument("--methods", nargs="+", default=["masked_lora", "spp"], choices=sorted(LR))
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--steps", type=int, default=200)
