@@ -6,7 +6,7 @@
 The Llama (``--layers`` decoder layers, hidden H, intermediate 4H, H/64 heads) is magnitude-pruned to
 50% and, for bf16, cast after pruning. Every run trains all 7 projections with AdamW on random
 tokens: LoRA and masked LoRA at r=16, SPP's default, SEFT at density 0.02 between topology updates
-and while collecting the dense gradient for the next ("seft (collecting)"), SPT with two gradual
+and while collecting the dense gradient for the next (every layer, or one of ``update_groups=4``), SPT with two gradual
 pruning events in the run (the median step is one without). Each row runs in a fresh process.
 "Extra memory" is what ``get_peft_model``, the optimizer and the steps add to the pruned model
 (``common.PeakMemory``: sampled RSS on the CPU, the allocator's peak on CUDA); ``--malloc fixed``
@@ -34,8 +34,8 @@ from common import (
     MIB, PeakMemory, WorkerFailed, append_jsonl, arg_parser, command_line, machine_info, markdown_table, random_llama,
     spawn, timed)
 
-METHODS = ["lora", "masked_lora", "spp", "seft", "seft_collecting", "spt"]
-LABELS = {"seft_collecting": "seft (collecting)"}
+METHODS = ["lora", "masked_lora", "spp", "seft", "seft_collecting", "seft_collecting_4groups", "spt"]
+LABELS = {"seft_collecting": "seft (collecting)", "seft_collecting_4groups": "seft (collecting, update_groups=4)"}
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -48,7 +48,8 @@ def peft_config(method: str, total_steps: int):
     if method == "spp":
         return sp.method_config("spp", target_modules="all-linear")
     if method.startswith("seft"):  # no topology update within the run
-        return sp.method_config("seft", density=0.02, update_interval=total_steps + 1000, target_modules="all-linear")
+        return sp.method_config("seft", density=0.02, update_interval=total_steps + 1000, target_modules="all-linear",
+                                update_groups=4 if method.endswith("4groups") else 1)
     if method == "spt":  # two pruning events within the run (the model is at the target already)
         return sp.method_config("spt", base_prompt_length=8, target_sparsity=0.5, initial_sparsity=0.5,
                                 pruner="magnitude", prune_end_step=total_steps, num_prune_steps=2)
@@ -76,10 +77,10 @@ def per_step_hook(method: str, peft_model, optimizer):
     if method == "spt":
         return lambda step: sp.gradual_prune_step(peft_model, step)
     if method.startswith("seft"):
-        if method == "seft_collecting":
-            for module in peft_model.modules():
-                if hasattr(module, "start_collecting"):
-                    module.start_collecting()
+        if method.startswith("seft_collecting"):  # every layer, or one group of 4: the first quarter
+            layers = [module for module in peft_model.modules() if hasattr(module, "start_collecting")]
+            for module in layers[: len(layers) // (4 if method.endswith("4groups") else 1)]:
+                module.start_collecting()
         return lambda step: sp.seft_step(peft_model, optimizer, step) if step > 0 else None
     return lambda step: None
 
@@ -175,12 +176,9 @@ def parse_args(argv):
     p.add_argument("--checkpointing", default="both", choices=["off", "on", "both"])
     p.add_argument("--steps", type=int, default=5, help="measured steps (median step time)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--vocab", type=int, default=8192)
+    for flag, default in (("--layers", 4), ("--seq-len", 256), ("--batch", 2), ("--vocab", 8192), ("--seed", 0)):
+        p.add_argument(flag, type=int, default=default)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--malloc", default="default", choices=["fixed", "default"],
                    help="CPU: glibc's mmap threshold fixed at 128 KiB in the workers, or glibc's default")
     p.add_argument("--tiny", action="store_true", help="quick check: hidden 128, 2 layers, seq 32")

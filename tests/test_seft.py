@@ -266,11 +266,58 @@ def test_drop_fraction_schedule():
 @pytest.mark.parametrize("field, value", [
     ("density", 0.0), ("density", 1.0), ("update_interval", 0), ("drop_fraction", 1.5),
     ("drop_decay", "step"), ("drop_criterion", "random"), ("grow_window", 30), ("regrow_init", "copy"),
-    ("sensitivity_criterion", "hessian"), ("decay_steps", -1),
+    ("sensitivity_criterion", "hessian"), ("decay_steps", -1), ("update_groups", 0), ("update_groups", 30),
 ])
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=f"SEFTConfig.{field}"):
         sp.SEFTConfig(**{field: value})
+
+
+def test_update_groups_refuse_a_window_longer_than_their_spacing():
+    with pytest.raises(ValueError, match=r"grow_window=3 is longer than the 2 steps between two groups' updates"):
+        sp.SEFTConfig(update_interval=8, update_groups=4, grow_window=3)
+
+
+def test_update_groups_stagger_the_updates_and_bound_the_collection():
+    """Two groups at update_interval 4: the first half of the layers updates at steps 4, 8, 12, the
+    second at 6, 10; at no step do more than half of the layers hold a dense-gradient accumulator,
+    and every layer keeps its count of nonzeros."""
+    model = pruned_tiny_model("llama", 0.5)
+    peft_model = get_peft_model(model, sp.SEFTConfig(density=0.05, update_interval=4, update_groups=2,
+                                                     grow_window=2, drop_decay="constant"))
+    layers = seft_layers(peft_model)
+    names = list(layers)
+    first, second = set(names[: len(names) // 2]), set(names[len(names) // 2:])
+    counts = nonzero_counts(current_masks(peft_model))
+    holding = []  # per step, the layers whose backward accumulated the dense gradient
+    original = SEFTLayer.accumulate_rows
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        holding[-1].add(self)
+
+    SEFTLayer.accumulate_rows = spy
+    try:
+        g = torch.Generator().manual_seed(0)
+        optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+        updated = {}
+        peft_model.train()
+        sp.seft_step(peft_model, optimizer, 0)
+        for step in range(1, 13):
+            holding.append(set())
+            ids = torch.randint(0, 128, (2, 12), generator=g)
+            peft_model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            for name in sp.seft_step(peft_model, optimizer, step):
+                updated.setdefault(name, []).append(step)
+    finally:
+        SEFTLayer.accumulate_rows = original
+    assert {name: updated.get(name) for name in names} == {
+        **{name: [4, 8, 12] for name in first}, **{name: [6, 10] for name in second}}
+    assert max(len(held) for held in holding) == len(first)
+    assert all(held <= {layers[n] for n in first} or held <= {layers[n] for n in second} for held in holding)
+    assert nonzero_counts(current_masks(peft_model)) == counts
 
 
 def test_density_above_layer_nonzeros_is_refused_naming_the_layer():

@@ -4,6 +4,8 @@
 Timeline with ``update_interval = U`` and ``grow_window = K``: the backward passes of the K
 optimizer steps that end at step ``n·U`` also accumulate the dense weight gradient of every SEFT
 layer; right after step ``n·U`` each layer drops, grows and re-prunes, and the accumulator is freed.
+With ``update_groups = G`` the layers form G consecutive groups, group ``g`` shifted by
+``g·(U // G)`` steps, so only one group holds an accumulator at a time.
 """
 
 from __future__ import annotations
@@ -48,14 +50,22 @@ def seft_layers(peft_model, adapter_name: str) -> dict[str, SEFTLayer]:
             if isinstance(module, SEFTLayer) and adapter_name in module.seft_delta}
 
 
-def _collects_during(config: SEFTConfig, step: int, total_steps: Optional[int]) -> bool:
-    """Whether the backward of optimizer step ``step`` (1-based) feeds the next update."""
-    interval, window = config.update_interval, config.grow_window
-    position = step % interval
-    if not (position == 0 or position > interval - window):
+def _collects_during(config: SEFTConfig, step: int, total_steps: Optional[int], offset: int = 0) -> bool:
+    """Whether the backward of optimizer step ``step`` (1-based) feeds the next update of a layer whose
+    updates come ``offset`` steps after ``n * update_interval``."""
+    interval, window, local = config.update_interval, config.grow_window, step - offset
+    position = local % interval
+    if local < 1 or not (position == 0 or position > interval - window):
         return False
-    next_update = math.ceil(step / interval) * interval
+    next_update = math.ceil(local / interval) * interval + offset
     return drop_fraction_at(config, next_update, total_steps) > 0
+
+
+def update_offsets(config: SEFTConfig, names: list[str]) -> dict[str, int]:
+    """Each layer's update offset: ``names`` (module order) in ``update_groups`` consecutive groups,
+    group ``g`` at ``g * (update_interval // update_groups)`` steps."""
+    groups, spacing = config.update_groups, config.update_interval // config.update_groups
+    return {name: (i * groups // len(names)) * spacing for i, name in enumerate(names)}
 
 
 @torch.no_grad()
@@ -63,7 +73,8 @@ def seft_step(peft_model, optimizer: Optional[torch.optim.Optimizer], step: int,
               adapter_name: Optional[str] = None) -> dict[str, dict]:
     """Call after every ``optimizer.step()`` with ``step`` = optimizer steps done so far (1, 2, ...).
 
-    At update steps (``step % update_interval == 0``) every SEFT layer drops, grows and re-prunes;
+    At update steps (``step % update_interval == 0``; with ``update_groups`` each group at its own
+    offset) the updating SEFT layers drop, grow and re-prune;
     the return value maps layer names to ``{"dropped", "grown", "regrown", "pruned"}`` counts (empty
     on other steps). ``optimizer`` gets its state reset at the slots that changed (pass ``None`` if
     there is none). Call it with ``step=0`` before the first step when ``grow_window`` equals
@@ -71,27 +82,36 @@ def seft_step(peft_model, optimizer: Optional[torch.optim.Optimizer], step: int,
     """
     adapter_name, config = _seft_adapter(peft_model, adapter_name)
     layers = seft_layers(peft_model, adapter_name)
+    offsets = update_offsets(config, list(layers))
     changes: dict[str, dict] = {}
-    if step > 0 and step % config.update_interval == 0:
+    updating = {name: layer for name, layer in layers.items()
+                if step - offsets[name] > 0 and (step - offsets[name]) % config.update_interval == 0}
+    if updating:
         fraction = drop_fraction_at(config, step, total_steps)
-        ready = [layer for layer in layers.values() if layer.grad_accum is not None]
+        ready = [layer for layer in updating.values() if layer.grad_accum is not None]
         if fraction > 0 and ready:
-            if len(ready) != len(layers):
-                missing = [name for name, layer in layers.items() if layer.grad_accum is None]
+            if len(ready) != len(updating):
+                missing = [name for name, layer in updating.items() if layer.grad_accum is None]
                 raise RuntimeError(f"SEFT update at step {step}: no gradient was accumulated for {missing[:3]} "
                                    f"(were they used in the forward?)")
-            for name, layer in layers.items():
+            for name, layer in updating.items():
                 layer.sum_grad_accum_over_ranks()  # every rank decides on the same gradient
                 changes[name] = layer.update_topology(
                     adapter_name, fraction, drop_criterion=config.drop_criterion,
                     sensitivity_criterion=config.sensitivity_criterion, regrow_init=config.regrow_init,
                     optimizer=optimizer)
-        for layer in layers.values():
+        for layer in updating.values():
             layer.stop_collecting()
-    if _collects_during(config, step + 1, total_steps):
-        for layer in layers.values():
-            layer.start_collecting()
+    _arm_collection(layers, config, step + 1, total_steps)
     return changes
+
+
+def _arm_collection(layers: dict[str, SEFTLayer], config: SEFTConfig, step: int, total_steps: Optional[int]) -> None:
+    """Start collecting in the layers whose next update the backward of step ``step`` feeds."""
+    offsets = update_offsets(config, list(layers))
+    for name, layer in layers.items():
+        if _collects_during(config, step, total_steps, offsets[name]):
+            layer.start_collecting()
 
 
 def seft_summary(changes: dict[str, dict]) -> dict[str, int]:
@@ -123,9 +143,7 @@ class SEFTCallback(_trainer_callback_base()):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         # Fresh or resumed: arm the gradient collection for the coming step, as seft_step would have.
         adapter_name, config = _seft_adapter(model, self.adapter_name)
-        if _collects_during(config, state.global_step + 1, state.max_steps):
-            for layer in seft_layers(model, adapter_name).values():
-                layer.start_collecting()
+        _arm_collection(seft_layers(model, adapter_name), config, state.global_step + 1, state.max_steps)
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         changes = seft_step(model, optimizer, state.global_step, total_steps=state.max_steps,

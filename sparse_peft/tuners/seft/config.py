@@ -53,8 +53,15 @@ class SEFTConfig(PeftConfig):
         grow_criterion: ``"gradient"``: grow where the accumulated dense gradient ``|Σ_t ∂L/∂W|``
             over the last ``grow_window`` steps is largest; pruned positions may grow (reactivation).
         grow_window: optimizer steps before each update during which the dense gradient is
-            accumulated (>= 1). That costs one fp32 out x in buffer per targeted layer during the
-            window only; it is freed after the update.
+            accumulated (>= 1). That costs one out x in buffer in the base weight's dtype per
+            collecting layer during the window only; it is freed after the update.
+        update_groups: the layers (in module order) split into this many consecutive groups whose
+            updates are spread evenly over ``update_interval``: group ``g`` updates
+            ``g * (update_interval // update_groups)`` steps after group 0. Each layer still updates
+            every ``update_interval`` steps, but only one group collects the dense gradient at a
+            time, so the collection holds about ``1 / update_groups`` of the targeted weights
+            instead of all of them. Needs ``grow_window <= update_interval // update_groups``.
+            Default 1: every layer updates at the same step.
         sensitivity_criterion: which active weight outside ``A`` is pruned for each reactivated
             position: ``"taylor"`` the smallest ``|w · g|`` (first-order Taylor, ``g`` the accumulated
             gradient), ``"magnitude"`` the smallest ``|w|``.
@@ -76,6 +83,7 @@ class SEFTConfig(PeftConfig):
     drop_criterion: str = field(default="weight", metadata={"help": f"one of {DROP_CRITERIA}"})
     grow_criterion: str = field(default="gradient", metadata={"help": f"one of {GROW_CRITERIA}"})
     grow_window: int = field(default=2, metadata={"help": "steps of dense gradient accumulated before an update"})
+    update_groups: int = field(default=1, metadata={"help": "groups of layers whose updates are staggered"})
     sensitivity_criterion: str = field(default="taylor", metadata={"help": f"one of {SENSITIVITY_CRITERIA}"})
     regrow_init: str = field(default="zero", metadata={"help": f"one of {REGROW_INITS}"})
     init_indices: str = field(default="random", metadata={"help": f"one of {INIT_INDICES}"})
@@ -104,6 +112,14 @@ class SEFTConfig(PeftConfig):
         if not is_int(self.grow_window) or not 1 <= self.grow_window <= self.update_interval:
             raise ValueError(f"SEFTConfig.grow_window must be an integer in [1, update_interval="
                              f"{self.update_interval}], got {self.grow_window!r}")
+        if not is_int(self.update_groups) or not 1 <= self.update_groups <= self.update_interval:
+            raise ValueError(f"SEFTConfig.update_groups must be an integer in [1, update_interval="
+                             f"{self.update_interval}], got {self.update_groups!r}")
+        if self.grow_window > self.update_interval // self.update_groups:
+            raise ValueError(f"SEFTConfig.grow_window={self.grow_window} is longer than the "
+                             f"{self.update_interval // self.update_groups} steps between two groups' updates "
+                             f"(update_interval={self.update_interval} // update_groups={self.update_groups}): "
+                             "lower grow_window or update_groups, or raise update_interval")
         if not is_int(self.seed):
             raise ValueError(f"SEFTConfig.seed must be an integer, got {self.seed!r}")
         for name, choices in (("drop_decay", DROP_DECAYS), ("drop_criterion", DROP_CRITERIA),
