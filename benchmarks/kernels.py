@@ -50,17 +50,11 @@ def parse_shape(text: str) -> tuple[int, int]:
     return int(sizes[0]), int(sizes[1])
 
 
-def parse_sparsity(text: str) -> float:
-    if not 0 <= float(text) < 1:
-        raise ValueError(f"sparsity {text} is not in [0, 1)")
-    return float(text)
-
-
 def parse_args(argv=None):
     parser = arg_parser(__doc__)
     parser.add_argument("--shapes", type=comma_list(parse_shape), default=SHAPES, help="OUTxIN,OUTxIN,...")
     parser.add_argument("--tokens", type=comma_list(int), default=TOKENS)
-    parser.add_argument("--sparsities", type=comma_list(parse_sparsity), default=SPARSITIES)
+    parser.add_argument("--sparsities", type=comma_list(float), default=SPARSITIES)
     parser.add_argument("--ops", type=comma_list(str, OPS), default=OPS, help=f"subset of {','.join(OPS)}")
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(TORCH_DTYPES))
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
@@ -70,6 +64,8 @@ def parse_args(argv=None):
     parser.add_argument("--markdown", type=Path, help="also append the table (with device and command) here")
     parser.add_argument("--jsonl", type=Path, help="also append each row here as soon as it is measured")
     args = parser.parse_args(argv)
+    if not all(0 <= sparsity < 1 for sparsity in args.sparsities):
+        parser.error(f"--sparsities must lie in [0, 1), got {args.sparsities}")
     if args.quick:
         args.shapes, args.tokens, args.sparsities = [(4096, 4096)], [1, 4096], [0.5]
     args.dtype = TORCH_DTYPES[args.dtype]

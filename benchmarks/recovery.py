@@ -49,7 +49,7 @@ FLAGS = [  # flag, type (or the choices), default, help: the flags besides the r
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="recovery.py", description=__doc__,  # also parses the sweep's jobs
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    rec.add_recipe_flags(p, RECIPE_DEFAULTS, reconstruct=False)
+    rec.add_recipe_flags(p, RECIPE_DEFAULTS)
     for flag, kind, default, help_text in FLAGS:
         choices = kind if isinstance(kind, tuple) else None
         p.add_argument(flag, type=None if choices else kind, choices=choices, default=default, help=help_text)
@@ -68,8 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     except ValueError as e:
         p.error(str(e))
     for bad, message in (
-            ((args.induce or args.method == "spt") and not (args.pattern or args.sparsity > 0),
-             "--induce and --method spt prune: they need --sparsity > 0 or --pattern"),
+            ((args.induce or args.reconstruct or args.method == "spt") and not (args.pattern or args.sparsity > 0),
+             "--induce, --reconstruct and --method spt prune: they need --sparsity > 0 or --pattern"),
             (args.also_test and args.eval_split != "validation", "--also-test goes with --eval-split validation")):
         if bad:
             p.error(message)
@@ -131,9 +131,10 @@ def main(argv=None) -> dict:
     row.update(induce=args.induce_alpha if args.induce else None, ppl_pruned=row["ppl_dense"])
     # SPT prunes while it tunes: one-shot pruned only to compare masks with, then back to the dense weights
     dense = {name: lin.weight.detach().clone() for name, lin in sp.sparsity.named_linears(model)} if spt else {}
+    calibration = rec.calibration_windows(train_ids, recipe)
+    dense_copy = copy.deepcopy(model) if recipe.reconstruct else None  # the reconstruction's teacher
     if args.pattern or args.sparsity > 0:
-        rec.prune_stage(model, args.target, recipe, rec.calibration_windows(train_ids, recipe),
-                        cache=cache_path(args, "pruned"))
+        rec.prune_stage(model, args.target, recipe, calibration, cache=cache_path(args, "pruned"))
         row["ppl_pruned"] = before.get("ppl_pruned") or ppl(model)
     row.update({k: before[k] for k in BEFORE[2:] if k in before} if before else arc_easy(model, "before"),
                before_from_cache=bool(before))
@@ -141,6 +142,11 @@ def main(argv=None) -> dict:
         before_path.parent.mkdir(parents=True, exist_ok=True)
         before_path.with_suffix(".partial").write_text(json.dumps({k: row[k] for k in BEFORE if k in row}))
         before_path.with_suffix(".partial").replace(before_path)
+    if recipe.reconstruct:  # after the cache of the one-shot figures: ppl_reconstructed is this row's own
+        blocks = rec.reconstruct_stage(model, dense_copy, calibration, recipe).blocks
+        row.update(reconstruct=recipe.reconstruct, ppl_reconstructed=ppl(model), reconstruct_error=[
+            sum(b.error_before for b in blocks) / len(blocks), sum(b.final_error for b in blocks) / len(blocks)])
+        dense_copy = None
     masks, merged, step_times, trainable = rec.masks_of(model), model, [], 0  # SPT: the one-shot masks
     for name, lin in sp.sparsity.named_linears(model) if spt else ():
         lin.weight.data.copy_(dense[name])

@@ -94,6 +94,8 @@ class Recipe:
             if self.method == "spt" and self.pruner == "sparsegpt" else None,
             "induce runs before one-shot pruning; method 'spt' prunes gradually instead"
             if self.method == "spt" and self.induce else None,
+            "reconstruct follows one-shot pruning; method 'spt' prunes gradually instead"
+            if self.method == "spt" and self.reconstruct else None,
         ]
         problems = [p for p in problems if p]
         if problems:

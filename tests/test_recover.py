@@ -139,6 +139,7 @@ def test_bad_input_is_refused_before_any_weight_changes(kwargs, message):
     ({"pruner": "owl"}, "pruner"), ({"loss": "kl"}, "loss"), ({"lr": 0}, "lr"), ({"steps": 0}, "steps"),
     ({"logit_lambda": 1.0}, "needs loss 'squarehead'"), ({"reconstruct": {"epoch": 1}}, "reconstruct takes"),
     ({"induce": "yes"}, "induce"), ({"method": "spt", "pruner": "sparsegpt"}, "wanda"), ({"seed": -1}, "seed"),
+    ({"method": "spt", "reconstruct": True}, "reconstruct follows one-shot pruning"),
 ])
 def test_recipe_refuses_bad_fields(fields, message):
     with pytest.raises(ValueError, match=message):

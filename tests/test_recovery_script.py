@@ -78,6 +78,20 @@ def test_spt_row_prunes_gradually_to_2_4(tiny_run):
     assert row["sparsity_after_merge"] == pytest.approx(0.5, abs=1e-3)
 
 
+def test_reconstruction_row_lowers_the_one_shot_error_and_keeps_the_mask(tiny_run):
+    row = tiny_run("--method", "masked_lora", "--sparsity", "0.7", "--pruner", "magnitude", "--reconstruct",
+                   "--reconstruct-lr", "1e-2", "--reconstruct-epochs", "3")
+    before, after = row["reconstruct_error"]  # the blocks' mean error against the dense blocks' outputs
+    assert row["reconstruct"] == {"epochs": 3, "lr": 1e-2} and after < before and row["ppl_reconstructed"] > 1
+    assert row["sparsity_before"] == pytest.approx(0.7, abs=1e-9) and row["mask_identical"] is True
+    assert row["sparsity_after_merge"] == pytest.approx(0.7, abs=1e-9)
+
+
+def test_reconstruction_refused_without_one_shot_pruning(tiny_run):
+    with pytest.raises(SystemExit):
+        tiny_run("--method", "spt", "--sparsity", "0.5", "--reconstruct")
+
+
 def test_arc_easy_before_and_after(tiny_run, tmp_path):
     row = tiny_run("--method", "spp", "--sparsity", "0.5", "--arc-easy", "2", "--arc-dir", str(tmp_path / "arc"))
     assert row["arc_easy_questions"] == 2
