@@ -56,3 +56,8 @@ $S --pruner sparsegpt --methods masked_lora --targets 0.5,0.7 --losses ce --lr m
 $S --methods masked_lora,lora --targets 0.5,0.7,2:4 --losses ce --extra-args="$V"
 $S --pruner sparsegpt --methods masked_lora --targets 0.5 --losses squarehead --squarehead-targets 0.5 \
    --squarehead-lambda 0.1 --lr masked_lora=2e-3 --extra-args="--induce --r 64 --logit-lambda 2 $V"
+# Block-wise reconstruction before fine-tuning (recovery.py --reconstruct), on the validation split
+for lr in 1e-4 1e-3; do
+  $S --pruner sparsegpt --methods masked_lora --targets 0.7 --losses ce --lr masked_lora=2e-3 \
+     --extra-args="--induce --reconstruct --reconstruct-lr $lr --reconstruct-epochs 1 $V"
+done
