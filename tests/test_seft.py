@@ -56,7 +56,7 @@ def train_seft(peft_model, steps, lr=1e-2, seed=0, optimizer=None, batch=2):
 
 
 def test_fifty_steps_topology_evolves_counts_stay(arch):
-    """The issue's 'done when': 50 steps, an update every 10, counts equal, zeros re-grown, merge exact."""
+    """Fifty steps, an update every 10, counts equal, zeros re-grown, merge exact."""
     model = pruned_tiny_model(arch, 0.5)
     start_masks = linear_masks(model)
     base_logits = logits(model)
