@@ -55,6 +55,20 @@ def test_delta_linear_gradcheck_over_several_row_blocks(update, with_base):
     assert torch.allclose(fn(x, bias, A, second), expected)
 
 
+def test_the_mask_is_read_in_the_weights_dtype_and_written_in_the_activations():
+    # 1e-8 is a kept fp32 weight that fp16 would round to 0: its position must stay in the mask
+    weight = torch.tensor([[1e-8, 0.0, -2.0, 0.0], [0.0, 3.0, 0.0, -1e-30]])
+    workspace = delta_linear_module.ReusedWorkspace()
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        mask = delta_linear_module.kept(weight, dtype, workspace)
+        assert mask.dtype == dtype
+        assert mask.tolist() == [[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0]]
+    # masked LoRA on that weight with fp16 activations updates the tiny weight's position
+    A, B = torch.ones(2, 4, dtype=torch.float16), torch.ones(2, 2, dtype=torch.float16)
+    block = MaskedLowRankUpdate(A, B, 0.5).weight_rows(0, 2, weight, torch.float16, with_base=False)
+    assert block[0, 0] == 1.0 and block[0, 1] == 0.0 and block[1, 3] == 1.0
+
+
 def test_delta_linear_refuses_a_trainable_base_weight():
     weight = sparse_weight((4, 3)).requires_grad_(True)
     update = MaskedLowRankUpdate(torch.randn(2, 3, dtype=torch.float64), torch.zeros(4, 2, dtype=torch.float64), 1.0)
