@@ -61,3 +61,7 @@ for lr in 1e-4 1e-3; do
   $S --pruner sparsegpt --methods masked_lora --targets 0.7 --losses ce --lr masked_lora=2e-3 \
      --extra-args="--induce --reconstruct --reconstruct-lr $lr --reconstruct-epochs 1 $V"
 done
+# 2026-12-01: the default 70% recipe on the validation split, without and with reconstruction (lr 3e-3)
+R70="python benchmarks/recovery.py --pruner sparsegpt --induce --sparsity 0.7 --method masked_lora --lr 2e-3 --steps 200 --seq-len 128 --batch-size 4 $V --threads ${THREADS:-1} --out benchmarks/results/recovery.jsonl"
+$R70
+$R70 --reconstruct --reconstruct-lr 3e-3 --reconstruct-epochs 1
