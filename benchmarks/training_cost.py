@@ -11,7 +11,11 @@ pruning events in the run (the median step is one without). Each row runs in a f
 "Extra memory" is what ``get_peft_model``, the optimizer and the steps add to the pruned model
 (``common.PeakMemory``: sampled RSS on the CPU, the allocator's peak on CUDA); ``--malloc fixed``
 sets ``MALLOC_MMAP_THRESHOLD_=131072`` so that the RSS follows the live tensors rather than glibc's
-heap. Step time: the median of ``--steps`` steps after ``--warmup`` (CUDA events on CUDA). A run
+heap. Step time: the median of ``--steps`` steps after ``--warmup`` (CUDA events on CUDA). With
+``--rounds N`` every cell (hidden, dtype, checkpointing) runs all its methods N times, one round after
+the other, each method in a fresh process; the table then shows each method's medians over the
+rounds and, as its ratios, the median of the N ratios to the LoRA run of the same round (a slow
+spell of a shared machine then slows a method and its reference alike). A run
 fails, and the script exits non-zero, if a loss is not finite or a layer ends with other zeros
 than after pruning (merged; SPT and LoRA on their frozen base).
 """
@@ -154,16 +158,25 @@ def run_in_subprocess(argv: list[str], spec: str, malloc: str) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lora = {(r["hidden"], r["dtype"], r["checkpointing"]): r for r in rows if r["method"] == "lora" and r["ok"]}
-    lines = []
+    """One line per (method, cell): medians over the rounds, and the median of the per-round ratios to LoRA."""
+    lora = {(r["hidden"], r["dtype"], r["checkpointing"], r.get("round", 0)): r
+            for r in rows if r["method"] == "lora" and r["ok"]}
+    cells: dict[tuple, list[dict]] = {}
     for r in rows:
-        head = [LABELS.get(r["method"], r["method"]), r["hidden"], r["dtype"], "on" if r["checkpointing"] else "off"]
-        if not r["ok"]:
+        cells.setdefault((r["method"], r["hidden"], r["dtype"], r["checkpointing"]), []).append(r)
+    lines = []
+    for (method, hidden, dtype, checkpointing), runs in cells.items():
+        head = [LABELS.get(method, method), hidden, dtype, "on" if checkpointing else "off"]
+        if not all(r["ok"] for r in runs):
             lines.append([*head, "FAILED", "", "", ""])
             continue
-        ref = lora.get((r["hidden"], r["dtype"], r["checkpointing"]))
-        ratios = [f"{r[key] / ref[key]:.2f}" if ref and ref[key] else "-" for key in ("extra_memory_mb", "step_time_s")]
-        lines.append([*head, f"{r['extra_memory_mb']:.1f}", ratios[0], f"{r['step_time_s']:.3f}", ratios[1]])
+        values = []
+        for key in ("extra_memory_mb", "step_time_s"):
+            refs = [lora.get((hidden, dtype, checkpointing, r.get("round", 0))) for r in runs]
+            ratios = [r[key] / ref[key] for r, ref in zip(runs, refs) if ref and ref[key]]
+            values += [statistics.median(r[key] for r in runs), statistics.median(ratios) if ratios else None]
+        lines.append([*head, f"{values[0]:.1f}", "-" if values[1] is None else f"{values[1]:.2f}",
+                      f"{values[2]:.3f}", "-" if values[3] is None else f"{values[3]:.2f}"])
     return markdown_table(["method", "hidden", "dtype", "checkpointing", "extra memory (MB)", "x LoRA",
                            "step time (s)", "x LoRA"], "lrllrrrr", lines)
 
@@ -176,6 +189,8 @@ def parse_args(argv):
     p.add_argument("--checkpointing", default="both", choices=["off", "on", "both"])
     p.add_argument("--steps", type=int, default=5, help="measured steps (median step time)")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=1, help="run each cell's methods this many times, interleaved "
+                   "(medians, and the median of the per-round ratios to LoRA)")
     for flag, default in (("--layers", 4), ("--seq-len", 256), ("--batch", 2), ("--vocab", 8192), ("--seed", 0)):
         p.add_argument(flag, type=int, default=default)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -186,6 +201,8 @@ def parse_args(argv):
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # method:hidden:dtype:on|off
     p.add_argument("--inject-fault", action="store_true", help=argparse.SUPPRESS)  # tests: break the zeros check
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {args.rounds}")
     if args.tiny:
         args.hidden, args.layers, args.seq_len = [128], 2, 32
     return args
@@ -202,8 +219,8 @@ def main(argv=None) -> int:
     ckpts = {"off": ["off"], "on": ["on"], "both": ["off", "on"]}[args.checkpointing]
     print(f"`{command_line(__file__, argv)}`\n\n{machine_info()}\n\n"
           f"{datetime.datetime.now().isoformat(timespec='seconds')}\n", flush=True)
-    rows = [run_in_subprocess(argv, f"{method}:{hidden}:{dtype}:{ckpt}", args.malloc)
-            for hidden in args.hidden for dtype in args.dtypes for ckpt in ckpts
+    rows = [dict(run_in_subprocess(argv, f"{method}:{hidden}:{dtype}:{ckpt}", args.malloc), round=round_)
+            for hidden in args.hidden for dtype in args.dtypes for ckpt in ckpts for round_ in range(args.rounds)
             for method in sorted(args.methods, key=METHODS.index)]
     print(table(rows))
     if args.out:

@@ -33,6 +33,25 @@ def test_rows_for_each_method_with_ratios_to_lora(tmp_path):
     assert all(r["ok"] and r["threads"] == 1 and len(r["step_times_s"]) == 1 for r in raw)
 
 
+def test_rounds_interleave_the_methods_and_the_table_shows_one_line_per_method(tmp_path):
+    out = tmp_path / "rows.jsonl"
+    proc = run("--methods", "spp", "lora", "--rounds", "2", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    raw = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["method"], r["round"]) for r in raw] == [("lora", 0), ("spp", 0), ("lora", 1), ("spp", 1)]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "128" in line]
+    assert [line.split("|")[1].strip() for line in lines] == ["lora", "spp"]
+    spp = [float(c) for c in lines[1].split("|")[5:-1]]  # MB, x LoRA, seconds, x LoRA
+    per_round = [raw[i + 1]["step_time_s"] / raw[i]["step_time_s"] for i in (0, 2)]
+    assert abs(spp[3] - sum(per_round) / 2) < 0.006  # the median of two: their mean, as printed to 2 places
+    assert abs(spp[2] - (raw[1]["step_time_s"] + raw[3]["step_time_s"]) / 2) < 0.0006
+
+
+def test_rounds_below_one_are_refused():
+    proc = run("--rounds", "0")
+    assert proc.returncode == 2 and "--rounds must be at least 1, got 0" in proc.stderr
+
+
 def test_a_failed_check_in_a_worker_fails_the_script():
     proc = run("--methods", "masked_lora", "--inject-fault")
     assert proc.returncode != 0
