@@ -11,6 +11,10 @@ after re-quantization, and merged into dequantized bf16 weights), with a check t
 keeps exactly its zeros:
 
     python benchmarks/quantized.py --bases fp32 bf16 nf4 nf4-kbit --methods masked_lora spp --steps 200
+
+``--eval-split validation`` calibrates and trains on the first 90% of ``wiki.valid.tokens`` and scores
+its last 10% (to choose ``--lr`` or ``--r`` for each base without seeing the test text); ``--also-test``
+then scores the merged model on ``wiki.test.raw`` as well. ``--lr`` takes several rates, a row each.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from pathlib import Path
 import torch
 
 import sparse_peft as sp
-from sparse_peft.data import load_model_and_tokenizer, load_text, perplexity, random_windows, text_splits, token_ids
+from sparse_peft.data import (load_model_and_tokenizer, load_text, perplexity, random_windows, text_splits, token_ids,
+                              train_validation_split)
 from sparse_peft.quantized import dequantized_weight, is_quantized_linear
 
 from common import PeakMemory, append_jsonl, assets_dir, machine_info, markdown_table, spawn
@@ -43,7 +48,13 @@ def token_splits(tokenizer, args) -> dict[str, torch.Tensor]:
     data = Path(args.data) if args.data else (assets_dir() / "data" / "wikitext-2" if assets_dir() else None)
     if data is not None and data.is_dir():
         train = token_ids(tokenizer, load_text(data / "wiki.valid.tokens"))
-        return {"train": train, "calibration": train, "heldout": token_ids(tokenizer, load_text(data / "wiki.test.raw"))}
+        test = token_ids(tokenizer, load_text(data / "wiki.test.raw"))
+        if args.eval_split == "validation":  # calibrate and train on the first 90%, score its last 10%
+            train, validation = train_validation_split(train, 0.1)
+            return {"train": train, "calibration": train, "heldout": validation, "test": test}
+        return {"train": train, "calibration": train, "heldout": test}
+    if args.eval_split == "validation":
+        raise SystemExit("--eval-split validation needs a WikiText-2 folder (--data DIR with wiki.valid.tokens)")
     return text_splits(lambda text: token_ids(tokenizer, text), args.data)
 
 
@@ -124,17 +135,19 @@ def run_row(args) -> dict:
                              batch_size=args.batch_size)
     n_eval = min(args.eval_windows, ids["heldout"].numel() // args.eval_seq_len)
 
-    def ppl(m):
-        return perplexity(m, ids["heldout"], n_windows=n_eval, seq_len=args.eval_seq_len, show_progress=False)
+    def ppl(m, text="heldout"):
+        return perplexity(m, ids[text], n_windows=n_eval, seq_len=args.eval_seq_len, show_progress=False)
 
     masks = linear_masks(model)
-    row = dict(base=args.base, method=args.method, steps=args.steps, lr=LR[args.method],
+    row = dict(base=args.base, method=args.method, steps=args.steps, lr=args.lr, eval_split=args.eval_split,
                linear_weight_mb=linear_weight_bytes(model) / 2**20, ppl_pruned=ppl(model))
-    config = (sp.MaskedLoraConfig(r=8, lora_alpha=16) if args.method == "masked_lora" else sp.SPPConfig(r=16, alpha=1.0))
+    r = args.r or (8 if args.method == "masked_lora" else 16)
+    row["r"] = r
+    config = sp.MaskedLoraConfig(r=r, lora_alpha=2 * r) if args.method == "masked_lora" else sp.SPPConfig(r=r, alpha=1.0)
     memory = PeakMemory()
     memory.start()
     peft_model = get_peft_model(model, config)
-    times = train(peft_model, batches, LR[args.method])
+    times = train(peft_model, batches, args.lr)
     memory.stop()
     row.update(rss_before_mb=memory.base / 2**20, peak_training_rss_mb=memory.peak / 2**20,
                step_time_s=statistics.median(times))
@@ -151,6 +164,8 @@ def run_row(args) -> dict:
     else:
         merged = peft_model.merge_and_unload()
     row["ppl_merged"] = ppl(merged)
+    if args.also_test:  # the test text, scored once for the run chosen on the validation split
+        row["ppl_merged_test"] = ppl(merged, "test")
     row["zeros_kept"] = same_zeros(merged, masks)
     row["sparsity"] = sp.sparsity_report(merged).global_sparsity
     return row
@@ -186,11 +201,22 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=24)
     parser.add_argument("--eval-seq-len", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, nargs="+", default=None,
+                        help="AdamW learning rates, a row for each (default: the method's, %s)" % LR)
+    parser.add_argument("--r", type=int, default=None, help="rank (default: masked LoRA 8, SPP 16)")
+    parser.add_argument("--eval-split", choices=["test", "validation"], default="test",
+                        help="score wiki.test.raw, or the last 10%% of wiki.valid.tokens, held out of calibration "
+                        "and training (to choose settings leaving the test text unseen)")
+    parser.add_argument("--also-test", action="store_true",
+                        help="with --eval-split validation: the merged model's wiki.test.raw ppl too")
     parser.add_argument("--out", default=None, help="append one JSON line per row here")
-    parser.add_argument("--row", nargs=3, metavar=("BASE", "METHOD", "PRUNED_DIR"), help=argparse.SUPPRESS)
+    parser.add_argument("--row", nargs=4, metavar=("BASE", "METHOD", "PRUNED_DIR", "LR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.also_test and args.eval_split != "validation":
+        parser.error("--also-test goes with --eval-split validation")
     if args.row:  # a child process: one row, printed as JSON
-        args.base, args.method, args.pruned = args.row
+        args.base, args.method, args.pruned, lr = args.row
+        args.lr = float(lr)
         print(json.dumps(run_row(args)), flush=True)
         return
 
@@ -198,20 +224,23 @@ def main() -> None:
         before = prepare(args, Path(directory))
         rows = []
         for method in args.methods:
-            for base in args.bases:
-                row = {**before, **spawn(__file__, [*sys.argv[1:], "--row", base, method, directory], f"{base} {method}")}
+            for lr, base in [(lr, base) for lr in (args.lr or [LR[method]]) for base in args.bases]:
+                row = {**before, **spawn(__file__, [*sys.argv[1:], "--row", base, method, directory, repr(lr)],
+                                         f"{base} {method} lr {lr:g}")}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 if args.out:
                     append_jsonl(args.out, [row])
     print(f"\n{machine_info()}; {time.strftime('%Y-%m-%d')}; ppl on {before['eval_windows']} x {args.eval_seq_len} "
           f"held-out tokens (dense {before['ppl_dense']:.2f})\n")
-    header = ["method", "base", "linear weights (MB)", "peak training RSS (MB)", "step (s)", "ppl pruned",
-              "ppl merged", "ppl merged into NF4", "zeros kept"]
-    print(markdown_table(header, "llrrrrrrl", [
-        [r["method"], r["base"], f"{r['linear_weight_mb']:.1f}", f"{r['peak_training_rss_mb']:.0f}",
+    split = "val ppl" if args.eval_split == "validation" else "ppl"
+    header = ["method", "base", "lr", "linear weights (MB)", "peak training RSS (MB)", "step (s)", f"{split} pruned",
+              f"{split} merged", f"{split} merged into NF4", *(["test ppl merged"] if args.also_test else []), "zeros kept"]
+    print(markdown_table(header, "lllrrrrrr" + "r" * args.also_test + "l", [
+        [r["method"], r["base"], f"{r['lr']:g}", f"{r['linear_weight_mb']:.1f}", f"{r['peak_training_rss_mb']:.0f}",
          f"{r['step_time_s']:.2f}", f"{r['ppl_pruned']:.2f}", f"{r['ppl_merged']:.2f}",
          f"{r['ppl_merged_nf4']:.2f}" if "ppl_merged_nf4" in r else "–",
+         *([f"{r['ppl_merged_test']:.2f}"] if args.also_test else []),
          r["zeros_kept"] and r.get("zeros_kept_nf4", True)] for r in rows]))
 
 
