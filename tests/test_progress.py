@@ -26,7 +26,7 @@ run_blockwise(model, [torch.randint(0, 128, (1, 16))], lambda linear: Count(), l
 import copy, sparse_peft as sp
 pruned = copy.deepcopy(model)
 sp.prune(pruned, sparsity=0.5, show_progress=False)
-sp.reconstruct(pruned, model, [torch.randint(0, 128, (1, 16))], epochs=1, show_progress={show})
+sp.reconstruct(pruned, model, [torch.randint(0, 128, (1, 16))], epochs=1, lr=1e-3, show_progress={show})
 """
 
 
