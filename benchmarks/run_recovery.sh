@@ -65,3 +65,12 @@ done
 R70="python benchmarks/recovery.py --pruner sparsegpt --induce --sparsity 0.7 --method masked_lora --lr 2e-3 --steps 200 --seq-len 128 --batch-size 4 $V --threads ${THREADS:-1} --out benchmarks/results/recovery.jsonl"
 $R70
 $R70 --reconstruct --reconstruct-lr 3e-3 --reconstruct-epochs 1
+# 2026-12-01 (second run): the default 50% recipe on the validation split, with reconstruction (run) and
+# without (not run yet); then the 2:4 candidate (SparseGPT + induction + reconstruction) against the
+# 2:4 default (Wanda + masked LoRA), both not run yet.
+R50="python benchmarks/recovery.py --pruner sparsegpt --induce --sparsity 0.5 --method masked_lora --r 64 --lr 2e-3 --loss squarehead --squarehead-lambda 0.1 --logit-lambda 2 --steps 200 --seq-len 128 --batch-size 4 $V --arc-easy 500 --threads ${THREADS:-1} --out benchmarks/results/recovery.jsonl"
+$R50 --reconstruct --reconstruct-lr 3e-3 --reconstruct-epochs 1
+$R50
+R24="python benchmarks/recovery.py --pattern 2:4 --method masked_lora --steps 200 --seq-len 128 --batch-size 4 $V --arc-easy 500 --threads ${THREADS:-1} --out benchmarks/results/recovery.jsonl"
+$R24 --pruner sparsegpt --induce --lr 2e-3 --reconstruct --reconstruct-lr 3e-3 --reconstruct-epochs 1
+$R24 --pruner wanda --lr 1e-3
