@@ -1,20 +1,15 @@
 """Masked LoRA and SPP on an NF4-quantized pruned model against the same runs on fp32 and bf16 bases.
 
-Prunes the model once (Wanda, SmolLM2-135M by default), saves it, then runs each (base, method) row
-in a fresh process: load the pruned checkpoint as fp32, bf16 or bitsandbytes NF4 with bf16 compute
-(``nf4``: embeddings and norms in bf16; ``nf4-kbit``: through ``prepare_model_for_kbit_training``,
-which keeps them in fp32), train the same batches, merge, measure. A row reports the
-bytes held by the base's linear weights (NF4: packed codes and block statistics), the peak RSS
-while building the adapter and training (sampled every 5 ms, a fresh process per row), the median
-step time, and the held-out perplexity after merging (NF4: merged into the 4-bit layers, i.e.
-after re-quantization, and merged into dequantized bf16 weights), with a check that every layer
-keeps exactly its zeros:
+Prunes once (Wanda), then each (base, method, lr) row runs in a fresh process on the saved pruned
+weights loaded as fp32, bf16 or NF4 with bf16 compute (``nf4``: embeddings and norms in bf16;
+``nf4-kbit``: through ``prepare_model_for_kbit_training``, in fp32): train, merge (NF4: into the
+4-bit layers and into dequantized bf16), measure the base's linear-weight bytes, peak RSS (sampled
+every 5 ms), median step, held-out ppl, and that every layer keeps exactly its zeros:
 
     python benchmarks/quantized.py --bases fp32 bf16 nf4 nf4-kbit --methods masked_lora spp --steps 200
 
-``--eval-split validation`` calibrates and trains on the first 90% of ``wiki.valid.tokens`` and scores
-its last 10% (to choose ``--lr`` or ``--r`` for each base without seeing the test text); ``--also-test``
-then scores the merged model on ``wiki.test.raw`` as well. ``--lr`` takes several rates, a row each.
+``--eval-split validation --lr 1e-3 2e-3``: scored on the last 10% of wiki.valid.tokens (training
+on the rest), and once on wiki.test.raw.
 """
 
 from __future__ import annotations
@@ -35,7 +30,7 @@ from sparse_peft.data import (load_model_and_tokenizer, load_text, perplexity, r
                               train_validation_split)
 from sparse_peft.quantized import dequantized_weight, is_quantized_linear
 
-from common import PeakMemory, append_jsonl, assets_dir, machine_info, markdown_table, spawn
+from common import PeakMemory, append_jsonl, assets_dir, machine_info, markdown_table, spawn, timed
 
 BASES = ("fp32", "bf16", "nf4", "nf4-kbit")
 LR = {"masked_lora": 1e-3, "spp": 4e-3}  # the recovery sweep's learning rates at this budget
@@ -49,10 +44,8 @@ def token_splits(tokenizer, args) -> dict[str, torch.Tensor]:
     if data is not None and data.is_dir():
         train = token_ids(tokenizer, load_text(data / "wiki.valid.tokens"))
         test = token_ids(tokenizer, load_text(data / "wiki.test.raw"))
-        if args.eval_split == "validation":  # calibrate and train on the first 90%, score its last 10%
-            train, validation = train_validation_split(train, 0.1)
-            return {"train": train, "calibration": train, "heldout": validation, "test": test}
-        return {"train": train, "calibration": train, "heldout": test}
+        train, heldout = train_validation_split(train, 0.1) if args.eval_split == "validation" else (train, test)
+        return {"train": train, "calibration": train, "heldout": heldout, "test": test}
     if args.eval_split == "validation":
         raise SystemExit("--eval-split validation needs a WikiText-2 folder (--data DIR with wiki.valid.tokens)")
     return text_splits(lambda text: token_ids(tokenizer, text), args.data)
@@ -71,17 +64,14 @@ def linear_masks(model) -> dict[str, torch.Tensor]:
 def linear_weight_bytes(model) -> int:
     """Bytes the base's prunable linear weights hold: the tensor itself, or NF4's packed codes plus
     its quantization statistics (absmax, and the nested ones' when double-quantized)."""
-    total = 0
-    for module in model.modules():
-        if is_quantized_linear(module):
-            total += module.weight.numel() * module.weight.element_size()
-            state = getattr(module.weight, "quant_state", None)
-            for stats in (state, getattr(state, "state2", None)):
-                if stats is not None:
-                    total += sum(t.numel() * t.element_size() for t in (stats.absmax, stats.code) if t is not None)
-    if total == 0:
-        total = sum(linear.weight.numel() * linear.weight.element_size() for _, linear in sp.sparsity.named_linears(model))
-    return total
+    size = lambda t: 0 if t is None else t.numel() * t.element_size()  # noqa: E731
+    quantized = [m for m in model.modules() if is_quantized_linear(m)]
+    if not quantized:
+        return sum(size(linear.weight) for _, linear in sp.sparsity.named_linears(model))
+    states = [getattr(m.weight, "quant_state", None) for m in quantized]
+    states += [getattr(state, "state2", None) for state in states]
+    stats = sum(size(state.absmax) + size(state.code) for state in states if state is not None)
+    return sum(size(m.weight) for m in quantized) + stats
 
 
 def load_base(path: str, base: str):
@@ -103,23 +93,16 @@ def train(peft_model, batches, lr: float) -> list[float]:
 
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=0, num_training_steps=len(batches))
-    peft_model.train()
-    times = []
-    for batch in batches:
-        start = time.perf_counter()
+    def step(batch):
         peft_model(input_ids=batch, labels=batch).loss.backward()
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - start)
+
+    peft_model.train()
+    times = [timed(lambda: step(batch))[1] for batch in batches]
     peft_model.eval()
     return times
-
-
-def same_zeros(model, masks: dict[str, torch.Tensor]) -> bool:
-    """Every layer holds exactly the zeros it had before training (pruned positions 0, none added)."""
-    now = linear_masks(model)
-    return now.keys() == masks.keys() and all(torch.equal(now[name], mask) for name, mask in masks.items())
 
 
 def run_row(args) -> dict:
@@ -141,9 +124,7 @@ def run_row(args) -> dict:
     masks = linear_masks(model)
     row = dict(base=args.base, method=args.method, steps=args.steps, lr=args.lr, eval_split=args.eval_split,
                linear_weight_mb=linear_weight_bytes(model) / 2**20, ppl_pruned=ppl(model))
-    r = args.r or (8 if args.method == "masked_lora" else 16)
-    row["r"] = r
-    config = sp.MaskedLoraConfig(r=r, lora_alpha=2 * r) if args.method == "masked_lora" else sp.SPPConfig(r=r, alpha=1.0)
+    config = (sp.MaskedLoraConfig(r=8, lora_alpha=16) if args.method == "masked_lora" else sp.SPPConfig(r=16, alpha=1.0))
     memory = PeakMemory()
     memory.start()
     peft_model = get_peft_model(model, config)
@@ -164,9 +145,10 @@ def run_row(args) -> dict:
     else:
         merged = peft_model.merge_and_unload()
     row["ppl_merged"] = ppl(merged)
-    if args.also_test:  # the test text, scored once for the run chosen on the validation split
+    if args.eval_split == "validation":  # the test text, scored once, for the row the validation split chooses
         row["ppl_merged_test"] = ppl(merged, "test")
-    row["zeros_kept"] = same_zeros(merged, masks)
+    now = linear_masks(merged)  # every layer holds exactly the zeros it had before training
+    row["zeros_kept"] = now.keys() == masks.keys() and all(torch.equal(now[n], m) for n, m in masks.items())
     row["sparsity"] = sp.sparsity_report(merged).global_sparsity
     return row
 
@@ -193,27 +175,14 @@ def main() -> None:
     parser.add_argument("--bases", nargs="+", default=list(BASES), choices=BASES)
     parser.add_argument("--methods", nargs="+", default=["masked_lora", "spp"], choices=sorted(LR))
     parser.add_argument("--sparsity", type=float, default=0.5)
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--calib-samples", type=int, default=128)
-    parser.add_argument("--calib-seq-len", type=int, default=512)
-    parser.add_argument("--eval-windows", type=int, default=24)
-    parser.add_argument("--eval-seq-len", type=int, default=512)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--lr", type=float, nargs="+", default=None,
-                        help="AdamW learning rates, a row for each (default: the method's, %s)" % LR)
-    parser.add_argument("--r", type=int, default=None, help="rank (default: masked LoRA 8, SPP 16)")
-    parser.add_argument("--eval-split", choices=["test", "validation"], default="test",
-                        help="score wiki.test.raw, or the last 10%% of wiki.valid.tokens, held out of calibration "
-                        "and training (to choose settings leaving the test text unseen)")
-    parser.add_argument("--also-test", action="store_true",
-                        help="with --eval-split validation: the merged model's wiki.test.raw ppl too")
+    for flag, default in (("--steps", 200), ("--batch-size", 4), ("--seq-len", 128), ("--calib-samples", 128),
+                          ("--calib-seq-len", 512), ("--eval-windows", 24), ("--eval-seq-len", 512), ("--seed", 0)):
+        parser.add_argument(flag, type=int, default=default)
+    parser.add_argument("--lr", type=float, nargs="+", default=None, help="a row for each (default: %s)" % LR)
+    parser.add_argument("--eval-split", choices=["test", "validation"], default="test", help="validation: test ppl too")
     parser.add_argument("--out", default=None, help="append one JSON line per row here")
     parser.add_argument("--row", nargs=4, metavar=("BASE", "METHOD", "PRUNED_DIR", "LR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.also_test and args.eval_split != "validation":
-        parser.error("--also-test goes with --eval-split validation")
     if args.row:  # a child process: one row, printed as JSON
         args.base, args.method, args.pruned, lr = args.row
         args.lr = float(lr)
@@ -233,14 +202,13 @@ def main() -> None:
                     append_jsonl(args.out, [row])
     print(f"\n{machine_info()}; {time.strftime('%Y-%m-%d')}; ppl on {before['eval_windows']} x {args.eval_seq_len} "
           f"held-out tokens (dense {before['ppl_dense']:.2f})\n")
-    split = "val ppl" if args.eval_split == "validation" else "ppl"
-    header = ["method", "base", "lr", "linear weights (MB)", "peak training RSS (MB)", "step (s)", f"{split} pruned",
-              f"{split} merged", f"{split} merged into NF4", *(["test ppl merged"] if args.also_test else []), "zeros kept"]
-    print(markdown_table(header, "lllrrrrrr" + "r" * args.also_test + "l", [
+    test = ["test ppl merged"] if args.eval_split == "validation" else []
+    header = ["method", "base", "lr", "linear weights (MB)", "peak training RSS (MB)", "step (s)", "ppl pruned",
+              "ppl merged", "ppl merged into NF4", *test, "zeros kept"]
+    print(markdown_table(header, "lllrrrrrr" + "r" * len(test) + "l", [
         [r["method"], r["base"], f"{r['lr']:g}", f"{r['linear_weight_mb']:.1f}", f"{r['peak_training_rss_mb']:.0f}",
-         f"{r['step_time_s']:.2f}", f"{r['ppl_pruned']:.2f}", f"{r['ppl_merged']:.2f}",
-         f"{r['ppl_merged_nf4']:.2f}" if "ppl_merged_nf4" in r else "–",
-         *([f"{r['ppl_merged_test']:.2f}"] if args.also_test else []),
+         f"{r['step_time_s']:.2f}", *(f"{r[k]:.2f}" if k in r else "–" for k in (
+             "ppl_pruned", "ppl_merged", "ppl_merged_nf4", *(["ppl_merged_test"] if test else []))),
          r["zeros_kept"] and r.get("zeros_kept_nf4", True)] for r in rows]))
 
 

@@ -6,18 +6,13 @@
 The Llama (``--layers`` decoder layers, hidden H, intermediate 4H, H/64 heads) is magnitude-pruned to
 50% and, for bf16, cast after pruning. Every run trains all 7 projections with AdamW on random
 tokens: LoRA and masked LoRA at r=16, SPP's default, SEFT at density 0.02 between topology updates
-and while collecting the dense gradient for the next (every layer, or one of ``update_groups=4``), SPT with two gradual
-pruning events in the run (the median step is one without). Each row runs in a fresh process.
-"Extra memory" is what ``get_peft_model``, the optimizer and the steps add to the pruned model
-(``common.PeakMemory``: sampled RSS on the CPU, the allocator's peak on CUDA); ``--malloc fixed``
-sets ``MALLOC_MMAP_THRESHOLD_=131072`` so that the RSS follows the live tensors rather than glibc's
-heap. Step time: the median of ``--steps`` steps after ``--warmup`` (CUDA events on CUDA). With
-``--rounds N`` every cell (hidden, dtype, checkpointing) runs all its methods N times, one round after
-the other, each method in a fresh process; the table then shows each method's medians over the
-rounds and, as its ratios, the median of the N ratios to the LoRA run of the same round (a slow
-spell of a shared machine then slows a method and its reference alike). A run
-fails, and the script exits non-zero, if a loss is not finite or a layer ends with other zeros
-than after pruning (merged; SPT and LoRA on their frozen base).
+and while collecting (every layer, or one of ``update_groups=4``), SPT with two pruning events (the
+median step is one without). Each row runs in a fresh process. "Extra memory": what
+``get_peft_model``, the optimizer and the steps add (``common.PeakMemory``: sampled RSS on the CPU,
+the allocator's peak on CUDA). Step
+time: the median of ``--steps`` after ``--warmup``. ``--rounds N`` runs each cell's methods N times in
+turn: medians, and the median per-round ratio to LoRA. A run fails (exit non-zero) on a non-finite
+loss or a layer ending with other zeros than after pruning (merged; SPT and LoRA: their base).
 """
 
 from __future__ import annotations
@@ -144,12 +139,11 @@ def run_worker(args, method: str, hidden: int, dtype: str, checkpointing: bool) 
                 trainable_params=trainable, malloc_mmap_threshold=os.environ.get("MALLOC_MMAP_THRESHOLD_"), ok=True)
 
 
-def run_in_subprocess(argv: list[str], spec: str, malloc: str) -> dict:
+def run_in_subprocess(argv: list[str], spec: str) -> dict:
     """One combination in a fresh interpreter; a failed one is a row with ``ok=False``."""
     print(f"running {spec}", file=sys.stderr, flush=True)
     try:
-        return spawn(__file__, [*argv, "--worker", spec], env={"MALLOC_MMAP_THRESHOLD_": "131072"}
-                     if malloc == "fixed" else None)
+        return spawn(__file__, [*argv, "--worker", spec])
     except WorkerFailed as failure:
         tail = failure.output.splitlines()[-1]
         print(f"worker {spec} failed (exit {failure.status}): {tail}", file=sys.stderr)
@@ -159,24 +153,19 @@ def run_in_subprocess(argv: list[str], spec: str, malloc: str) -> dict:
 
 def table(rows: list[dict]) -> str:
     """One line per (method, cell): medians over the rounds, and the median of the per-round ratios to LoRA."""
-    lora = {(r["hidden"], r["dtype"], r["checkpointing"], r.get("round", 0)): r
+    lora = {(r["hidden"], r["dtype"], r["checkpointing"], r["round"]): r
             for r in rows if r["method"] == "lora" and r["ok"]}
     cells: dict[tuple, list[dict]] = {}
     for r in rows:
         cells.setdefault((r["method"], r["hidden"], r["dtype"], r["checkpointing"]), []).append(r)
     lines = []
-    for (method, hidden, dtype, checkpointing), runs in cells.items():
-        head = [LABELS.get(method, method), hidden, dtype, "on" if checkpointing else "off"]
-        if not all(r["ok"] for r in runs):
-            lines.append([*head, "FAILED", "", "", ""])
-            continue
-        values = []
-        for key in ("extra_memory_mb", "step_time_s"):
-            refs = [lora.get((hidden, dtype, checkpointing, r.get("round", 0))) for r in runs]
-            ratios = [r[key] / ref[key] for r, ref in zip(runs, refs) if ref and ref[key]]
-            values += [statistics.median(r[key] for r in runs), statistics.median(ratios) if ratios else None]
-        lines.append([*head, f"{values[0]:.1f}", "-" if values[1] is None else f"{values[1]:.2f}",
-                      f"{values[2]:.3f}", "-" if values[3] is None else f"{values[3]:.2f}"])
+    for (method, *cell), runs in cells.items():
+        line = [LABELS.get(method, method), *cell[:2], "on" if cell[2] else "off"]
+        for key, spec in (("extra_memory_mb", ".1f"), ("step_time_s", ".3f")) if all(r["ok"] for r in runs) else ():
+            ratios = [r[key] / ref[key] for r in runs if (ref := lora.get((*cell, r["round"]))) and ref[key]]
+            line += [format(statistics.median(r[key] for r in runs), spec),
+                     f"{statistics.median(ratios):.2f}" if ratios else "-"]
+        lines.append(line if len(line) > 4 else [*line, "FAILED", "", "", ""])
     return markdown_table(["method", "hidden", "dtype", "checkpointing", "extra memory (MB)", "x LoRA",
                            "step time (s)", "x LoRA"], "lrllrrrr", lines)
 
@@ -189,13 +178,10 @@ def parse_args(argv):
     p.add_argument("--checkpointing", default="both", choices=["off", "on", "both"])
     p.add_argument("--steps", type=int, default=5, help="measured steps (median step time)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=1, help="run each cell's methods this many times, interleaved "
-                   "(medians, and the median of the per-round ratios to LoRA)")
+    p.add_argument("--rounds", type=int, default=1, help="each cell's methods this many times, in turn")
     for flag, default in (("--layers", 4), ("--seq-len", 256), ("--batch", 2), ("--vocab", 8192), ("--seed", 0)):
         p.add_argument(flag, type=int, default=default)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--malloc", default="default", choices=["fixed", "default"],
-                   help="CPU: glibc's mmap threshold fixed at 128 KiB in the workers, or glibc's default")
     p.add_argument("--tiny", action="store_true", help="quick check: hidden 128, 2 layers, seq 32")
     p.add_argument("--out", default=None, help="append the raw rows (JSON lines) here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # method:hidden:dtype:on|off
@@ -219,7 +205,7 @@ def main(argv=None) -> int:
     ckpts = {"off": ["off"], "on": ["on"], "both": ["off", "on"]}[args.checkpointing]
     print(f"`{command_line(__file__, argv)}`\n\n{machine_info()}\n\n"
           f"{datetime.datetime.now().isoformat(timespec='seconds')}\n", flush=True)
-    rows = [dict(run_in_subprocess(argv, f"{method}:{hidden}:{dtype}:{ckpt}", args.malloc), round=round_)
+    rows = [dict(run_in_subprocess(argv, f"{method}:{hidden}:{dtype}:{ckpt}"), round=round_)
             for hidden in args.hidden for dtype in args.dtypes for ckpt in ckpts for round_ in range(args.rounds)
             for method in sorted(args.methods, key=METHODS.index)]
     print(table(rows))
