@@ -1,15 +1,14 @@
 """Masked LoRA and SPP on an NF4-quantized pruned model against the same runs on fp32 and bf16 bases.
 
-Prunes once (Wanda), then each (base, method, lr) row runs in a fresh process on the saved pruned
+Prunes once (Wanda), then runs each (base, method, lr) row in a fresh process on the saved pruned
 weights loaded as fp32, bf16 or NF4 with bf16 compute (``nf4``: embeddings and norms in bf16;
-``nf4-kbit``: through ``prepare_model_for_kbit_training``, in fp32): train, merge (NF4: into the
-4-bit layers and into dequantized bf16), measure the base's linear-weight bytes, peak RSS (sampled
-every 5 ms), median step, held-out ppl, and that every layer keeps exactly its zeros:
+``nf4-kbit``: through ``prepare_model_for_kbit_training``, in fp32; ``nf4-fit``: ``nf4`` from the
+weights ``sp.fit_to_4bit`` put on NF4's grid): train, merge (NF4: into the 4-bit layers and into
+dequantized bf16), measure the linear weights' bytes, peak RSS (sampled every 5 ms), median step,
+held-out ppl, and that every layer keeps exactly its zeros. ``--eval-split validation``: scored on
+the last 10% of wiki.valid.tokens (training on the rest), and once on wiki.test.raw:
 
-    python benchmarks/quantized.py --bases fp32 bf16 nf4 nf4-kbit --methods masked_lora spp --steps 200
-
-``--eval-split validation --lr 1e-3 2e-3``: scored on the last 10% of wiki.valid.tokens (training
-on the rest), and once on wiki.test.raw.
+    python benchmarks/quantized.py --bases bf16 nf4 nf4-fit --methods masked_lora --lr 1e-3 2e-3 --eval-split validation
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ from sparse_peft.quantized import dequantized_weight, is_quantized_linear
 
 from common import PeakMemory, append_jsonl, assets_dir, machine_info, markdown_table, spawn, timed
 
-BASES = ("fp32", "bf16", "nf4", "nf4-kbit")
+BASES = ("fp32", "bf16", "nf4", "nf4-kbit", "nf4-fit")
 LR = {"masked_lora": 1e-3, "spp": 4e-3}  # the recovery sweep's learning rates at this budget
 
 
@@ -53,11 +52,8 @@ def token_splits(tokenizer, args) -> dict[str, torch.Tensor]:
 
 def linear_masks(model) -> dict[str, torch.Tensor]:
     """Each prunable linear's nonzero pattern (quantized ones dequantized), by its plain-model name."""
-    masks = {}
-    for name, module in model.named_modules():
-        plain = name.replace("base_model.model.", "").replace(".base_layer", "")
-        if is_quantized_linear(module):
-            masks[plain] = dequantized_weight(module) != 0
+    masks = {name.replace("base_model.model.", "").replace(".base_layer", ""): dequantized_weight(module) != 0
+             for name, module in model.named_modules() if is_quantized_linear(module)}
     return masks or {name: linear.weight != 0 for name, linear in sp.sparsity.named_linears(model)}
 
 
@@ -111,7 +107,7 @@ def run_row(args) -> dict:
     from transformers import AutoTokenizer
 
     torch.manual_seed(args.seed)
-    model = load_base(args.pruned, args.base)
+    model = load_base(Path(args.pruned, "fit4bit") if args.base == "nf4-fit" else args.pruned, args.base)
     tokenizer = AutoTokenizer.from_pretrained(args.pruned)
     ids = token_splits(tokenizer, args)
     batches = random_windows(ids["train"], n=args.steps, seq_len=args.seq_len, seed=args.seed + 1,
@@ -164,6 +160,9 @@ def prepare(args, directory: Path) -> dict:
     sp.prune(model, method="wanda", sparsity=args.sparsity, calibration=calibration, show_progress=False)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
+    if "nf4-fit" in args.bases:  # weights on bf16 NF4's grid, rounded on the calibration data
+        sp.fit_to_4bit(model.to(torch.bfloat16), calibration, show_progress=False)
+        model.save_pretrained(directory / "fit4bit")
     return dict(ppl_dense=dense, eval_windows=n_eval)
 
 

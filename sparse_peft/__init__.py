@@ -13,7 +13,9 @@ from .evaluation import evaluate
 from .sparsity import (
     SparsityReport,
     InductionReport,
+    Fit4bitReport,
     cubic_sparsity,
+    fit_to_4bit,
     induce_sparsity,
     is_nm_sparse,
     mask_fingerprint,
@@ -79,6 +81,8 @@ __all__ = [
     "logit_distillation_loss",
     "cache_teacher_hidden_states",
     "InductionReport",
+    "fit_to_4bit",
+    "Fit4bitReport",
     "induce_sparsity",
     "SpectralNormLoss",
     "SpectralNormTrainer",

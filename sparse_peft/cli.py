@@ -174,9 +174,11 @@ def cmd_prune(args) -> None:
 
     if args.sparsity is None and args.pattern is None:
         raise CliError("prune needs --sparsity or --pattern")
-    needs_calibration = args.method != "magnitude" or args.allocation == "owl"
+    needs_calibration = args.method != "magnitude" or args.allocation == "owl" or args.fit_4bit is not None
     if needs_calibration and args.data is None:
-        raise CliError(f"--method {args.method} (allocation {args.allocation}) needs calibration text: pass --data")
+        what = (f"--fit-4bit {args.fit_4bit}" if args.fit_4bit
+                else f"--method {args.method} (allocation {args.allocation})")
+        raise CliError(f"{what} needs calibration text: pass --data")
     model, tokenizer = load_model(args.model, need_tokenizer=needs_calibration)
     calibration = None
     if needs_calibration:
@@ -184,8 +186,13 @@ def cmd_prune(args) -> None:
         calibration = random_windows(ids, n=args.calib_samples, seq_len=args.calib_seq_len, seed=args.seed)
     report = sp.prune(model, method=args.method, sparsity=args.sparsity, pattern=args.pattern,
                       calibration=calibration, allocation=args.allocation)
+    fitted = ""
+    if args.fit_4bit:
+        sp.fit_to_4bit(model, calibration, quant_type=args.fit_4bit)
+        fitted = f", kept weights on the {args.fit_4bit} grid"
     save_model(model, args.out, tokenizer, args.format)
-    print(f"pruned with {args.method} to global sparsity {report.global_sparsity:.2%}; saved ({args.format}) to {args.out}")
+    print(f"pruned with {args.method} to global sparsity {report.global_sparsity:.2%}{fitted}; "
+          f"saved ({args.format}) to {args.out}")
 
 
 # --- finetune --------------------------------------------------------------------------------------
@@ -482,6 +489,9 @@ def _prune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-samples", type=_positive_int, default=128)
     p.add_argument("--calib-seq-len", type=_positive_int, default=512)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fit-4bit", choices=("nf4", "fp4"), default=None,
+                   help="then round the kept weights onto this bitsandbytes 4-bit grid on the calibration data "
+                        "(sp.fit_to_4bit), for loading with BitsAndBytesConfig(load_in_4bit=True); needs --data")
     p.add_argument("--format", default="sparse", choices=("sparse", "dense"),
                    help="sparse: compressed checkpoint (save_sparse); dense: plain transformers checkpoint")
 

@@ -88,6 +88,24 @@ def test_prune_finetune_eval_export_report(workspace, capsys):
     assert "model.layers.0.self_attn.q_proj" in report_md
 
 
+
+def test_prune_fit_4bit_puts_kept_weights_on_the_grid(workspace, capsys):
+    from sparse_peft.sparsity.fit_4bit import CODE_BOOKS
+
+    w = workspace
+    assert run("prune", "--model", w / "base", "--out", w / "pruned", "--method", "magnitude", "--sparsity", 0.5,
+               "--fit-4bit", "nf4") == 1  # the fitting needs calibration text
+    assert "--fit-4bit nf4 needs calibration text: pass --data" in capsys.readouterr().err
+    assert run("prune", "--model", w / "base", "--out", w / "pruned", "--method", "wanda", "--sparsity", 0.5,
+               "--data", w / "text.txt", "--calib-samples", 2, "--calib-seq-len", 32, "--fit-4bit", "nf4") == 0
+    assert "kept weights on the nf4 grid" in capsys.readouterr().out
+    codes = torch.tensor(CODE_BOOKS["nf4"])
+    for name, linear in sp.sparsity.named_linears(sp.load_sparse(w / "pruned", show_progress=False)):
+        blocks = linear.weight.detach().reshape(-1, 64)
+        scaled = blocks / blocks.abs().amax(1, keepdim=True)  # each block in units of its largest magnitude
+        assert torch.allclose(scaled.unsqueeze(-1).sub(codes).abs().amin(-1), torch.zeros(()), atol=1e-6), name
+        assert abs(sp.sparsity.sparsity_of(linear.weight) - 0.5) < 0.02, name
+
 def test_finetune_seft_moves_positions_and_keeps_counts(workspace):
     w = workspace
     text = w / "text.txt"

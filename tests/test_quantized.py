@@ -424,3 +424,85 @@ def test_spt_refuses_a_quantized_model():
     with pytest.raises(TypeError, match=r"SPT does not support bitsandbytes-quantized layers "
                                         r"\('model.layers.0.self_attn.q_proj' is a Linear4bit\)"):
         get_peft_model(quantized_tiny("nf4"), sp.SPTConfig(base_prompt_length=4))
+
+
+# --- sp.fit_to_4bit: the pruned weights put on the 4-bit grid before quantizing -----------------------
+
+def float_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: linear.weight.detach().clone() for name, linear in sp.sparsity.named_linears(model)}
+
+
+@pytest.mark.parametrize("kind,dtype", [("nf4", torch.float32), ("fp4", torch.float32), ("nf4", torch.bfloat16)])
+def test_fit_to_4bit_keeps_the_mask_and_quantizes_bit_for_bit(kind, dtype):
+    import copy
+
+    from conftest import calibration_batches
+
+    model = pruned_tiny_model("llama", sparsity=0.5, seed=1).to(dtype)
+    q_proj = model.model.layers[0].self_attn.q_proj.weight.data
+    small = int((q_proj[0] != 0).nonzero()[0])
+    q_proj[0, small] = q_proj[0].abs().max() * 1e-3  # kept, far below NF4's smallest nonzero code
+    pruned = float_weights(model)
+    plain = quantize_linears(copy.deepcopy(model), kind, double_quant=False)
+    assert dequantized_weight(plain.model.layers[0].self_attn.q_proj)[0, small] == 0  # a plain load prunes it
+    report = sp.fit_to_4bit(model, calibration_batches(n=4, seq_len=16), quant_type=kind, show_progress=False)
+    fitted = float_weights(model)
+    assert set(report.relative_error) == set(pruned) and all(0 < e < 1 for e in report.relative_error.values())
+    for name, weight in fitted.items():
+        assert weight.dtype == dtype and torch.equal(weight != 0, pruned[name] != 0), name  # the mask, exactly
+        assert not torch.equal(weight, pruned[name]), name  # the kept weights moved onto the grid
+    # Quantizing (plain block scales) finds the fitted scales and codes again: nothing is rounded,
+    # and no kept weight becomes 0.
+    quantized = quantize_linears(copy.deepcopy(model), kind, double_quant=False)
+    for name, module in quantized.named_modules():
+        if is_quantized_linear(module):
+            assert torch.equal(dequantized_weight(module).to(dtype), fitted[name]), name
+
+
+def test_fit_to_4bit_loads_unchanged_through_bitsandbytes_config(tmp_path):
+    from conftest import calibration_batches
+
+    model = pruned_tiny_model("llama", sparsity=0.5, seed=2)
+    sp.fit_to_4bit(model, calibration_batches(n=4, seq_len=16), show_progress=False)
+    fitted = float_weights(model)
+    model.save_pretrained(tmp_path)
+    loaded = load_4bit(tmp_path)
+    layers = {name: dequantized_weight(m) for name, m in loaded.named_modules() if is_quantized_linear(m)}
+    assert layers.keys() == fitted.keys()
+    assert all(torch.equal(layers[name], fitted[name]) for name in fitted)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fit_to_4bit_lowers_the_error_of_quantizing_on_the_calibration_data(seed):
+    import copy
+
+    from conftest import calibration_batches
+
+    calibration = calibration_batches(n=4, seq_len=16, seed=seed)
+    pruned = pruned_tiny_model("llama", sparsity=0.5, seed=seed)
+    with torch.no_grad():
+        reference = torch.cat([pruned(input_ids=batch).logits for batch in calibration])
+
+    def error(model):
+        with torch.no_grad():
+            out = torch.cat([model(input_ids=batch).logits for batch in calibration])
+        return float((out - reference).square().sum() / reference.square().sum())
+
+    fitted = copy.deepcopy(pruned)
+    sp.fit_to_4bit(fitted, calibration, show_progress=False)
+    assert error(quantize_linears(fitted, "nf4", False)) < error(quantize_linears(pruned, "nf4", False))
+
+
+def test_fit_to_4bit_refuses_what_it_cannot_fit():
+    from conftest import calibration_batches, make_tiny_model
+
+    batches = calibration_batches()
+    with pytest.raises(ValueError, match=r"quant_type='int8' is not one of \['fp4', 'nf4'\]"):
+        sp.fit_to_4bit(pruned_tiny_model("llama"), batches, quant_type="int8")
+    with pytest.raises(ValueError, match=r"'model.layers.0.self_attn.q_proj' has in_features=64, not a multiple "
+                                         r"of blocksize=48"):
+        sp.fit_to_4bit(pruned_tiny_model("llama"), batches, blocksize=48)
+    with pytest.raises(ValueError, match=r"'transformer.h.0.attn.c_attn' is a Conv1D"):
+        sp.fit_to_4bit(make_tiny_model("gpt2"), batches)
+    with pytest.raises(ValueError, match=r"sp.fit_to_4bit needs plain float weights.*'model.layers.0.self_attn.q_proj'"):
+        sp.fit_to_4bit(quantized_tiny("nf4"), batches)

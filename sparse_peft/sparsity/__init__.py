@@ -13,12 +13,15 @@ from .masks import (
     sparsity_of,
     weight_mask,
 )
+from .fit_4bit import Fit4bitReport, fit_to_4bit
 from .induction import InductionReport, induce_sparsity
 from .prune import prune
 from .report import SparsityReport, sparsity_report
 from .schedule import cubic_sparsity
 
 __all__ = [
+    "Fit4bitReport",
+    "fit_to_4bit",
     "InductionReport",
     "induce_sparsity",
     "SparsityReport",
