@@ -11,13 +11,14 @@ weighs more and nothing absorbs it (SmolLM2-135M at Wanda 50%: validation perple
 mask held fixed (as SparseGPT does for pruning): for each linear, with ``H = X Xᵀ`` of its inputs,
 the columns are swept left to right; each column's kept weights are rounded to the grid, pruned
 ones to 0, and the output error that leaves is pushed onto the not-yet-visited columns through the
-Cholesky factor of ``H^-1``. Each row's block of 64 gets its scale when the sweep reaches it (the
-largest kept magnitude then); the weight that set it is rounded to exactly ±scale, so bitsandbytes
-finds the same scale again, and every other weight lands on a code: the load reproduces the fitted
-weights bit for bit (with plain statistics; nested ones, ``bnb_4bit_use_double_quant=True``, round
-the scales themselves). A kept weight is never rounded to 0 (the nearest nonzero code instead), so
-the mask and each layer's sparsity are exactly the pruned model's, where a plain load prunes some
-small kept weights too.
+Cholesky factor of ``H^-1``. Each row's block of 64 gets its scale when the sweep reaches it: its
+largest kept magnitude, clipped by the factor whose rounding error (weighted by the inputs' second
+moments) is lowest. The weight that set it is rounded to exactly ±scale, so bitsandbytes finds the
+same scale again and every other weight lands on a code: the load reproduces the fitted weights bit
+for bit (with plain statistics; nested ones, ``bnb_4bit_use_double_quant=True``, round the scales
+themselves). Pruned weights stay exactly 0; a kept weight may round to 0, as in a plain load (where
+a kept weight on an input with large activations is small, forcing it to the smallest nonzero code
+costs more than dropping it), and is then counted as pruned.
 """
 
 from __future__ import annotations
@@ -46,26 +47,33 @@ CODE_BOOKS = {
 }
 
 
+#: The clipping factors tried for each row's block scale (``_block_scale``).
+CLIP_FACTORS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
+
+
 @dataclass(frozen=True)
 class Fit4bitReport:
-    """What ``fit_to_4bit`` did. ``relative_error[name]``: the layer's output error on the
-    calibration inputs, ``||(W_fit - W) X||² / ||W X||²``, against the pruned float weight."""
+    """What ``fit_to_4bit`` did, per layer: ``relative_error[name]``, the output error on the
+    calibration inputs, ``||(W_fit - W) X||² / ||W X||²`` against the pruned float weight;
+    ``rounded_to_zero[name]``, how many kept weights the grid rounded to 0 (pruned from then on)."""
 
     quant_type: str
     blocksize: int
     relative_error: dict[str, float]
+    rounded_to_zero: dict[str, int]
 
     def __str__(self) -> str:
         worst = max(self.relative_error.items(), key=lambda item: item[1], default=("-", 0.0))
         return (f"{len(self.relative_error)} layers fitted to {self.quant_type} (blocks of {self.blocksize}); "
-                f"largest relative output error {worst[1]:.2e} ({worst[0]})")
+                f"largest relative output error {worst[1]:.2e} ({worst[0]}); "
+                f"{sum(self.rounded_to_zero.values())} kept weights rounded to 0")
 
 
 class _NearestCode:
-    """Round values (in units of their block's scale) to the nearest nonzero code."""
+    """Round values (in units of their block's scale) to the nearest code."""
 
     def __init__(self, quant_type: str, device):
-        codes = torch.tensor([c for c in CODE_BOOKS[quant_type] if c != 0.0], dtype=torch.float32, device=device)
+        codes = torch.tensor(CODE_BOOKS[quant_type], dtype=torch.float32, device=device)
         self.codes = codes  # ascending
         self.midpoints = (codes[1:] + codes[:-1]) / 2
 
@@ -73,16 +81,39 @@ class _NearestCode:
         return self.codes[torch.bucketize(scaled.clamp(-1.0, 1.0), self.midpoints)]
 
 
+def _block_scale(w_block, keep_block, hessian_diag, nearest, storage_dtype) -> torch.Tensor:
+    """Each row's scale for this block of columns: its largest kept magnitude times the clipping
+    factor in ``CLIP_FACTORS`` whose round-to-nearest error, weighted by the inputs' second moments
+    (``diag H``), is lowest. Clipping the few largest weights buys a finer grid for the rest; it is
+    chosen per row because a pruned block keeps few weights and their spread varies. The scale is
+    rounded to the storage dtype: it is what bitsandbytes will read back as the block's largest."""
+    largest = (w_block.abs() * keep_block).amax(1)
+    best_scale, best_error = largest, None
+    for factor in CLIP_FACTORS:
+        scale = (largest * factor).to(storage_dtype).float()
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale)).unsqueeze(1)
+        rounded = (nearest(w_block / safe) * safe).masked_fill(~keep_block, 0.0)
+        error = ((w_block - rounded).square() * hessian_diag).sum(1)
+        if best_error is None:
+            best_scale, best_error = scale, error
+        else:
+            better = error < best_error
+            best_scale, best_error = torch.where(better, scale, best_scale), torch.where(better, error, best_error)
+    return best_scale
+
+
 @torch.no_grad()
 def fit_weight_to_4bit(weight: torch.Tensor, stat: HessianStat, quant_type: str = "nf4", blocksize: int = 64,
                        percdamp: float = 0.01, storage_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The fitted out x in weight (fp32 values exactly representable in ``storage_dtype``) of one
-    linear; its zeros are exactly ``weight``'s. ``weight.shape[1]`` must be a multiple of ``blocksize``."""
+    """The fitted out x in weight of one linear: fp32 values exactly representable in
+    ``storage_dtype``, 0 wherever ``weight`` is 0 (and where a kept weight rounded to 0).
+    ``weight.shape[1]`` must be a multiple of ``blocksize``."""
     cols = weight.shape[1]
     keep = weight != 0
     hessian = stat.hessian().to(weight.device)
     dead = hessian.diagonal() == 0
     hessian[dead, dead] = 1.0  # an input never seen: its weights round to the nearest code, uncompensated
+    hessian_diag = hessian.diagonal().float()
     upper = _inverse_hessian_factor(hessian, percdamp).float()
     nearest = _NearestCode(quant_type, weight.device)
     w = weight.detach().float().clone(memory_format=torch.contiguous_format)
@@ -92,8 +123,7 @@ def fit_weight_to_4bit(weight: torch.Tensor, stat: HessianStat, quant_type: str 
         w_block, keep_block = w[:, start:end].clone(), keep[:, start:end]
         u_block = upper[start:end, start:end]
         kept_magnitude = w_block.abs() * keep_block
-        # The scale bitsandbytes will compute from the stored block: its largest magnitude, as stored.
-        scale = kept_magnitude.amax(1).to(storage_dtype).float()
+        scale = _block_scale(w_block, keep_block, hessian_diag[start:end], nearest, storage_dtype)
         anchor = kept_magnitude.argmax(1)  # this weight becomes exactly ±scale
         safe_scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         err_block = torch.zeros_like(w_block)
@@ -144,14 +174,16 @@ def fit_to_4bit(model: nn.Module, calibration, quant_type: str = "nf4", blocksiz
             raise ValueError(f"fit_to_4bit: layer {name!r} has in_features={linear.in_features}, not a multiple of "
                              f"blocksize={blocksize}: its 4-bit blocks would span two rows")
     errors: dict[str, float] = {}
+    rounded_to_zero: dict[str, int] = {}
 
     def fit_block(index, stats):
         for name, (linear, stat) in stats.items():
             weight = linear_view(linear).weight
             fitted = fit_weight_to_4bit(weight, stat, quant_type, blocksize, percdamp, storage_dtype=weight.dtype)
             errors[name] = _relative_error(weight, fitted, stat)
-            write_masked_weight_(linear, weight != 0, fitted)
+            rounded_to_zero[name] = int(((weight != 0) & (fitted == 0)).sum())
+            write_masked_weight_(linear, fitted != 0, fitted)
 
     run_blockwise(model, calibration, lambda linear: HessianStat(linear.in_features, device=linear.weight.device),
                   fit_block, desc=f"fitting to {quant_type}", show_progress=show_progress)
-    return Fit4bitReport(quant_type, blocksize, errors)
+    return Fit4bitReport(quant_type, blocksize, errors, rounded_to_zero)
