@@ -188,8 +188,9 @@ def cmd_prune(args) -> None:
                       calibration=calibration, allocation=args.allocation)
     fitted = ""
     if args.fit_4bit:
-        sp.fit_to_4bit(model, calibration, quant_type=args.fit_4bit)
-        fitted = f", kept weights on the {args.fit_4bit} grid"
+        fit = sp.fit_to_4bit(model, calibration, quant_type=args.fit_4bit)
+        report = sp.sparsity_report(model)  # kept weights the grid rounded to 0 are pruned now
+        fitted = f", kept weights on the {args.fit_4bit} grid ({sum(fit.rounded_to_zero.values())} rounded to 0)"
     save_model(model, args.out, tokenizer, args.format)
     print(f"pruned with {args.method} to global sparsity {report.global_sparsity:.2%}{fitted}; "
           f"saved ({args.format}) to {args.out}")
