@@ -66,8 +66,8 @@ R70="python benchmarks/recovery.py --pruner sparsegpt --induce --sparsity 0.7 --
 $R70
 $R70 --reconstruct --reconstruct-lr 3e-3 --reconstruct-epochs 1
 # 2026-12-01 (second run): the default 50% recipe on the validation split, with reconstruction (run) and
-# without (not run yet); then the 2:4 candidate (SparseGPT + induction + reconstruction) against the
-# 2:4 default (Wanda + masked LoRA), both not run yet.
+# without (not run yet); 2026-12-02: the 2:4 candidate (SparseGPT + induction + reconstruction, now the
+# 2:4 default) against the previous 2:4 default (Wanda + masked LoRA).
 R50="python benchmarks/recovery.py --pruner sparsegpt --induce --sparsity 0.5 --method masked_lora --r 64 --lr 2e-3 --loss squarehead --squarehead-lambda 0.1 --logit-lambda 2 --steps 200 --seq-len 128 --batch-size 4 $V --arc-easy 500 --threads ${THREADS:-1} --out benchmarks/results/recovery.jsonl"
 $R50 --reconstruct --reconstruct-lr 3e-3 --reconstruct-epochs 1
 $R50

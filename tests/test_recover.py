@@ -95,10 +95,13 @@ def test_default_recipes_per_target():
     assert rec.default_recipe({"pattern": "2:4"}) is sp.DEFAULT_RECIPES["2:4"]
     assert rec.default_recipe({"sparsity": 0.6}) is sp.DEFAULT_RECIPES["fallback"]
     assert rec.default_recipe({"pattern": "4:8"}) is sp.DEFAULT_RECIPES["fallback"]
-    # no recipe: the table's, here the 2:4 one (Wanda, masked LoRA, CE), on a shortened budget
+    # no recipe: the table's, here the 2:4 one (SparseGPT with induction, reconstruction, masked LoRA),
+    # on a shortened budget
     small = dataclasses.replace(sp.DEFAULT_RECIPES["2:4"], **TINY)
-    _, report = sp.recover(make_tiny_model("llama"), IDS, pattern="2:4", recipe=small, show_progress=False)
-    assert report.recipe.pruner == "wanda" and report.recipe.method == "masked_lora"
+    merged, report = sp.recover(make_tiny_model("llama"), IDS, pattern="2:4", recipe=small, show_progress=False)
+    assert report.recipe.pruner == "sparsegpt" and report.recipe.method == "masked_lora"
+    assert {"prune", "reconstruct"} <= {stage.name for stage in report.stages}
+    assert all(sp.is_nm_sparse(linear.weight, 2, 4) for _, linear in sp.sparsity.named_linears(merged))
 
 
 def test_check_names_the_layer_off_target():
