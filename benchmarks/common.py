@@ -1,12 +1,9 @@
-"""What the benchmark scripts share: their arguments, random models, timing, memory, tables and
-worker processes. Model loading, token windows and perplexity live in the package
-(``sparse_peft.data``) so the examples and the CLI use the same code.
-
-Nothing here imports sparse_peft (or transformers) at module level: transformers probes for the
-PyPI package ``kernels`` by importing it, which with ``benchmarks/`` on ``sys.path`` is
-``benchmarks/kernels.py``, and that script imports this module.
-
-The development assets (WikiText-2, ARC, the model) and ``SPARSE_PEFT_ASSETS``: docs/results/README.md.
+"""What the benchmark scripts share: their arguments, random models, timing, memory, tables and worker processes.
+Model loading, token windows and perplexity live in the package (``sparse_peft.data``), as the examples and the CLI
+use the same code. Nothing here imports sparse_peft (or transformers) at module level: transformers probes for the
+PyPI package ``kernels`` by importing it, which with ``benchmarks/`` on ``sys.path`` is ``benchmarks/kernels.py``,
+and that script imports this module. The development assets (WikiText-2, ARC, the model) and
+``SPARSE_PEFT_ASSETS``: docs/results/README.md.
 """
 
 from __future__ import annotations
@@ -157,12 +154,11 @@ def max_rss_bytes() -> int:
 
 
 class PeakMemory:
-    """The peak memory between ``start()`` and ``stop()``. CUDA: ``max_memory_allocated()`` after a
-    reset, over ``memory_allocated()`` at the start. CPU: the resident set at the start (after a
-    garbage collection and ``trim_heap``) and its peak, which a thread samples every ``interval``
-    seconds; raised to ``ru_maxrss`` if that grew in between, since it is then the exact peak (it
-    cannot be reset, so an earlier, higher peak would hide this one). A spike shorter than the
-    interval and under an earlier peak can be missed."""
+    """The peak memory between ``start()`` and ``stop()``. CUDA: ``max_memory_allocated()`` after a reset, over
+    ``memory_allocated()`` at the start. CPU: the resident set at the start (after a garbage collection and
+    ``trim_heap``) and its peak, which a thread samples every ``interval`` seconds; raised to ``ru_maxrss`` if that
+    grew in between, since it is then the exact peak (it cannot be reset, so an earlier, higher peak would hide this
+    one). A spike shorter than the interval and under an earlier peak can be missed."""
 
     def __init__(self, cuda: bool = False, interval: float = 0.005):
         self.cuda, self.interval, self._stop = cuda, interval, threading.Event()

@@ -5,17 +5,16 @@
     python benchmarks/decode.py --device cuda                     # Llama-shaped random layers, bf16
     python benchmarks/decode.py --model random --hidden 64 --intermediate 128 --layers 2   # a tiny smoke run
 
-Each variant (docs/results/checkpoints.md) loads each sparsity's magnitude-pruned checkpoint in a fresh
-process, so its memory is its own. tokens/s: ``--new-tokens`` greedy tokens over the median of
-``--repeats`` ``generate()`` calls after a warm-up. ``RSS``: the resident set after decoding (after
-``malloc_trim``); ``Δ RSS``: minus the RSS before loading; ``peak RSS``: the process's largest;
-``weights``: ``get_memory_footprint()`` (parameters and buffers) plus any decode cache; on CUDA the peak of
-allocated memory.
+Each variant (docs/results/checkpoints.md) loads each sparsity's magnitude-pruned checkpoint in a fresh process, so
+its memory is its own. tokens/s: ``--new-tokens`` greedy tokens over the median of ``--repeats`` ``generate()`` calls
+after a warm-up. ``RSS``: the resident set after decoding (after ``malloc_trim``); ``Δ RSS``: minus the RSS before
+loading; ``peak RSS``: the process's largest; ``weights``: ``get_memory_footprint()`` (parameters and buffers) plus
+any decode cache; on CUDA the peak of allocated memory.
 
-Every packed variant must decode the dense tokens, or the script exits with status 1 after the table;
-on CUDA (another summation order than cuBLAS) a first difference at a near-tie of the dense run's two
-best logits is reported, not failed (2:4 through PyTorch's sparse GEMM: ``kernels.py --ops 2:4``). The
-prompt: the start of ``wiki.test.raw`` in ``--data`` (a fixed sentence without it; random ids for 'random').
+Every packed variant must decode the dense tokens, or the script exits with status 1 after the table; on CUDA (another
+summation order than cuBLAS) a first difference at a near-tie of the dense run's two best logits is reported, not
+failed (2:4 through PyTorch's sparse GEMM: ``kernels.py --ops 2:4``). The prompt: the start of ``wiki.test.raw`` in
+``--data`` (a fixed sentence without it; random ids for 'random').
 """
 
 from __future__ import annotations

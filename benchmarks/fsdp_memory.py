@@ -1,7 +1,7 @@
-"""Per-rank memory of SEFT training under FSDP2 on CPU processes (gloo): one process vs
-``torchrun --standalone --nproc_per_node 2 benchmarks/fsdp_memory.py``. Each rank prints the
-parameter bytes it holds and its RSS before and at its peak during training. Setup, commands (with
-``MALLOC_MMAP_THRESHOLD_=65536``: RSS then follows what is live) and results: docs/results/distributed.md.
+"""Per-rank memory of SEFT training under FSDP2 on CPU processes (gloo): one process vs ``torchrun --standalone
+--nproc_per_node 2 benchmarks/fsdp_memory.py``. Each rank prints the parameter bytes it holds and its RSS before and
+at its peak during training. Setup, commands (with ``MALLOC_MMAP_THRESHOLD_=65536``: RSS then follows what is live)
+and results: docs/results/distributed.md.
 """
 
 import os

@@ -5,10 +5,10 @@
     python benchmarks/kernels.py --ops decode --tokens 1 --markdown docs/results/kernels.md
     python benchmarks/kernels.py --device cpu --shapes 40x24 --tokens 1,20 --dtype float16   # no GPU
 
-``x dense`` / ``x naive`` above 1: the op is faster. Each row first checks the op against its PyTorch
-twin in fp32 (``err op / naive``); a failed row makes the script exit with status 1 after the table.
-Without a GPU it exits with status 2, unless ``--device cpu`` (Triton's interpreter, whose times
-measure nothing). What is timed, and the tolerances: docs/kernels.md, section "Benchmark".
+``x dense`` / ``x naive`` above 1: the op is faster. Each row first checks the op against its PyTorch twin in fp32
+(``err op / naive``); a failed row makes the script exit with status 1 after the table. Without a GPU it exits with
+status 2, unless ``--device cpu`` (Triton's interpreter, whose times measure nothing). What is timed, and the
+tolerances: docs/kernels.md, section "Benchmark".
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@
     python benchmarks/pruning.py --methods wanda,sparsegpt --sparsities 0.7,2:4 --induce   # with vs without
 
 ``--induce`` adds a "<method>+induce" row after every method: the same pruner after Sparsity Induction
-(docs/induction.md); ``--induce only`` runs only those. Prints a markdown table and appends one JSON line
-per run to --out; ``--markdown FILE`` appends the section (command, settings, machine, table) to FILE.
+(docs/induction.md); ``--induce only`` runs only those. Prints a markdown table and appends one JSON line per run to
+--out; ``--markdown FILE`` appends the section (command, settings, machine, table) to FILE.
 """
 
 from __future__ import annotations

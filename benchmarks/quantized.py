@@ -1,12 +1,12 @@
 """Masked LoRA and SPP on an NF4-quantized pruned model against the same runs on fp32 and bf16 bases.
 
-Prunes once (Wanda), then runs each (base, method, lr) row in a fresh process on the saved pruned
-weights loaded as fp32, bf16 or NF4 with bf16 compute (``nf4``: embeddings and norms in bf16;
-``nf4-kbit``: through ``prepare_model_for_kbit_training``, in fp32; ``nf4-fit``: ``nf4`` from the
-weights ``sp.fit_to_4bit`` put on NF4's grid): train, merge (NF4: into the 4-bit layers and into
-dequantized bf16), measure the linear weights' bytes, peak RSS (sampled every 5 ms), median step,
-held-out ppl, and that every layer keeps exactly its zeros. ``--eval-split validation``: scored on
-the last 10% of wiki.valid.tokens (training on the rest), and once on wiki.test.raw:
+Prunes once (Wanda; ``--prepared DIR`` keeps that checkpoint for later commands), then runs each (base, method, lr)
+row in a fresh process on the pruned weights, saved in fp32, loaded as fp32, bf16 or NF4 with bf16 compute (``nf4``:
+embeddings and norms in bf16; ``nf4-kbit``: through ``prepare_model_for_kbit_training``, in fp32; ``nf4-fit``:
+``nf4`` from the weights ``sp.fit_to_4bit`` put on NF4's grid): train, merge (NF4: into the 4-bit layers and into
+dequantized bf16), measure the linear weights' bytes, peak RSS (sampled every 5 ms; ``MALLOC``), median step,
+held-out ppl, and that every layer keeps exactly its zeros. ``--eval-split validation``: scored on the last 10% of
+wiki.valid.tokens (training on the rest), and once on wiki.test.raw:
 
     python benchmarks/quantized.py --bases bf16 nf4 nf4-fit --methods masked_lora --lr 1e-3 2e-3 --eval-split validation
 """
@@ -33,6 +33,7 @@ from common import PeakMemory, append_jsonl, assets_dir, machine_info, markdown_
 
 BASES = ("fp32", "bf16", "nf4", "nf4-kbit", "nf4-fit")
 LR = {"masked_lora": 1e-3, "spp": 4e-3}  # the recovery sweep's learning rates at this budget
+MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # fixed, so that a freed tensor leaves the RSS: it follows what is live
 
 
 def token_splits(tokenizer, args) -> dict[str, torch.Tensor]:
@@ -150,7 +151,12 @@ def run_row(args) -> dict:
 
 
 def prepare(args, directory: Path) -> dict:
-    """Load, prune once and save the pruned checkpoint every row starts from."""
+    """Prune once and save the checkpoint every row starts from (reused from ``--prepared`` if made alike)."""
+    settings = {k: getattr(args, k) for k in ("model", "data", "sparsity", "calib_samples", "calib_seq_len",
+                                              "eval_windows", "eval_seq_len", "seed", "eval_split")}
+    done = json.loads((directory / "before.json").read_text()) if (directory / "before.json").exists() else {}
+    if done.get("settings") == settings and ("nf4-fit" not in args.bases or (directory / "fit4bit").exists()):
+        return done
     torch.manual_seed(args.seed)
     model, tokenizer = load_model_and_tokenizer(args.model)
     ids = token_splits(tokenizer, args)
@@ -161,9 +167,10 @@ def prepare(args, directory: Path) -> dict:
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     if "nf4-fit" in args.bases:  # weights on bf16 NF4's grid, rounded on the calibration data
-        sp.fit_to_4bit(model.to(torch.bfloat16), calibration, show_progress=False)
-        model.save_pretrained(directory / "fit4bit")
-    return dict(ppl_dense=dense, eval_windows=n_eval)
+        sp.fit_to_4bit(model.to(torch.bfloat16), calibration, show_progress=False)  # saved in fp32 (exact), so
+        model.float().save_pretrained(directory / "fit4bit")  # that every base loads and casts alike
+    (directory / "before.json").write_text(json.dumps(dict(ppl_dense=dense, eval_windows=n_eval, settings=settings)))
+    return json.loads((directory / "before.json").read_text())
 
 
 def main() -> None:
@@ -180,6 +187,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, nargs="+", default=None, help="a row for each (default: %s)" % LR)
     parser.add_argument("--eval-split", choices=["test", "validation"], default="test", help="validation: test ppl too")
     parser.add_argument("--out", default=None, help="append one JSON line per row here")
+    parser.add_argument("--prepared", default=None, help="keep the pruned checkpoint here, reuse it when present")
     parser.add_argument("--row", nargs=4, metavar=("BASE", "METHOD", "PRUNED_DIR", "LR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.row:  # a child process: one row, printed as JSON
@@ -188,13 +196,13 @@ def main() -> None:
         print(json.dumps(run_row(args)), flush=True)
         return
 
-    with tempfile.TemporaryDirectory() as directory:
-        before = prepare(args, Path(directory))
+    with tempfile.TemporaryDirectory() as scratch:
+        before = prepare(args, Path(directory := args.prepared or scratch))
         rows = []
         for method in args.methods:
             for lr, base in [(lr, base) for lr in (args.lr or [LR[method]]) for base in args.bases]:
                 row = {**before, **spawn(__file__, [*sys.argv[1:], "--row", base, method, directory, repr(lr)],
-                                         f"{base} {method} lr {lr:g}")}
+                                         f"{base} {method} lr {lr:g}", env=MALLOC), "env": MALLOC}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 if args.out:

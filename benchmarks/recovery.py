@@ -1,6 +1,6 @@
-"""Accuracy recovery after pruning through the stages of ``sp.recover``: prune, fine-tune, merge, measure; one
-JSON row per run. ``--method lora --sparsity 0`` is the dense reference; LoRA rows also hold the unmerged ppl and
-the sparsity after peft's own merge. The standard budget, e.g.:
+"""Accuracy recovery after pruning through the stages of ``sp.recover``: prune, fine-tune, merge, measure; one JSON
+row per run. ``--method lora --sparsity 0`` is the dense reference; LoRA rows also hold the unmerged ppl and the
+sparsity after peft's own merge. The standard budget, e.g.:
 
     python benchmarks/recovery.py --method spp --sparsity 0.5 --lr 4e-3 --out runs/recovery.jsonl
 """

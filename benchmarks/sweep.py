@@ -4,8 +4,8 @@
     python benchmarks/sweep.py --threads 1        # run every missing row, then render
     python benchmarks/sweep.py --render-only      # the markdown tables from the results file
 
-Each missing row runs recovery.py in its own subprocess: a crash fails that row only, and ``peak_mem_mb``
-is the row's own. The default plan, the row keys, the options and the tables: docs/results/sweep.md.
+Each missing row runs recovery.py in its own subprocess: a crash fails that row only, and ``peak_mem_mb`` is the row's
+own. The default plan, the row keys, the options and the tables: docs/results/sweep.md.
 """
 
 from __future__ import annotations

@@ -3,16 +3,14 @@
     python benchmarks/training_cost.py --hidden 1024 --dtypes bf16 --checkpointing off --steps 3
     python benchmarks/training_cost.py --tiny                    # a quick check of every row
 
-The Llama (``--layers`` decoder layers, hidden H, intermediate 4H, H/64 heads) is magnitude-pruned to
-50% and, for bf16, cast after pruning. Every run trains all 7 projections with AdamW on random
-tokens: LoRA and masked LoRA at r=16, SPP's default, SEFT at density 0.02 between topology updates
-and while collecting (every layer, or one of ``update_groups=4``), SPT with two pruning events (the
-median step is one without). Each row runs in a fresh process. "Extra memory": what
-``get_peft_model``, the optimizer and the steps add (``common.PeakMemory``: sampled RSS on the CPU,
-the allocator's peak on CUDA). Step
-time: the median of ``--steps`` after ``--warmup``. ``--rounds N`` runs each cell's methods N times in
-turn: medians, and the median per-round ratio to LoRA. A run fails (exit non-zero) on a non-finite
-loss or a layer ending with other zeros than after pruning (merged; SPT and LoRA: their base).
+The Llama (``--layers`` decoder layers, hidden H, intermediate 4H, H/64 heads) is magnitude-pruned to 50% and, for
+bf16, cast after pruning. Every run trains all 7 projections with AdamW on random tokens: LoRA and masked LoRA at
+r=16, SPP's default, SEFT at density 0.02 between topology updates and while collecting (every layer, or one of
+``update_groups=4``), SPT with two pruning events (the median step is one without). Each row runs in a fresh process.
+"Extra memory": what ``get_peft_model``, the optimizer and the steps add (``common.PeakMemory``: sampled RSS on the
+CPU, the allocator's peak on CUDA). Step time: the median of ``--steps`` after ``--warmup``. ``--rounds N`` runs each
+cell's methods N times in turn: medians, and the median per-round ratio to LoRA. A run fails (exit non-zero) on a
+non-finite loss or a layer ending with other zeros than after pruning (merged; SPT and LoRA: their base).
 """
 
 from __future__ import annotations
