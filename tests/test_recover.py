@@ -152,7 +152,7 @@ def test_recipe_refuses_bad_fields(fields, message):
 def test_recipe_flags_override_the_base_recipe():
     parser = argparse.ArgumentParser()
     rec.add_recipe_flags(parser)
-    base = sp.DEFAULT_RECIPES["0.5"]
+    base = sp.DEFAULT_RECIPES["fallback"]
     assert rec.recipe_from_flags(parser.parse_args([]), base) == base
     changed = rec.recipe_from_flags(parser.parse_args(["--steps", "5", "--r", "16", "--no-induce", "--reconstruct",
                                                        "--reconstruct-epochs", "2"]), base)
