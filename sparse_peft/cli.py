@@ -603,8 +603,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Prune the model to --sparsity or --pattern and win back its accuracy: one-shot pruning (with "
             "Sparsity Induction when the recipe has it), optional block-wise reconstruction, fine-tuning with a "
             "sparsity-preserving method on --data, merge, and a check that every layer is exactly at the target. "
-            "The recipe is sp.DEFAULT_RECIPES' for the target (provisional: 70% and 2:4 chosen on a validation "
-            "split, 50% on the test windows); each flag below overrides one setting. Writes the merged model to "
+            "The recipe is sp.DEFAULT_RECIPES' for the target (provisional: the reconstruction steps and the 2:4 "
+            "recipe chosen on a validation split); each flag below overrides one setting. Writes the merged model to "
             "--out (what eval, export and report read) and the recipe and each stage's settings and seconds to "
             "--out/recipe.json (docs/recover.md).")
     _recover_arguments(p)

@@ -533,9 +533,9 @@ def recover(model: nn.Module, train_ids: torch.Tensor, *, sparsity: float | None
             ``calibration``, the calibration windows are drawn from it.
         sparsity / pattern: the target, exactly one: a fraction in (0, 1) or ``"N:M"``.
         recipe: the stages and their settings; None: ``default_recipe(target)``, from
-            ``DEFAULT_RECIPES``. Those defaults are provisional: chosen on SmolLM2-135M, the 70% and
-            2:4 ones by perplexity on a validation split, the 50% one on the wiki.test windows it
-            was scored on.
+            ``DEFAULT_RECIPES``. Those defaults are provisional: chosen on SmolLM2-135M, their
+            reconstruction steps and the 2:4 recipe on a validation split, the rest on the wiki.test
+            windows they were scored on.
         calibration: token batches for the pruner and the reconstruction (as ``sp.prune`` takes
             them); None: ``recipe.calib_samples`` windows of ``train_ids``.
         teacher: the frozen model SquareHead distils from; None: a copy of ``model`` taken before
