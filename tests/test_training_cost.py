@@ -69,6 +69,20 @@ def test_the_mask_is_read_in_the_weights_dtype_and_written_in_the_activations():
     assert block[0, 0] == 1.0 and block[0, 1] == 0.0 and block[1, 3] == 1.0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grad_weight_rows_from_either_layout_of_dy(dtype):
+    """``grad_by_rows`` copies ``dyᵀ`` to contiguous rows for bf16 on a CPU (a faster GEMM operand) and
+    keeps the view for fp32; either way each block of ``G = dyᵀ x`` is the dense product's rows."""
+    g = torch.Generator().manual_seed(0)
+    grad_2d, x_2d = torch.randn(6, 7, generator=g).to(dtype), torch.randn(6, 5, generator=g).to(dtype)
+    grad_t = delta_linear_module.grad_by_rows(grad_2d)
+    assert grad_t.shape == (7, 6) and grad_t.is_contiguous() == (dtype == torch.bfloat16)
+    expected = grad_2d.double().t() @ x_2d.double()
+    for start, stop in [(0, 3), (3, 7)]:
+        rows = delta_linear_module.grad_weight_rows(grad_t, x_2d, start, stop)
+        assert rows.dtype == dtype and rel_err(rows.double(), expected[start:stop]) < 1e-2
+
+
 def test_delta_linear_refuses_a_trainable_base_weight():
     weight = sparse_weight((4, 3)).requires_grad_(True)
     update = MaskedLowRankUpdate(torch.randn(2, 3, dtype=torch.float64), torch.zeros(4, 2, dtype=torch.float64), 1.0)

@@ -8,7 +8,7 @@ product is formed:
   them between steps (SEFT's layout) passes them as ``csr``, else they are built per call.
 * bf16 / fp16, which ``sampled_addmm`` does not take: one GEMM per block of rows in the inputs' dtype
   (fast on bf16 matrix units, its product rounded to that dtype once), then a gather of the
-  positions in the block.
+  positions in the block, found as a slice of the compressed-row form.
 
 Values are widened to fp32 (float64 for float64 inputs) and come back in the order of ``indices``.
 """
@@ -20,7 +20,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ..delta_linear import grad_weight_rows, pass_workspace, row_blocks
+from ..delta_linear import grad_by_rows, grad_weight_rows, pass_workspace, row_blocks
 from ..kernels._checks import check_sddmm
 
 
@@ -62,10 +62,23 @@ def sddmm_reference(grad_out: torch.Tensor, x: torch.Tensor, indices: torch.Tens
         # grad_outᵀ transposed here: given the strided view, sampled_addmm copies it more slowly itself
         values[order] = torch.sparse.sampled_addmm(pattern, grad_out.t().contiguous(), x, beta=0.0).values()
         return values
+    csr = csr if csr is not None else csr_pattern(indices, (out_features, in_features))
+    grad_t = grad_by_rows(grad_out)
     with pass_workspace(x.device) as workspace:  # each block's product written into one reused buffer
-        for start, stop in row_blocks(out_features, in_features):
-            inside = (indices >= start * in_features) & (indices < stop * in_features)
-            if bool(inside.any()):
-                dense = grad_weight_rows(grad_out, x, start, stop, workspace)  # in the inputs' dtype
-                values[inside] = dense.view(-1)[indices[inside] - start * in_features].to(wide)
+        for start, stop, targets, offsets in positions_by_row_block(indices, csr, out_features, in_features):
+            if targets.numel():
+                dense = grad_weight_rows(grad_t, x, start, stop, workspace)  # in the inputs' dtype
+                values[targets] = dense.view(-1)[offsets].to(wide)
     return values
+
+
+def positions_by_row_block(indices: torch.Tensor, csr: CSRPattern, out_features: int, in_features: int):
+    """For each of ``row_blocks(out_features, in_features)``: ``(start, stop, targets, offsets)``, where
+    ``targets`` are the places in ``indices`` of the positions inside rows ``start:stop`` and ``offsets``
+    their flat offsets in that block. Read from ``csr`` (``csr_pattern(indices, ...)``) as slices, so a
+    block costs its own positions only, not a comparison over all of them."""
+    sorted_index = indices[csr.order]
+    row_offsets = csr.crow.tolist()
+    for start, stop in row_blocks(out_features, in_features):
+        low, high = row_offsets[start], row_offsets[stop]
+        yield start, stop, csr.order[low:high], sorted_index[low:high] - start * in_features

@@ -12,8 +12,8 @@ from typing import NamedTuple, Optional
 import torch
 
 from ... import ops
-from ...delta_linear import (FRESH, Workspace, blockwise_grad_input, blockwise_linear, grad_weight_rows,
-                             pass_workspace, row_blocks)
+from ...delta_linear import (FRESH, Workspace, blockwise_grad_input, blockwise_linear, grad_by_rows,
+                             grad_weight_rows, pass_workspace)
 
 
 class SparseLayout(NamedTuple):
@@ -103,12 +103,15 @@ class SparseDeltaLinear(torch.autograd.Function):
         sink = ctx.grad_sink
         if sink is not None and sink.collecting:
             grad_delta = torch.empty(delta_index.numel(), dtype=torch.float32, device=delta.device)
+            saved = SparseLayout(*layout)
+            csr = ops.CSRPattern(saved.delta_crow, saved.delta_col, saved.delta_order)
+            grad_t = grad_by_rows(grad_2d)
             with pass_workspace(x.device) as workspace:
-                for start, stop in row_blocks(out_features, in_features):
-                    dense = grad_weight_rows(grad_2d, x_2d, start, stop, workspace)  # in the activations' dtype
+                for start, stop, targets, offsets in ops.positions_by_row_block(delta_index, csr, out_features,
+                                                                                in_features):
+                    dense = grad_weight_rows(grad_t, x_2d, start, stop, workspace)  # in the activations' dtype
                     sink.accumulate_rows(start, stop, dense)
-                    inside = (delta_index >= start * in_features) & (delta_index < stop * in_features)
-                    grad_delta[inside] = dense.view(-1)[delta_index[inside] - start * in_features].float()
+                    grad_delta[targets] = dense.view(-1)[offsets].float()
             if not ctx.needs_input_grad[1]:
                 grad_delta = None
         elif ctx.needs_input_grad[1]:
