@@ -135,6 +135,28 @@ def test_layers_keep_no_byte_per_weight(method):
         assert torch.equal(layer.sparsity_mask, base.weight != 0)  # derived from the weight
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_seft_collecting_window_gives_the_same_delta_gradient_over_row_blocks(dtype, monkeypatch):
+    """While collecting, SEFT's backward reads Δ's gradient out of the dense blocks it accumulates;
+    over several row blocks it equals the sampled product's and the dense ``dyᵀ x`` at Δ's positions."""
+    monkeypatch.setattr(delta_linear_module, "BLOCK_ELEMENTS", 3 * 128)  # 3 rows of down_proj a block
+    peft_model = get_peft_model(pruned_tiny_model("llama", 0.5).to(dtype), sp.SEFTConfig(density=0.1))
+    layer = peft_model.base_model.model.model.layers[0].mlp.down_proj  # 64 x 128
+    x = torch.randn(2, 5, layer.in_features, generator=torch.Generator().manual_seed(1)).to(dtype)
+    delta, index = layer.seft_delta["default"], layer.seft_index["default"]
+    layer(x).sum().backward()
+    sampled = delta.grad.clone()
+    delta.grad = None
+    layer.start_collecting()
+    layer(x).sum().backward()
+    dense = x.reshape(-1, layer.in_features).double().sum(0).expand(layer.out_features, -1)  # dy = 1
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert rel_err(delta.grad.double(), dense.reshape(-1)[index]) < tolerance
+    assert rel_err(delta.grad.double(), sampled.double()) < tolerance
+    assert rel_err(layer.grad_accum.double(), dense) < tolerance
+    layer.stop_collecting()
+
+
 def test_masked_lora_gradients_equal_dense_autograd_over_row_blocks(monkeypatch):
     monkeypatch.setattr(delta_linear_module, "BLOCK_ELEMENTS", 100)
     model = pruned_tiny_model("llama", 0.6).double()

@@ -92,19 +92,20 @@ class SparseDeltaLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, delta, base_weight, delta_index, frozen_delta, *layout = ctx.saved_tensors
+        x, delta, base_weight, delta_index, frozen_delta, *layout_tensors = ctx.saved_tensors
+        layout = SparseLayout(*layout_tensors)
+        # Δ's positions in CSR form: the collecting window and the sampled product both read them
+        csr = ops.CSRPattern(layout.delta_crow, layout.delta_col, layout.delta_order)
         out_features, in_features = base_weight.shape
         grad_2d = grad_y.reshape(-1, out_features).to(x.dtype)
         x_2d = x.reshape(-1, in_features)
         grad_x = grad_delta = None
         if ctx.needs_input_grad[0]:
-            update = SparseUpdate(base_weight, SparseLayout(*layout), delta, frozen_delta)
+            update = SparseUpdate(base_weight, layout, delta, frozen_delta)
             grad_x = blockwise_grad_input(grad_2d, base_weight.detach(), update, True).view(x.shape)
         sink = ctx.grad_sink
         if sink is not None and sink.collecting:
             grad_delta = torch.empty(delta_index.numel(), dtype=torch.float32, device=delta.device)
-            saved = SparseLayout(*layout)
-            csr = ops.CSRPattern(saved.delta_crow, saved.delta_col, saved.delta_order)
             grad_t = grad_by_rows(grad_2d)
             with pass_workspace(x.device) as workspace:
                 for start, stop, targets, offsets in ops.positions_by_row_block(delta_index, csr, out_features,
@@ -115,8 +116,6 @@ class SparseDeltaLinear(torch.autograd.Function):
             if not ctx.needs_input_grad[1]:
                 grad_delta = None
         elif ctx.needs_input_grad[1]:
-            saved = SparseLayout(*layout)  # Δ's positions in CSR form too: the PyTorch twin needs them
-            csr = ops.CSRPattern(saved.delta_crow, saved.delta_col, saved.delta_order)
             grad_delta = ops.sddmm(grad_2d, x_2d, delta_index, csr=csr)
         if grad_delta is not None:
             grad_delta = grad_delta.to(delta.dtype)
