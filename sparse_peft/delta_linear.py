@@ -63,7 +63,7 @@ class Workspace:
     def take(self, name: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """An uninitialized tensor. In a ``ReusedWorkspace`` a name's tensors share memory: whatever was
         taken under the name before is overwritten. Names in use: ``grad`` (the loops' ``G[rows]``),
-        ``update``, ``mask``, ``cast`` and ``sampled`` (the ``RowUpdate``s')."""
+        ``update``, ``mask`` and ``cast`` (the ``RowUpdate``s')."""
         return torch.empty(shape, dtype=dtype, device=device)
 
 
@@ -360,7 +360,7 @@ class RowScaleUpdate:
         weights = torch.zeros(stop - start, A.shape[0], dtype=torch.promote_types(b.dtype, torch.float32),
                               device=A.device)
         weights[torch.arange(stop - start, device=A.device), groups] = b[start:stop, 0].detach().to(weights.dtype) * self.alpha
-        return groups, weights.to(dtype)
+        return weights.to(dtype)
 
     def mask_rows(self, weight_rows, dtype, workspace=FRESH) -> None:
         return None  # W ⊙ change is zero wherever W is
@@ -369,20 +369,31 @@ class RowScaleUpdate:
         # W + W ⊙ (α R(A) ⊙ b) in one pass, rounded once to dtype. Never 1 + change in a low precision:
         # near 1 a bf16 would round the small change away; W ⊙ change keeps its relative precision.
         change = workspace.take("update", weight_rows.shape, dtype, weight_rows.device)
-        torch.mm(self._group_weights(start, stop, dtype)[1], self.params[0].detach().to(dtype), out=change)
+        torch.mm(self._group_weights(start, stop, dtype), self.params[0].detach().to(dtype), out=change)
         weight_rows = in_dtype(weight_rows, dtype, workspace)
         return torch.addcmul(weight_rows, weight_rows, change, out=change) if with_base else change.mul_(weight_rows)
 
+    def _group_rows(self, start, stop):
+        """``(g, lo, hi)``: the rows ``[lo, hi)`` of ``[start, stop)`` (relative to ``start``) in group ``g``
+        (consecutive rows share a group: row ``i``'s is ``i · r // out``)."""
+        r, out = self.params[0].shape[0], self.params[1].shape[0]
+        for g in range(start * r // out, (stop - 1) * r // out + 1):
+            lo, hi = max(start, -(-g * out // r)), min(stop, -(-(g + 1) * out // r))
+            if lo < hi:
+                yield g, lo - start, hi - start
+
     def param_grads(self, start, stop, weight_rows, grad_rows, mask=None, workspace=FRESH):
         A, b = self.params
-        wide = _wide(grad_rows, A)
-        groups, weights = self._group_weights(start, stop, wide)
-        # S = G ⊙ W: G at the nonzeros only, rounded to G's dtype, then widened
-        sampled = grad_rows.mul_(in_dtype(weight_rows, grad_rows.dtype, workspace))
-        if sampled.dtype != wide:
-            sampled = workspace.take("sampled", sampled.shape, wide, sampled.device).copy_(sampled)
-        # db_i = α Σ_j S_ij A_{g(i), j}: row i of S Aᵀ at column g(i)
-        per_group = sampled @ A.detach().to(wide).t()
-        grad_b_rows = per_group.gather(1, groups[:, None]).mul_(self.alpha)
-        grad_A = weights.t() @ sampled  # dA_g = Σ_{i in g} α b_i S_i
-        return [(0, None, grad_A), (1, slice(start, stop), grad_b_rows)]
+        dtype, wide = grad_rows.dtype, _wide(grad_rows, A)
+        # S = G ⊙ W: G at the nonzeros only, in G's dtype. Per group of rows sharing a row of A, two
+        # matrix-vector products read S (fp32 accumulation inside, also in bf16): no fp32 copy of S and no
+        # GEMM against the one-hot group matrix, whose r - 1 zero columns cost r times the work.
+        sampled = grad_rows.mul_(in_dtype(weight_rows, dtype, workspace))
+        A_rows = A.detach().to(dtype)
+        b_scaled = (b[start:stop, 0].detach() * self.alpha).to(dtype)
+        grad_A = torch.zeros(A.shape, dtype=wide, device=A.device)
+        grad_b_rows = torch.empty(stop - start, 1, dtype=wide, device=A.device)
+        for g, lo, hi in self._group_rows(start, stop):
+            grad_b_rows[lo:hi, 0] = sampled[lo:hi] @ A_rows[g]  # db_i = α Σ_j S_ij A_{g(i), j}
+            grad_A[g] += b_scaled[lo:hi] @ sampled[lo:hi]  # dA_g = Σ_{i in g} α b_i S_i
+        return [(0, None, grad_A), (1, slice(start, stop), grad_b_rows.mul_(self.alpha))]

@@ -303,6 +303,28 @@ def _grads(forward, params, x):
 BLOCK_METHODS = ["masked_lora", "spp", "seft", "seft_collecting"]
 
 
+def test_spp_in_bf16_keeps_two_blocks_and_its_gradients_match_a_wide_reference():
+    """SPP's gradients in bf16 come from G ⊙ W in bf16 (per group of rows, fp32 accumulation inside):
+    the kept workspace is two bf16 blocks (W + ΔW and G), no fp32 copy of G, and the gradients match
+    fp64 dense autograd to bf16 precision, with row blocks of 12 that cut across SPP's groups of 16."""
+    weight = sparse_weight((64, 48))
+    g = torch.Generator().manual_seed(1)
+    A64 = torch.randn(4, 48, generator=g, dtype=torch.float64) * 0.1
+    b64 = torch.randn(64, 1, generator=g, dtype=torch.float64)
+    x64 = torch.randn(3, 48, generator=g, dtype=torch.float64)
+    dy64 = torch.randn(3, 64, generator=g, dtype=torch.float64)
+    A, b = A64.float().requires_grad_(), b64.float().requires_grad_()
+    delta_linear_module.release_workspace()
+    y = delta_linear(x64.bfloat16(), weight.bfloat16(), None, RowScaleUpdate(A, b, 0.7), block_elements=12 * 48)
+    y.backward(dy64.bfloat16())
+    assert delta_linear_module.workspace_bytes() == 2 * 12 * 48 * 2
+    A_ref, b_ref = A64.clone().requires_grad_(), b64.clone().requires_grad_()
+    F.linear(x64, weight + 0.7 * expand_rows(A_ref, 64) * b_ref * weight).backward(dy64)
+    assert A.grad.dtype == b.grad.dtype == torch.float32
+    assert rel_err(A.grad.double(), A_ref.grad) < 3e-2 and rel_err(b.grad.double(), b_ref.grad) < 3e-2
+    delta_linear_module.release_workspace()
+
+
 @pytest.mark.parametrize("method", BLOCK_METHODS)
 def test_a_pass_allocates_nothing_block_sized_once_the_workspace_is_kept(method, monkeypatch):
     """After a first step, a step's allocations are activation- or parameter-sized (all smaller than one
