@@ -86,6 +86,7 @@ def machine_info() -> str:
 
 
 def append(path, text: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write(text)
 

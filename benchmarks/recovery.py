@@ -1,6 +1,5 @@
-"""Accuracy recovery after pruning through the stages of ``sp.recover``: prune, fine-tune, merge, measure; one JSON
-row per run. ``--method lora --sparsity 0`` is the dense reference; LoRA rows also hold the unmerged ppl and the
-sparsity after peft's own merge. The standard budget, e.g.:
+"""Accuracy recovery after pruning through the stages of ``sp.recover`` (prune, fine-tune, merge, measure), one JSON
+row per run; ``--method lora --sparsity 0`` is the dense reference (with the unmerged ppl). The standard budget, e.g.:
 
     python benchmarks/recovery.py --method spp --sparsity 0.5 --lr 4e-3 --out runs/recovery.jsonl
 """
@@ -20,11 +19,12 @@ import torch
 
 import sparse_peft as sp
 import sparse_peft.recovery as rec
-from sparse_peft.data import (load_model_and_tokenizer, load_text, perplexity, random_windows, token_ids,
+from sparse_peft.data import (load_model_and_tokenizer, load_text, perplexity, placeholder_labels, token_ids,
                               train_validation_split)
 
 from common import DEFAULT_DATA_DIR, append_jsonl
 
+PLACEHOLDER = "<unk>"  # where wiki.valid.tokens had rare words; ppl_after_without_placeholder leaves it out
 DENSE_TEACHER = "dense (untuned)"  # the teacher a SquareHead row names when --teacher is not given
 BEFORE = ("ppl_dense", "ppl_pruned", "arc_easy_acc_before", "arc_easy_acc_norm_before", "arc_easy_questions")
 # the recipe flags' defaults (sparse-peft recover's: sp.DEFAULT_RECIPES); other method options: the configs'
@@ -35,7 +35,6 @@ FLAGS = [  # flag, type (or the choices), default, help: the flags besides the r
     ("--sparsity", float, 0.5, None), ("--eval-windows", int, 24, None), ("--eval-seq-len", int, 512, None),
     ("--pattern", str, None, "N:M instead of --sparsity, e.g. 2:4"),
     ("--teacher", str, None, "SquareHead teacher model (default: the model before pruning, kept frozen)"),
-    ("--spt-calib-samples", int, 0, "SPT's Wanda calibration windows per pruning event (0: the batches' norms)"),
     ("--eval-split", ("test", "validation"), "test", "what the ppl columns score: wiki.test.raw, or the last 10%% of "
      "wiki.valid.tokens, held out of calibration and training (to choose recipes leaving the test text unseen)"),
     ("--arc-easy", int, 0, "zero-shot ARC-Easy (test) before and after on this many questions (0: skip, -1: all)"),
@@ -54,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices = kind if isinstance(kind, tuple) else None
         p.add_argument(flag, type=None if choices else kind, choices=choices, default=default, help=help_text)
     p.add_argument("--also-test", action="store_true", help="with --eval-split validation: ppl_after_test too")
+    p.add_argument("--skip-placeholder", action="store_true", help=f"no training loss on {PLACEHOLDER}'s tokens")
     return p
 
 
@@ -67,12 +67,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.recipe = rec.recipe_from_flags(args, sp.Recipe())
     except ValueError as e:
         p.error(str(e))
-    for bad, message in (
-            ((args.induce or args.reconstruct or args.method == "spt") and not (args.pattern or args.sparsity > 0),
-             "--induce, --reconstruct and --method spt prune: they need --sparsity > 0 or --pattern"),
-            (args.also_test and args.eval_split != "validation", "--also-test goes with --eval-split validation")):
-        if bad:
-            p.error(message)
+    if (args.induce or args.reconstruct or args.method == "spt") and not (args.pattern or args.sparsity > 0):
+        p.error("--induce, --reconstruct and --method spt prune: they need --sparsity > 0 or --pattern")
+    if args.also_test and args.eval_split != "validation":
+        p.error("--also-test goes with --eval-split validation")
     return args
 
 
@@ -95,13 +93,15 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     t_start, recipe, spt = time.time(), args.recipe, args.method == "spt"
     model, tokenizer = load_model_and_tokenizer(args.model)
-    test_ids, valid_ids = (token_ids(tokenizer, load_text(Path(args.data) / name))
-                           for name in ("wiki.test.raw", "wiki.valid.tokens"))
-    train_ids, eval_ids = (train_validation_split(valid_ids, 0.1) if args.eval_split == "validation"
-                           else (valid_ids, test_ids))
+    test_ids = token_ids(tokenizer, load_text(Path(args.data) / "wiki.test.raw"))
+    valid_ids, valid_labels, _ = placeholder_labels(tokenizer, load_text(Path(args.data) / "wiki.valid.tokens"),
+                                                    PLACEHOLDER)
+    validation = args.eval_split == "validation"
+    train_ids, eval_ids = train_validation_split(valid_ids, 0.1) if validation else (valid_ids, test_ids)
+    train_labels, eval_labels = train_validation_split(valid_labels, 0.1) if validation else (valid_labels, None)
 
-    def ppl(model, ids=eval_ids) -> float:
-        return perplexity(model, ids, n_windows=args.eval_windows, seq_len=args.eval_seq_len)
+    def ppl(model, ids=eval_ids, labels=None) -> float:
+        return perplexity(model, ids, n_windows=args.eval_windows, seq_len=args.eval_seq_len, labels=labels)
 
     def arc_easy(model, when: str) -> dict:  # zero-shot acc and the length-normalised acc_norm, as *_{when}
         if args.arc_easy == 0:
@@ -114,12 +114,14 @@ def main(argv=None) -> dict:
 
     def after(model) -> dict:
         return {"ppl_after": ppl(model), **arc_easy(model, "after"),
+                **({"ppl_after_without_placeholder": ppl(model, labels=eval_labels)} if validation else {}),
                 **({"ppl_after_test": ppl(model, test_ids)} if args.also_test else {})}
 
     row = {**{k: getattr(args, k) for k in ("method", "pruner", "sparsity", "pattern", "steps")},
            "tokens_seen": args.steps * args.batch_size * args.seq_len,
            **{k: getattr(args, k) for k in ("lr", "seq_len", "batch_size", "seed")},
-           **({"eval_split": "validation"} if args.eval_split == "validation" else {})}
+           **({"eval_split": "validation"} if validation else {}),
+           **({"skip_placeholder": PLACEHOLDER} if args.skip_placeholder else {})}
     before_path = cache_path(args, "before")  # the measurements before fine-tuning, shared by the methods
     before = json.loads(before_path.read_text()) if before_path is not None and before_path.exists() else {}
     row.update(ppl_dense=before.get("ppl_dense") or ppl(model), loss=args.loss)
@@ -152,9 +154,8 @@ def main(argv=None) -> dict:
         lin.weight.data.copy_(dense[name])
     row["sparsity_before"] = sp.sparsity_report(model).global_sparsity
     if recipe.method is not None:
-        run = rec.fine_tune(model, train_ids, recipe, args.target, teacher=teacher, spt_calibration=random_windows(
-            train_ids, n=args.spt_calib_samples, seq_len=args.calib_seq_len, seed=args.seed)
-            if spt and args.spt_calib_samples else None)
+        run = rec.fine_tune(model, train_ids, recipe, args.target, teacher=teacher,
+                            train_labels=train_labels if args.skip_placeholder else None)
         row.update({f"seft_{key}": value for key, value in run.seft_totals.items()})
         step_times, trainable = run.step_times, run.trainable_params
         if args.method == "lora":  # unmerged, and peft's own merge (it densifies; rec.merge re-masks)
@@ -166,9 +167,8 @@ def main(argv=None) -> dict:
                    **({"update_removed_by_mask": cut.mean_removed_fraction} if cut else {}))
     row.update(after(merged) if "ppl_after" not in row else {},
                sparsity_after_merge=sp.sparsity_report(merged).global_sparsity)
-    if args.save_merged:  # safetensors; loadable with --teacher / --model
-        merged.save_pretrained(args.save_merged)
-        tokenizer.save_pretrained(args.save_merged)
+    for saved in (merged, tokenizer) if args.save_merged else ():  # safetensors; loadable with --teacher / --model
+        saved.save_pretrained(args.save_merged)
     changes, at_target = rec.mask_changes(masks, merged), not rec.layers_off_target(merged, args.target)  # the mask
     row.update(mask_identical=None if spt else changes["mask_identical"],
                **({"pattern_kept": at_target} if args.pattern else {}),
@@ -180,7 +180,6 @@ def main(argv=None) -> dict:
     row = {k: (round(v, 4) if isinstance(v, float) and math.isfinite(v) else v) for k, v in row.items()}
     print(json.dumps(row))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         append_jsonl(args.out, [row])
     return row
 

@@ -292,7 +292,6 @@ def record(row: dict, job: Job, args) -> dict:
     if row_key(row) != row_key(known):  # would run again on every invocation: a bug to see, not to loop on
         raise RecoveryFailed(f"row key {row_key(row)} does not match the job's {row_key(known)}; "
                              f"the row, not recorded: {json.dumps(row)}")
-    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     append_jsonl(args.results, [row])
     return row
 

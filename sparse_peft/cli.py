@@ -308,11 +308,21 @@ def cmd_recover(args) -> None:
     calibrates = recipe.pruner != "magnitude" or bool(recipe.induce) or bool(recipe.reconstruct)
     longest = max([recipe.seq_len] * (recipe.method is not None) + [recipe.calib_seq_len] * calibrates, default=1)
     ids = read_ids(tokenizer, data, min_tokens=longest + 1)
+    labels = None
+    if args.skip_placeholder:
+        from .data import placeholder_labels
+
+        try:
+            ids, labels, count = placeholder_labels(tokenizer, read_text(data), args.skip_placeholder)
+        except ValueError as err:
+            raise CliError(f"--skip-placeholder: {_first_line(err)}") from None
+        print(f"--skip-placeholder {args.skip_placeholder!r}: {count} occurrences in {data}, "
+              f"{int((labels != ids).sum())} tokens without a loss", flush=True)
     teacher = load_model(args.teacher)[0] if args.teacher and recipe.loss == "squarehead" else None
-    merged, report = sp.recover(model, ids, **target, recipe=recipe, teacher=teacher)
+    merged, report = sp.recover(model, ids, **target, recipe=recipe, teacher=teacher, train_labels=labels)
     save_model(merged, args.out, tokenizer, args.format)
     record = {"model": args.model, "data": data, "teacher": args.teacher if teacher is not None else None,
-              **report.to_dict()}
+              "skip_placeholder": args.skip_placeholder or None, **report.to_dict()}
     (Path(args.out) / "recipe.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     print(report.to_markdown())
     print(f"recovered to {target.get('pattern') or format(target['sparsity'], '.0%')}: every layer checked at the "
@@ -535,6 +545,9 @@ def _recover_arguments(p: argparse.ArgumentParser) -> None:
     group.add_argument("--pattern", type=_target("pattern"), help="N:M semi-structured, e.g. 2:4")
     p.add_argument("--teacher", help="SquareHead teacher model (default: the model before pruning, kept in memory)")
     p.add_argument("--format", default="sparse", choices=("sparse", "dense"))
+    p.add_argument("--skip-placeholder", metavar="TEXT", default="",
+                   help="fine-tuning takes no loss on the tokens of TEXT, e.g. '<unk>', which word-level corpora "
+                        "(WikiText's .tokens files) put where rare words were; they stay in the context")
     from .recovery import add_recipe_flags
 
     add_recipe_flags(p)

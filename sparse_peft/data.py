@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -96,6 +97,42 @@ def token_ids(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+#: What ``-100`` means in a labels stream: no loss is taken on that token (transformers' ``ignore_index``).
+IGNORED_LABEL = -100
+
+
+def placeholder_labels(tokenizer, text: str, placeholder: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(ids, labels, count)``: ``token_ids(tokenizer, text)``; the same ids with every token that overlaps
+    an occurrence of ``placeholder`` set to ``IGNORED_LABEL``; how many occurrences there are.
+
+    Word-level corpora write a placeholder where a rare word was (WikiText's ``.tokens`` files: ``<unk>``,
+    5.5% of the words of ``wiki.valid.tokens``). A model trained on its tokens learns to write a string
+    that real text does not have, and a perplexity that counts them rewards that. With these labels the
+    placeholder stays in the context, and the tokens that spell it are neither trained on nor scored.
+    A token merged with a neighbour (`` (<`` in SmolLM2's tokenizer) is left out whole. Needs a fast
+    tokenizer (its character offsets).
+
+    Raises ValueError for an empty placeholder or a tokenizer without offsets.
+    """
+    if not placeholder:
+        raise ValueError("placeholder_labels: the placeholder is empty")
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"placeholder_labels: {type(tokenizer).__name__} gives no character offsets (a fast "
+                         f"tokenizer does); cannot find the tokens of {placeholder!r}")
+    encoded = tokenizer(text, add_special_tokens=False, return_attention_mask=False, return_offsets_mapping=True)
+    ids = torch.tensor(encoded["input_ids"], dtype=torch.long)
+    starts = [match.start() for match in re.finditer(re.escape(placeholder), text)]
+    labels = ids.clone()
+    if starts:
+        # Occurrences do not overlap, so a token [a, b) overlaps one iff the last occurrence starting
+        # before b ends after a.
+        offsets = torch.tensor(encoded["offset_mapping"], dtype=torch.long).reshape(-1, 2)
+        occurrence = torch.tensor(starts, dtype=torch.long)
+        last = torch.searchsorted(occurrence, offsets[:, 1].contiguous(), side="left") - 1
+        labels[(last >= 0) & (occurrence[last.clamp(min=0)] + len(placeholder) > offsets[:, 0])] = IGNORED_LABEL
+    return ids, labels, len(starts)
+
+
 def text_splits(encode, path: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
     """Token ids of disjoint ``"train"``, ``"calibration"`` and ``"heldout"`` text.
 
@@ -139,25 +176,34 @@ def random_windows(ids: torch.Tensor, n: int, seq_len: int, seed: int = 0, batch
 
 
 @torch.no_grad()
-@torch.no_grad()
-def perplexity(model, ids: torch.Tensor, n_windows: int = 24, seq_len: int = 512, show_progress: bool = True) -> float:
+def perplexity(model, ids: torch.Tensor, n_windows: int = 24, seq_len: int = 512, show_progress: bool = True,
+               labels: torch.Tensor | None = None) -> float:
     """Perplexity on the first ``n_windows`` non-overlapping windows of ``seq_len`` tokens of ``ids``.
 
-    Each window is scored on its ``seq_len - 1`` next-token predictions; ppl = exp(mean NLL). No
-    autograd graph is built (a trainable adapter would otherwise keep every window's activations).
+    Each window is scored on its ``seq_len - 1`` next-token predictions; ppl = exp(mean NLL). With
+    ``labels`` (``ids`` with ``IGNORED_LABEL`` where a token is not scored, e.g. ``placeholder_labels``)
+    the predictions of those tokens are left out of the mean (they stay in the context). No autograd
+    graph is built (a trainable adapter would otherwise keep every window's activations).
     """
     ids = ids.reshape(-1)
+    if labels is not None and labels.reshape(-1).shape != ids.shape:
+        raise ValueError(f"perplexity: labels have {labels.numel()} tokens, ids {ids.numel()}")
     n_available = ids.numel() // seq_len
     if n_windows < 1:
         raise ValueError(f"perplexity: no window to score (n_windows={n_windows}; the text has {ids.numel()} "
                          f"tokens, {n_available} windows of {seq_len})")
     if n_available < n_windows:
         raise ValueError(f"only {n_available} windows of {seq_len} tokens available, asked for {n_windows}")
+    targets = ids if labels is None else labels.reshape(-1)
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
     for i in progress(range(n_windows), "perplexity", show_progress):
         window = ids[i * seq_len : (i + 1) * seq_len].unsqueeze(0).to(device)
+        scored = targets[i * seq_len + 1 : (i + 1) * seq_len].to(device)
         logits = model(input_ids=window, use_cache=False).logits.float()
-        total_nll += torch.nn.functional.cross_entropy(logits[0, :-1], window[0, 1:], reduction="sum").item()
-        total_tokens += seq_len - 1
+        total_nll += torch.nn.functional.cross_entropy(logits[0, :-1], scored, reduction="sum",
+                                                       ignore_index=IGNORED_LABEL).item()
+        total_tokens += int((scored != IGNORED_LABEL).sum())
+    if total_tokens == 0:
+        raise ValueError("perplexity: every token of the windows is ignored by labels")
     return math.exp(total_nll / total_tokens)

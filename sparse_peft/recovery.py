@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ._progress import progress
-from .data import random_windows
+from .data import IGNORED_LABEL, random_windows
 from .merge import merge_and_unload_sparse
 from .recipes import METHODS, method_config
 from .sparsity import linear_view, named_linears, parse_pattern, prune, sparsity_report
@@ -318,8 +318,8 @@ def peft_config(recipe: Recipe, target: dict | None = None):
 
 
 def distillation_loss_fn(teacher: nn.Module | None, recipe: Recipe):
-    """``loss_fn(model, batch)`` for ``train``: CE + SquareHead (+ the logit KL term) from the frozen
-    ``teacher``; None for plain CE."""
+    """``loss_fn(model, batch, labels)`` for ``train``: CE on ``labels`` + SquareHead (+ the logit KL
+    term, on every position) from the frozen ``teacher``; None for plain CE."""
     if recipe.loss != "squarehead":
         return None
     if teacher is None:
@@ -328,8 +328,8 @@ def distillation_loss_fn(teacher: nn.Module | None, recipe: Recipe):
 
     squarehead = SquareHeadLoss()
 
-    def loss_fn(student, batch):
-        outputs = student(input_ids=batch, labels=batch, output_hidden_states=True)
+    def loss_fn(student, batch, labels):
+        outputs = student(input_ids=batch, labels=labels, output_hidden_states=True)
         teacher_out = teacher_outputs(teacher, {"input_ids": batch})
         return distillation_loss(outputs, teacher_out.hidden_states, teacher_out.logits,
                                  squarehead_lambda=recipe.squarehead_lambda, logit_lambda=recipe.logit_lambda,
@@ -363,10 +363,12 @@ def _step_hook(peft_model, recipe: Recipe, totals: dict, spt_calibration=None):
     return None
 
 
-def train(peft_model, batches, lr: float, show_progress: bool = True, after_step=None, loss_fn=None) -> list[float]:
+def train(peft_model, batches, lr: float, show_progress: bool = True, after_step=None, loss_fn=None,
+          label_batches=None) -> list[float]:
     """AdamW + cosine over ``batches``; ``after_step(step, optimizer)`` runs after each optimizer step
-    (SEFT's topology updates, SPT's pruning); ``loss_fn(model, batch)`` replaces plain CE (SquareHead).
-    Returns the step times."""
+    (SEFT's topology updates, SPT's pruning); ``loss_fn(model, batch, labels)`` replaces plain CE
+    (SquareHead). ``label_batches``: each batch's labels (``IGNORED_LABEL`` where no loss is taken);
+    None: the batches themselves. Returns the step times."""
     from transformers import get_cosine_schedule_with_warmup
 
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
@@ -375,10 +377,11 @@ def train(peft_model, batches, lr: float, show_progress: bool = True, after_step
     step_times = []
     peft_model.train()
     bar = progress(batches, "training", show_progress)
-    for batch in bar:
+    for step, batch in enumerate(bar):
         t0 = time.perf_counter()
         batch = batch.to(device)
-        loss = loss_fn(peft_model, batch) if loss_fn else peft_model(input_ids=batch, labels=batch).loss
+        labels = batch if label_batches is None else label_batches[step].to(device)
+        loss = loss_fn(peft_model, batch, labels) if loss_fn else peft_model(input_ids=batch, labels=labels).loss
         loss.backward()
         optimizer.step()
         scheduler.step()
@@ -404,21 +407,25 @@ class TrainingRun:
 
 
 def fine_tune(model: nn.Module, train_ids: torch.Tensor, recipe: Recipe, target: dict | None = None, *,
-              teacher: nn.Module | None = None, spt_calibration=None, show_progress: bool = True) -> TrainingRun:
+              teacher: nn.Module | None = None, spt_calibration=None, show_progress: bool = True,
+              train_labels: torch.Tensor | None = None) -> TrainingRun:
     """Wrap ``model`` with the recipe's method and train it (``train``) on ``recipe.steps`` batches of
-    random windows of ``train_ids``. ``teacher``: the frozen model SquareHead distils from.
+    random windows of ``train_ids``; ``train_labels`` (``train_ids`` with ``IGNORED_LABEL`` where no loss
+    is taken, e.g. ``sp.data.placeholder_labels``): the same windows of it are the labels.
+    ``teacher``: the frozen model SquareHead distils from.
     ``target`` and ``spt_calibration`` (Wanda's batches per pruning event; None: running norms of the
     training batches) serve SPT's gradual pruning only."""
     from peft import get_peft_model
 
     peft_model = get_peft_model(model, peft_config(recipe, target))
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    batches = random_windows(train_ids, n=recipe.steps, seq_len=recipe.seq_len, seed=recipe.seed + 1,
-                             batch_size=recipe.batch_size)
+    windows = dict(n=recipe.steps, seq_len=recipe.seq_len, seed=recipe.seed + 1, batch_size=recipe.batch_size)
+    batches = random_windows(train_ids, **windows)  # the same length and seed: the same windows of the labels
+    label_batches = None if train_labels is None else random_windows(train_labels, **windows)
     totals: dict = {}
     after_step = _step_hook(peft_model, recipe, totals, spt_calibration)
     step_times = train(peft_model, batches, recipe.lr, show_progress, after_step=after_step,
-                       loss_fn=distillation_loss_fn(teacher, recipe))
+                       loss_fn=distillation_loss_fn(teacher, recipe), label_batches=label_batches)
     return TrainingRun(peft_model, step_times, trainable, totals)
 
 
@@ -489,7 +496,7 @@ def _target_of(sparsity, pattern) -> dict:
     return {"sparsity": float(sparsity)}
 
 
-def _check_inputs(train_ids, recipe, target: dict, calibration) -> bool:
+def _check_inputs(train_ids, recipe, target: dict, calibration, train_labels=None) -> bool:
     """``recover``'s refusals, before any weight changes; whether calibration windows must be drawn
     from ``train_ids``."""
     if not isinstance(recipe, Recipe):
@@ -500,6 +507,11 @@ def _check_inputs(train_ids, recipe, target: dict, calibration) -> bool:
     if not torch.is_tensor(train_ids) or train_ids.dim() != 1 or train_ids.is_floating_point():
         raise ValueError(f"recover: train_ids must be a 1-D tensor of token ids, got "
                          f"{tuple(train_ids.shape) if torch.is_tensor(train_ids) else type(train_ids).__name__}")
+    if train_labels is not None and (not torch.is_tensor(train_labels) or train_labels.shape != train_ids.shape
+                                     or train_labels.is_floating_point()):
+        raise ValueError(f"recover: train_labels must be integer labels shaped like train_ids "
+                         f"{tuple(train_ids.shape)}, got "
+                         f"{tuple(train_labels.shape) if torch.is_tensor(train_labels) else type(train_labels).__name__}")
     if recipe.method is not None:
         peft_config(recipe, target)  # an unknown or bad method option fails now, not after pruning
     needs_calibration = calibration is None and (recipe.pruner != "magnitude" or bool(recipe.induce)
@@ -514,7 +526,7 @@ def _check_inputs(train_ids, recipe, target: dict, calibration) -> bool:
 
 def recover(model: nn.Module, train_ids: torch.Tensor, *, sparsity: float | None = None, pattern: str | None = None,
             recipe: Recipe | None = None, calibration=None, teacher: nn.Module | None = None,
-            show_progress: bool = True):
+            show_progress: bool = True, train_labels: torch.Tensor | None = None):
     """Prune ``model`` to a target and win back its accuracy; return ``(merged model, RecoveryReport)``.
 
         merged, report = sp.recover(model, token_ids, sparsity=0.5)       # or pattern="2:4"
@@ -540,6 +552,8 @@ def recover(model: nn.Module, train_ids: torch.Tensor, *, sparsity: float | None
             them); None: ``recipe.calib_samples`` windows of ``train_ids``.
         teacher: the frozen model SquareHead distils from; None: a copy of ``model`` taken before
             pruning.
+        train_labels: ``train_ids`` with ``IGNORED_LABEL`` (-100) where the fine-tuning takes no loss
+            (``sp.data.placeholder_labels``: a placeholder's tokens); None: every token.
         show_progress: tqdm bars over the pruning, the reconstruction and the training steps.
 
     Cost: the pruner's pass over the calibration set, ``recipe.steps`` training steps, and, with
@@ -553,13 +567,14 @@ def recover(model: nn.Module, train_ids: torch.Tensor, *, sparsity: float | None
 
     Raises ValueError (before any weight changes) for: both or neither of sparsity / pattern, a
     sparsity outside (0, 1), a malformed pattern, ``recipe.method == "spt"`` (its prompts cannot be
-    merged), ``train_ids`` not a 1-D integer tensor or not longer than the windows drawn from it;
+    merged), ``train_ids`` not a 1-D integer tensor or not longer than the windows drawn from it,
+    ``train_labels`` not integer or not shaped like it;
     the stages raise theirs (e.g. induction on a model that is not Llama-style). RuntimeError if a
     layer is not exactly at the target after merging.
     """
     target = _target_of(sparsity, pattern)
     recipe = recipe if recipe is not None else default_recipe(target)
-    needs_calibration = _check_inputs(train_ids, recipe, target, calibration)
+    needs_calibration = _check_inputs(train_ids, recipe, target, calibration, train_labels)
     report = RecoveryReport(target=target, recipe=recipe)
 
     def timed(name, run, **settings):
@@ -592,11 +607,13 @@ def recover(model: nn.Module, train_ids: torch.Tensor, *, sparsity: float | None
         torch.manual_seed(recipe.seed)
         teacher = dense if teacher is None else teacher
         run = timed("fine-tune", lambda: fine_tune(model, train_ids, recipe, target, teacher=teacher,
-                                                    show_progress=show_progress),
+                                                    show_progress=show_progress, train_labels=train_labels),
                     method=recipe.method, **recipe.method_options, lr=recipe.lr, steps=recipe.steps,
                     batch_size=recipe.batch_size, seq_len=recipe.seq_len, loss=recipe.loss,
                     **({"squarehead_lambda": recipe.squarehead_lambda, "logit_lambda": recipe.logit_lambda}
-                       if recipe.loss == "squarehead" else {}))
+                       if recipe.loss == "squarehead" else {}),
+                    **({"ignored_label_tokens": int((train_labels == IGNORED_LABEL).sum())}
+                       if train_labels is not None else {}))
         report.stages[-1].settings["trainable_params"] = run.trainable_params
         teacher = dense = None
         merged, _ = timed("merge", lambda: merge(run.peft_model, recipe.method),

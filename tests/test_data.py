@@ -6,7 +6,8 @@ import pytest
 import torch
 from conftest import make_tiny_model
 
-from sparse_peft.data import BUNDLED_TEXT_PARTS, bundled_text, load_text, perplexity, text_splits
+from sparse_peft.data import (BUNDLED_TEXT_PARTS, IGNORED_LABEL, bundled_text, load_text, perplexity,
+                              placeholder_labels, text_splits, token_ids)
 
 # What the quickstart and the demo draw from each part, in tokens (each word is at least one).
 NEEDED_TOKENS = {"train": 20 * 4 * 128, "calibration": 16 * 128, "heldout": 8 * 128}
@@ -45,3 +46,57 @@ def test_perplexity_with_no_window_says_why():
     model = make_tiny_model("llama")
     with pytest.raises(ValueError, match="no window to score.*100 tokens"):
         perplexity(model, torch.zeros(100, dtype=torch.long), n_windows=0, seq_len=128, show_progress=False)
+
+
+def word_tokenizer(words):
+    """A fast tokenizer with one token per whitespace-separated word (unknown words: ``[UNK]``)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]"] + words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+
+
+def test_placeholder_labels_leave_out_every_token_that_overlaps_the_placeholder():
+    """Tokens overlapping ``<unk>`` are ignored, also merged with punctuation; a token that only shares
+    the unknown-word id, or spells part of the placeholder, is kept: the labels follow the text."""
+    tokenizer = word_tokenizer(["a", "b", "<unk>", "(<unk>)", "<unk>,"])
+    text = "a <unk> b (<unk>) a <unk>, b <un zzz a"
+    ids, labels, count = placeholder_labels(tokenizer, text, "<unk>")
+    assert torch.equal(ids, token_ids(tokenizer, text)) and count == 3
+    ignored = [word for word, label in zip(text.split(), labels.tolist()) if label == IGNORED_LABEL]
+    assert ignored == ["<unk>", "(<unk>)", "<unk>,"]
+    kept = labels != IGNORED_LABEL
+    assert torch.equal(labels[kept], ids[kept])
+    ids, labels, count = placeholder_labels(tokenizer, "a b a", "<unk>")
+    assert count == 0 and torch.equal(ids, labels)
+
+
+def test_placeholder_labels_refuse_an_empty_placeholder_and_a_tokenizer_without_offsets():
+    with pytest.raises(ValueError, match="empty"):
+        placeholder_labels(word_tokenizer(["a"]), "a", "")
+
+    class SlowTokenizer:
+        is_fast = False
+
+    with pytest.raises(ValueError, match="SlowTokenizer gives no character offsets"):
+        placeholder_labels(SlowTokenizer(), "a <unk>", "<unk>")
+
+
+def test_perplexity_with_labels_scores_only_the_kept_predictions():
+    model = make_tiny_model("llama")
+    ids = torch.randint(0, 128, (64,), generator=torch.Generator().manual_seed(0))
+    labels = ids.masked_fill(torch.arange(64) % 5 == 0, IGNORED_LABEL)
+    with torch.no_grad():
+        logits = torch.cat([model(input_ids=ids[i * 16:(i + 1) * 16][None]).logits[0, :-1] for i in range(4)])
+    targets = torch.cat([labels[i * 16 + 1:(i + 1) * 16] for i in range(4)])
+    kept = targets != IGNORED_LABEL
+    expected = torch.nn.functional.cross_entropy(logits[kept].float(), targets[kept]).exp().item()
+    assert perplexity(model, ids, 4, 16, show_progress=False, labels=labels) == pytest.approx(expected, rel=1e-5)
+    assert perplexity(model, ids, 4, 16, show_progress=False, labels=ids) == perplexity(model, ids, 4, 16,
+                                                                                         show_progress=False)
+    assert perplexity(model, ids, 4, 16, show_progress=False, labels=labels) != perplexity(model, ids, 4, 16,
+                                                                                           show_progress=False)
+    with pytest.raises(ValueError, match="labels have 63 tokens, ids 64"):
+        perplexity(model, ids, 4, 16, show_progress=False, labels=labels[:-1])

@@ -128,6 +128,8 @@ def test_check_names_the_layer_off_target():
     ({"sparsity": 0.5, "recipe": sp.Recipe(method_options={"rank": 4})}, "'rank'"),
     ({"sparsity": 0.5, "train_ids": IDS[:100]}, "100 tokens"),
     ({"sparsity": 0.5, "train_ids": IDS.view(30, 100)}, "1-D"),
+    ({"sparsity": 0.5, "train_labels": IDS[:-1]}, r"train_labels .* shaped like train_ids \(3000,\)"),
+    ({"sparsity": 0.5, "train_labels": IDS.float()}, "integer labels"),
 ])
 def test_bad_input_is_refused_before_any_weight_changes(kwargs, message):
     model = make_tiny_model("llama")
@@ -136,6 +138,47 @@ def test_bad_input_is_refused_before_any_weight_changes(kwargs, message):
     with pytest.raises(ValueError, match=message):
         sp.recover(model, train_ids, show_progress=False, **kwargs)
     assert all(torch.equal(p, before[name]) for name, p in model.state_dict().items())
+
+
+@pytest.mark.parametrize("loss", ["ce", "squarehead"])
+def test_fine_tune_takes_the_labels_of_the_same_windows(loss, monkeypatch):
+    """train_labels are windowed exactly as train_ids: each batch's labels are its own tokens, with
+    IGNORED_LABEL where the labels stream has it (here every id divisible by 7), for CE and SquareHead."""
+    from sparse_peft.data import IGNORED_LABEL
+
+    labels = IDS.masked_fill(IDS % 7 == 0, IGNORED_LABEL)
+    seen = []
+    real_train = rec.train
+    monkeypatch.setattr(rec, "train", lambda model, batches, *a, **k: seen.append((batches, k["label_batches"]))
+                        or real_train(model, batches, *a, **k))
+    fields = {"loss": "squarehead", "squarehead_lambda": 0.1} if loss == "squarehead" else {}
+    model = make_tiny_model("llama")
+    sp.prune(model, method="magnitude", sparsity=0.5, show_progress=False)
+    teacher = make_tiny_model("llama") if loss == "squarehead" else None
+    rec.fine_tune(model, IDS, recipe(**fields), teacher=teacher, train_labels=labels, show_progress=False)
+    batches, label_batches = seen[0]
+    assert len(label_batches) == len(batches) == TINY["steps"]
+    for batch, batch_labels in zip(batches, label_batches):
+        assert torch.equal(batch_labels, batch.masked_fill(batch % 7 == 0, IGNORED_LABEL))
+    assert any((batch_labels == IGNORED_LABEL).any() for batch_labels in label_batches)
+
+
+def test_ignored_labels_change_training_and_labels_equal_to_the_ids_do_not():
+    from sparse_peft.data import IGNORED_LABEL
+
+    def merged_weights(train_labels):
+        torch.manual_seed(0)
+        merged, report = sp.recover(make_tiny_model("llama"), IDS, sparsity=0.5, recipe=recipe(),
+                                    train_labels=train_labels, show_progress=False)
+        return report, {name: lin.weight.clone() for name, lin in sp.sparsity.named_linears(merged)}
+
+    _, plain = merged_weights(None)
+    _, same = merged_weights(IDS.clone())
+    report, skipped = merged_weights(IDS.masked_fill(IDS % 3 == 0, IGNORED_LABEL))
+    assert all(torch.equal(plain[name], same[name]) for name in plain)
+    assert any(not torch.equal(plain[name], skipped[name]) for name in plain)
+    fine_tune = next(stage for stage in report.stages if stage.name == "fine-tune")
+    assert fine_tune.settings["ignored_label_tokens"] == int((IDS % 3 == 0).sum())
 
 
 @pytest.mark.parametrize("fields, message", [
@@ -197,6 +240,22 @@ def test_recover_command_saves_an_exactly_sparse_model_and_its_recipe(workspace,
     assert rec.layers_off_target(recovered, {"sparsity": 0.5}) == []
     assert run("eval", "--model", w / "out", "--data", w / "text.txt", "--seq-len", 16, "--windows", 2) == 0
     assert "perplexity:" in capsys.readouterr().out
+
+
+def test_recover_command_skips_the_placeholder_on_request(workspace, capsys):  # noqa: F811
+    w = workspace
+    words = (w / "text.txt").read_text().split()
+    (w / "unk.txt").write_text(" ".join("<unk>" if i % 9 == 0 else word for i, word in enumerate(words)) + "\n")
+    assert run("recover", "--model", w / "base", "--data", w / "unk.txt", "--sparsity", 0.5, "--out", w / "out",
+               *TINY_FLAGS, "--skip-placeholder", "<unk>") == 0
+    occurrences = (w / "unk.txt").read_text().count("<unk>")
+    assert f"--skip-placeholder '<unk>': {occurrences} occurrences" in capsys.readouterr().out
+    record = json.loads((w / "out" / "recipe.json").read_text())
+    fine_tune = next(stage for stage in record["stages"] if stage["name"] == "fine-tune")
+    assert record["skip_placeholder"] == "<unk>" and fine_tune["settings"]["ignored_label_tokens"] >= occurrences
+    assert run("recover", "--model", w / "base", "--data", w / "unk.txt", "--sparsity", 0.5, "--out", w / "out2",
+               *TINY_FLAGS) == 0
+    assert json.loads((w / "out2" / "recipe.json").read_text())["skip_placeholder"] is None
 
 
 def test_recover_command_at_2_4_with_reconstruction(workspace):  # noqa: F811

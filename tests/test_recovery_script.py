@@ -163,3 +163,26 @@ def test_validation_split_trains_on_the_first_90_percent_and_scores_the_rest(tin
     assert "eval_split" not in tiny_run("--method", "masked_lora", "--sparsity", "0.5")  # scored on wiki.test.raw
     with pytest.raises(SystemExit):
         tiny_run("--method", "masked_lora", "--sparsity", "0.5", "--also-test")  # needs the validation split
+
+
+def test_placeholder_left_out_of_a_validation_score_and_of_training_on_request(tiny_run, tmp_path, monkeypatch):
+    """Validation rows add the held-out ppl without the placeholder's tokens; --skip-placeholder hands
+    fine_tune labels that ignore exactly those tokens of the training part."""
+    from sparse_peft.data import IGNORED_LABEL, placeholder_labels
+
+    valid_text = TEXT.replace("fox", "<unk>")
+    (tmp_path / "wiki.valid.tokens").write_text(valid_text)
+    seen = []
+    real_fine_tune = recovery.rec.fine_tune
+    monkeypatch.setattr(recovery.rec, "fine_tune", lambda model, ids, *a, **k: seen.append((ids, k["train_labels"]))
+                        or real_fine_tune(model, ids, *a, **k))
+    flags = ("--method", "masked_lora", "--sparsity", "0.5", "--eval-split", "validation", "--eval-windows", "8")
+    plain = tiny_run(*flags)
+    assert seen[-1][1] is None and "skip_placeholder" not in plain
+    assert plain["ppl_after_without_placeholder"] != plain["ppl_after"]
+    skipped = tiny_run(*flags, "--skip-placeholder")
+    train_ids, train_labels = seen[-1]
+    _, labels, _ = placeholder_labels(char_tokenizer(), valid_text, "<unk>")
+    assert skipped["skip_placeholder"] == "<unk>" and torch.equal(train_labels, labels[:train_ids.numel()])
+    assert (train_labels == IGNORED_LABEL).any()  # the training part has placeholders
+    assert "ppl_after_without_placeholder" not in tiny_run("--method", "masked_lora", "--sparsity", "0.5")
