@@ -10,6 +10,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import resource
 import statistics
 import time
@@ -106,9 +107,8 @@ def main(argv=None) -> dict:
     def arc_easy(model, when: str) -> dict:  # zero-shot acc and the length-normalised acc_norm, as *_{when}
         if args.arc_easy == 0:
             return {}
-        folder = Path(args.arc_dir or Path(args.data).parent / "arc")
-        result = sp.evaluation.arc_zero_shot(model, tokenizer, folder / "arc_easy_official_test.jsonl",
-                                             limit=None if args.arc_easy < 0 else args.arc_easy)
+        path = Path(args.arc_dir or Path(args.data).parent / "arc") / "arc_easy_official_test.jsonl"
+        result = sp.evaluation.arc_zero_shot(model, tokenizer, path, limit=None if args.arc_easy < 0 else args.arc_easy)
         return {**{f"arc_easy_{k}_{when}": result[k] for k in ("acc", "acc_norm")},
                 "arc_easy_questions": result["questions"]}
 
@@ -140,10 +140,11 @@ def main(argv=None) -> dict:
         row["ppl_pruned"] = before.get("ppl_pruned") or ppl(model)
     row.update({k: before[k] for k in BEFORE[2:] if k in before} if before else arc_easy(model, "before"),
                before_from_cache=bool(before))
-    if before_path is not None:  # written whole, then renamed: a concurrent run never reads half a file
-        before_path.parent.mkdir(parents=True, exist_ok=True)
-        before_path.with_suffix(".partial").write_text(json.dumps({k: row[k] for k in BEFORE if k in row}))
-        before_path.with_suffix(".partial").replace(before_path)
+    if before_path is not None:  # written whole under this process's name, then renamed: concurrent runs never
+        partial = before_path.with_suffix(f".{os.getpid()}.partial")  # read half a file or rename each other's
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps({k: row[k] for k in BEFORE if k in row}))
+        partial.replace(before_path)
     if recipe.reconstruct:  # after the cache of the one-shot figures: ppl_reconstructed is this row's own
         blocks = rec.reconstruct_stage(model, dense_copy, calibration, recipe).blocks
         row.update(reconstruct=recipe.reconstruct, ppl_reconstructed=ppl(model), reconstruct_error=[
