@@ -114,6 +114,24 @@ def read_ids(tokenizer, data_path: str, min_tokens: int = 2) -> torch.Tensor:
     return ids
 
 
+def read_ids_and_labels(tokenizer, data_path: str, placeholder: str, min_tokens: int = 2, verb: str = "scored"):
+    """``(ids, labels)`` of ``--data``: labels None without a placeholder, else ``placeholder_labels``'
+    (``IGNORED_LABEL`` on every token that overlaps it), after one line saying what was found."""
+    if not placeholder:
+        return read_ids(tokenizer, data_path, min_tokens), None
+    from .data import placeholder_labels
+
+    try:
+        ids, labels, count = placeholder_labels(tokenizer, read_text(data_path), placeholder)
+    except ValueError as err:
+        raise CliError(f"--skip-placeholder: {_first_line(err)}") from None
+    if ids.numel() < min_tokens:
+        raise CliError(f"--data {data_path!r}: {ids.numel()} tokens, need at least {min_tokens}")
+    print(f"--skip-placeholder {placeholder!r}: {count} occurrences in {data_path}, "
+          f"{int((labels != ids).sum())} tokens not {verb}", flush=True)
+    return ids, labels
+
+
 def save_model(model, out: str, tokenizer, fmt: str) -> None:
     from .io import export_dense, save_sparse
 
@@ -307,17 +325,7 @@ def cmd_recover(args) -> None:
     model, tokenizer = load_model(args.model, need_tokenizer=True)
     calibrates = recipe.pruner != "magnitude" or bool(recipe.induce) or bool(recipe.reconstruct)
     longest = max([recipe.seq_len] * (recipe.method is not None) + [recipe.calib_seq_len] * calibrates, default=1)
-    ids = read_ids(tokenizer, data, min_tokens=longest + 1)
-    labels = None
-    if args.skip_placeholder:
-        from .data import placeholder_labels
-
-        try:
-            ids, labels, count = placeholder_labels(tokenizer, read_text(data), args.skip_placeholder)
-        except ValueError as err:
-            raise CliError(f"--skip-placeholder: {_first_line(err)}") from None
-        print(f"--skip-placeholder {args.skip_placeholder!r}: {count} occurrences in {data}, "
-              f"{int((labels != ids).sum())} tokens without a loss", flush=True)
+    ids, labels = read_ids_and_labels(tokenizer, data, args.skip_placeholder, longest + 1, "trained on")
     teacher = load_model(args.teacher)[0] if args.teacher and recipe.loss == "squarehead" else None
     merged, report = sp.recover(model, ids, **target, recipe=recipe, teacher=teacher, train_labels=labels)
     save_model(merged, args.out, tokenizer, args.format)
@@ -350,7 +358,7 @@ def cmd_eval(args) -> None:
     model, tokenizer = load_model(args.model, need_tokenizer=True)
     results: dict = {"model": args.model}
     if args.data is not None:
-        ids = read_ids(tokenizer, args.data)
+        ids, labels = read_ids_and_labels(tokenizer, args.data, args.skip_placeholder)
         n_available = ids.numel() // args.seq_len
         if n_available < 1:
             raise CliError(f"--data {args.data!r}: {ids.numel()} tokens, fewer than --seq-len {args.seq_len}")
@@ -358,8 +366,9 @@ def cmd_eval(args) -> None:
         if windows > n_available:
             raise CliError(f"--data {args.data!r}: only {n_available} windows of {args.seq_len} tokens, "
                            f"--windows asks for {windows}")
-        results["perplexity"] = perplexity(model, ids, n_windows=windows, seq_len=args.seq_len)
+        results["perplexity"] = perplexity(model, ids, n_windows=windows, seq_len=args.seq_len, labels=labels)
         results["windows"], results["seq_len"] = windows, args.seq_len
+        results.update({"skip_placeholder": args.skip_placeholder} if args.skip_placeholder else {})
         print(f"perplexity: {results['perplexity']:.4f} ({windows} x {args.seq_len} tokens)")
     if args.arc is not None:
         results["zero_shot"] = arc_zero_shot(model, tokenizer, args.arc, limit=args.limit)
@@ -561,6 +570,9 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arc", help="ARC-format .jsonl for zero-shot multiple choice (e.g. arc_easy_official_test.jsonl)")
     p.add_argument("--limit", type=_positive_int, default=None, help="score only the first N questions")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--skip-placeholder", metavar="TEXT", default="",
+                   help="leave the tokens that overlap TEXT (e.g. '<unk>') out of the perplexity; they stay in "
+                        "the context")
 
 
 def _export_arguments(p: argparse.ArgumentParser) -> None:

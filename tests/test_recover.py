@@ -258,6 +258,20 @@ def test_recover_command_skips_the_placeholder_on_request(workspace, capsys):  #
     assert json.loads((w / "out2" / "recipe.json").read_text())["skip_placeholder"] is None
 
 
+def test_eval_command_leaves_the_placeholder_out_of_the_perplexity_on_request(workspace, capsys):  # noqa: F811
+    w = workspace
+    words = (w / "text.txt").read_text().split()
+    (w / "unk.txt").write_text(" ".join("<unk>" if i % 5 == 0 else word for i, word in enumerate(words)) + "\n")
+    scores = []
+    for extra in ((), ("--skip-placeholder", "<unk>")):
+        assert run("eval", "--model", w / "base", "--data", w / "unk.txt", "--seq-len", 16, "--windows", 4,
+                   "--json", w / "e.json", *extra) == 0
+        scores.append(json.loads((w / "e.json").read_text()))
+    assert "skip_placeholder" not in scores[0] and scores[1]["skip_placeholder"] == "<unk>"
+    assert scores[0]["perplexity"] != scores[1]["perplexity"]
+    assert "--skip-placeholder '<unk>':" in capsys.readouterr().out
+
+
 def test_recover_command_at_2_4_with_reconstruction(workspace):  # noqa: F811
     w = workspace
     assert run("recover", "--model", w / "base", "--data", w / "text.txt", "--pattern", "2:4", "--out", w / "out",
