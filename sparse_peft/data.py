@@ -112,24 +112,26 @@ def placeholder_labels(tokenizer, text: str, placeholder: str) -> tuple[torch.Te
     A token merged with a neighbour (`` (<`` in SmolLM2's tokenizer) is left out whole. Needs a fast
     tokenizer (its character offsets).
 
-    Raises ValueError for an empty placeholder or a tokenizer without offsets.
+    Raises ValueError for an empty placeholder, or a tokenizer without offsets on a text that has it.
     """
     if not placeholder:
         raise ValueError("placeholder_labels: the placeholder is empty")
+    starts = [match.start() for match in re.finditer(re.escape(placeholder), text)]
+    if not starts:  # nothing to leave out: no offsets needed
+        ids = token_ids(tokenizer, text)
+        return ids, ids.clone(), 0
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"placeholder_labels: {type(tokenizer).__name__} gives no character offsets (a fast "
                          f"tokenizer does); cannot find the tokens of {placeholder!r}")
     encoded = tokenizer(text, add_special_tokens=False, return_attention_mask=False, return_offsets_mapping=True)
     ids = torch.tensor(encoded["input_ids"], dtype=torch.long)
-    starts = [match.start() for match in re.finditer(re.escape(placeholder), text)]
+    # Occurrences do not overlap, so a token [a, b) overlaps one iff the last occurrence starting before b
+    # ends after a.
+    offsets = torch.tensor(encoded["offset_mapping"], dtype=torch.long).reshape(-1, 2)
+    occurrence = torch.tensor(starts, dtype=torch.long)
+    last = torch.searchsorted(occurrence, offsets[:, 1].contiguous(), side="left") - 1
     labels = ids.clone()
-    if starts:
-        # Occurrences do not overlap, so a token [a, b) overlaps one iff the last occurrence starting
-        # before b ends after a.
-        offsets = torch.tensor(encoded["offset_mapping"], dtype=torch.long).reshape(-1, 2)
-        occurrence = torch.tensor(starts, dtype=torch.long)
-        last = torch.searchsorted(occurrence, offsets[:, 1].contiguous(), side="left") - 1
-        labels[(last >= 0) & (occurrence[last.clamp(min=0)] + len(placeholder) > offsets[:, 0])] = IGNORED_LABEL
+    labels[(last >= 0) & (occurrence[last.clamp(min=0)] + len(placeholder) > offsets[:, 0])] = IGNORED_LABEL
     return ids, labels, len(starts)
 
 

@@ -73,7 +73,7 @@ def test_placeholder_labels_leave_out_every_token_that_overlaps_the_placeholder(
     assert count == 0 and torch.equal(ids, labels)
 
 
-def test_placeholder_labels_refuse_an_empty_placeholder_and_a_tokenizer_without_offsets():
+def test_placeholder_labels_refuse_an_empty_placeholder_and_need_offsets_only_where_it_occurs():
     with pytest.raises(ValueError, match="empty"):
         placeholder_labels(word_tokenizer(["a"]), "a", "")
 
@@ -82,6 +82,9 @@ def test_placeholder_labels_refuse_an_empty_placeholder_and_a_tokenizer_without_
 
     with pytest.raises(ValueError, match="SlowTokenizer gives no character offsets"):
         placeholder_labels(SlowTokenizer(), "a <unk>", "<unk>")
+    slow = lambda text, **kwargs: {"input_ids": [len(word) for word in text.split()]}  # noqa: E731
+    ids, labels, count = placeholder_labels(slow, "ab c def", "<unk>")  # nothing to leave out: no offsets needed
+    assert ids.tolist() == labels.tolist() == [2, 1, 3] and count == 0
 
 
 def test_perplexity_with_labels_scores_only_the_kept_predictions():
