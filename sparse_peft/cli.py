@@ -108,7 +108,10 @@ def read_text(data_path: str) -> str:
 def read_ids(tokenizer, data_path: str, min_tokens: int = 2) -> torch.Tensor:
     from .data import token_ids
 
-    ids = token_ids(tokenizer, read_text(data_path))
+    return _enough_tokens(token_ids(tokenizer, read_text(data_path)), data_path, min_tokens)
+
+
+def _enough_tokens(ids: torch.Tensor, data_path: str, min_tokens: int) -> torch.Tensor:
     if ids.numel() < min_tokens:
         raise CliError(f"--data {data_path!r}: {ids.numel()} tokens, need at least {min_tokens}")
     return ids
@@ -125,8 +128,7 @@ def read_ids_and_labels(tokenizer, data_path: str, placeholder: str, min_tokens:
         ids, labels, count = placeholder_labels(tokenizer, read_text(data_path), placeholder)
     except ValueError as err:
         raise CliError(f"--skip-placeholder: {_first_line(err)}") from None
-    if ids.numel() < min_tokens:
-        raise CliError(f"--data {data_path!r}: {ids.numel()} tokens, need at least {min_tokens}")
+    _enough_tokens(ids, data_path, min_tokens)
     print(f"--skip-placeholder {placeholder!r}: {count} occurrences in {data_path}, "
           f"{int((labels != ids).sum())} tokens not {verb}", flush=True)
     return ids, labels
