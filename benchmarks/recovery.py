@@ -81,7 +81,7 @@ def cache_path(args, kind: str) -> Path | None:
     key = (f"{model}-{args.pruner}-{args.pattern or args.sparsity}-{args.calib_samples}-{args.calib_seq_len}-"
            f"{args.seed}".replace(":", "_") + (f"-induce{args.induce_alpha:g}" if args.induce else "")
            if args.pattern or args.sparsity > 0 else f"{model}-dense")  # induction also rescales norms, biases
-    key += "-val" if args.eval_split == "validation" else ""  # calibrated on the first 90% only
+    key += ("-owl" if args.allocation == "owl" else "") + ("-val" if args.eval_split == "validation" else "")
     return None if not args.cache_dir else Path(args.cache_dir) / (
         f"pruned-{key}.safetensors" if kind == "pruned" else f"before-{key}-ppl{args.eval_windows}x{args.eval_seq_len}"
         f"-arc{args.arc_easy}{'' if arc_dir == 'arc' else '-' + arc_dir}.json")
@@ -89,8 +89,7 @@ def cache_path(args, kind: str) -> Path | None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or torch.get_num_threads())
     torch.manual_seed(args.seed)
     t_start, recipe, spt = time.time(), args.recipe, args.method == "spt"
     model, tokenizer = load_model_and_tokenizer(args.model)
@@ -119,7 +118,7 @@ def main(argv=None) -> dict:
 
     row = {**{k: getattr(args, k) for k in ("method", "pruner", "sparsity", "pattern", "steps")},
            "tokens_seen": args.steps * args.batch_size * args.seq_len,
-           **{k: getattr(args, k) for k in ("lr", "seq_len", "batch_size", "seed")},
+           **{k: getattr(args, k) for k in ("lr", "seq_len", "batch_size", "seed", "allocation")},
            **({"eval_split": "validation"} if validation else {}),
            **({"skip_placeholder": PLACEHOLDER} if args.skip_placeholder else {})}
     before_path = cache_path(args, "before")  # the measurements before fine-tuning, shared by the methods
@@ -170,9 +169,10 @@ def main(argv=None) -> dict:
                sparsity_after_merge=sp.sparsity_report(merged).global_sparsity)
     for saved in (merged, tokenizer) if args.save_merged else ():  # safetensors; loadable with --teacher / --model
         saved.save_pretrained(args.save_merged)
-    changes, at_target = rec.mask_changes(masks, merged), not rec.layers_off_target(merged, args.target)  # the mask
+    allocated = rec.zero_counts(masks) if args.allocation == "owl" else None  # OWL: each layer's own count
+    changes, at_target = rec.mask_changes(masks, merged), not rec.layers_off_target(merged, args.target, allocated)
     row.update(mask_identical=None if spt else changes["mask_identical"],
-               **({"pattern_kept": at_target} if args.pattern else {}),
+               **({"pattern_kept": at_target} if args.pattern else {"at_target": at_target} if allocated else {}),
                **({"layers_at_target": at_target, "zeros_shared_with_oneshot": changes["zeros_kept"]} if spt else {}),
                **({k: changes[k] for k in ("counts_identical", "positions_moved")} if args.method == "seft" else {}),
                trainable_params=trainable, step_time_s=statistics.median(step_times) if step_times else 0.0,

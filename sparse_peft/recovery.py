@@ -24,6 +24,8 @@ from .data import IGNORED_LABEL, random_windows
 from .merge import merge_and_unload_sparse
 from .recipes import METHODS, method_config
 from .sparsity import linear_view, named_linears, parse_pattern, prune, sparsity_report
+from .sparsity.prune import ALLOCATIONS
+from .sparsity.selection import unstructured_zero_count
 from .training.reconstruct import reconstruct
 
 PRUNERS = ("magnitude", "wanda", "sparsegpt")
@@ -37,7 +39,9 @@ class Recipe:
     """What ``sp.recover`` runs, stage by stage.
 
     Prune: ``pruner`` (``"magnitude"``, ``"wanda"`` or ``"sparsegpt"``) on ``calib_samples``
-    random windows of ``calib_seq_len`` training tokens; ``induce``: ``True`` or a dict of
+    random windows of ``calib_seq_len`` training tokens, every layer at the target sparsity
+    (``allocation="uniform"``) or at OWL's outlier-weighted share of the same global count
+    (``"owl"``; unstructured targets only); ``induce``: ``True`` or a dict of
     ``sp.induce_sparsity`` options (e.g. ``{"alpha": 0.5}``) folds Sparsity Induction's scales into
     the model first, inside ``sp.prune`` (Llama-style models only). Reconstruct: ``reconstruct``:
     ``True`` or a dict of ``sp.reconstruct``'s ``epochs``, ``lr``, ``batch_size``; off by default.
@@ -51,6 +55,7 @@ class Recipe:
     """
 
     pruner: str = "wanda"
+    allocation: str = "uniform"
     induce: bool | dict = False
     reconstruct: bool | dict = False
     method: str | None = "masked_lora"
@@ -74,6 +79,8 @@ class Recipe:
             f"pruner {self.pruner!r} is not one of {PRUNERS}" if self.pruner not in PRUNERS else None,
             f"method {self.method!r} is not None or one of {METHODS}" if self.method not in (None, *METHODS) else None,
             f"loss {self.loss!r} is not one of {LOSSES}" if self.loss not in LOSSES else None,
+            f"allocation {self.allocation!r} is not one of {ALLOCATIONS}" if self.allocation not in ALLOCATIONS
+            else None,
             f"lr must be a number > 0, got {self.lr!r}" if not (isinstance(self.lr, (int, float)) and self.lr > 0)
             else None,
             *(f"{name} must be an integer >= 1, got {getattr(self, name)!r}"
@@ -96,6 +103,8 @@ class Recipe:
             if self.method == "spt" and self.induce else None,
             "reconstruct follows one-shot pruning; method 'spt' prunes gradually instead"
             if self.method == "spt" and self.reconstruct else None,
+            "allocation 'owl' sets the one-shot pruning's layer sparsities; method 'spt' prunes gradually instead"
+            if self.method == "spt" and self.allocation != "uniform" else None,
         ]
         problems = [p for p in problems if p]
         if problems:
@@ -153,6 +162,8 @@ METHOD_FLAGS = {
 #: The ``Recipe`` fields that are flags as they are: flag -> (type, or the choices, and help).
 FIELD_FLAGS = {
     "--pruner": (PRUNERS, "one-shot pruner"),
+    "--allocation": (ALLOCATIONS, "uniform: every layer at the target sparsity; owl: outlier-weighted layer "
+                                  "sparsities with the same global count (unstructured targets)"),
     "--lr": (float, "AdamW learning rate (cosine schedule, no warm-up)"),
     "--steps": (int, "training steps"),
     "--batch-size": (int, "training windows per step"),
@@ -269,7 +280,7 @@ def calibration_windows(train_ids: torch.Tensor, recipe: Recipe) -> list[torch.T
 
 def prune_stage(model: nn.Module, target: dict, recipe: Recipe, calibration, show_progress: bool = True,
                 cache: str | Path | None = None):
-    """``sp.prune`` with the recipe's pruner and induction, in place.
+    """``sp.prune`` with the recipe's pruner, allocation and induction, in place.
 
     ``cache``: a ``.safetensors`` path to reuse the pruned weights across runs (calibrated pruning of
     a 135M model takes minutes on a CPU). When the file exists the weights are read from it, else
@@ -290,7 +301,7 @@ def prune_stage(model: nn.Module, target: dict, recipe: Recipe, calibration, sho
             param.data.copy_(weights[name])
         return
     prune(model, method=recipe.pruner, **target, calibration=calibration, induce=recipe.induce,
-          show_progress=show_progress)
+          allocation=recipe.allocation, show_progress=show_progress)
     if cache is not None:
         Path(cache).parent.mkdir(parents=True, exist_ok=True)
         partial = Path(cache).with_suffix(".partial")  # a run reading the same key never sees half a file
@@ -458,10 +469,17 @@ def mask_changes(masks: dict[str, torch.Tensor], model: nn.Module) -> dict:
             "zeros_kept": zeros_kept / max(1, sum(int((~mask).sum()) for mask in masks.values()))}
 
 
-def layers_off_target(model: nn.Module, target: dict) -> list[str]:
+def zero_counts(masks: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Each layer's count of zeros in ``masks`` (``masks_of``): what an OWL allocation gave each layer."""
+    return {name: int((~mask).sum()) for name, mask in masks.items()}
+
+
+def layers_off_target(model: nn.Module, target: dict, allocated: dict[str, int] | None = None) -> list[str]:
     """The prunable layers not exactly at ``target``, each with what it has: at a sparsity, layer ``i``
-    must hold ``round(sparsity * numel_i)`` zeros; at N:M, at most N nonzeros in every group of M."""
-    off = []
+    must hold ``round(sparsity * numel_i)`` zeros, or with ``allocated`` (``zero_counts`` after an OWL
+    pruning) exactly its allocated count, the layers together ``round(sparsity * numel)`` (``"global"``
+    in the list when not); at N:M, at most N nonzeros in every group of M."""
+    off, zeros_total, numel_total = [], 0, 0
     for name, linear in named_linears(model):
         weight = linear_view(linear).weight  # out x in, the axis N:M groups run along
         if "pattern" in target:
@@ -469,15 +487,25 @@ def layers_off_target(model: nn.Module, target: dict) -> list[str]:
             nonzeros = (weight.reshape(weight.shape[0], -1, m) != 0).sum(-1)
             if int(nonzeros.max()) > n:
                 off.append(f"{name}: a group of {m} with {int(nonzeros.max())} nonzeros (pattern {n}:{m})")
-        elif int((weight == 0).sum()) != round(target["sparsity"] * weight.numel()):
-            off.append(f"{name}: {int((weight == 0).sum())} zeros of {weight.numel()}, target "
-                       f"{round(target['sparsity'] * weight.numel())} (sparsity {target['sparsity']:g})")
+            continue
+        zeros = int((weight == 0).sum())
+        zeros_total, numel_total = zeros_total + zeros, numel_total + weight.numel()
+        expected = (unstructured_zero_count(target["sparsity"], weight.numel()) if allocated is None
+                    else allocated.get(name))
+        if zeros != expected:
+            why = f"sparsity {target['sparsity']:g}" if allocated is None else "its OWL allocation"
+            off.append(f"{name}: {zeros} zeros of {weight.numel()}, target {expected} ({why})")
+    if allocated is not None and "sparsity" in target:
+        expected = unstructured_zero_count(target["sparsity"], numel_total)
+        if zeros_total != expected:
+            off.append(f"global: {zeros_total} zeros of {numel_total}, target {expected} "
+                       f"(sparsity {target['sparsity']:g})")
     return off
 
 
-def check_sparsity(model: nn.Module, target: dict) -> None:
+def check_sparsity(model: nn.Module, target: dict, allocated: dict[str, int] | None = None) -> None:
     """Raise RuntimeError naming the first layer not exactly at ``target`` (``layers_off_target``)."""
-    off = layers_off_target(model, target)
+    off = layers_off_target(model, target, allocated)
     if off:
         raise RuntimeError(f"{len(off)} layers are not at the target after recovery, e.g. {off[0]}")
 
@@ -512,6 +540,9 @@ def _check_inputs(train_ids, recipe, target: dict, calibration, train_labels=Non
         raise ValueError(f"recover: train_labels must be integer labels shaped like train_ids "
                          f"{tuple(train_ids.shape)}, got "
                          f"{tuple(train_labels.shape) if torch.is_tensor(train_labels) else type(train_labels).__name__}")
+    if recipe.allocation != "uniform" and "pattern" in target:
+        raise ValueError(f"recover: allocation {recipe.allocation!r} sets unstructured layer sparsities; it cannot "
+                         f"be used with pattern {target['pattern']!r}")
     if recipe.method is not None:
         peft_config(recipe, target)  # an unknown or bad method option fails now, not after pruning
     needs_calibration = calibration is None and (recipe.pruner != "magnitude" or bool(recipe.induce)
@@ -568,9 +599,10 @@ def recover(model: nn.Module, train_ids: torch.Tensor, *, sparsity: float | None
     Raises ValueError (before any weight changes) for: both or neither of sparsity / pattern, a
     sparsity outside (0, 1), a malformed pattern, ``recipe.method == "spt"`` (its prompts cannot be
     merged), ``train_ids`` not a 1-D integer tensor or not longer than the windows drawn from it,
-    ``train_labels`` not integer or not shaped like it;
+    ``train_labels`` not integer or not shaped like it, ``recipe.allocation == "owl"`` with a pattern;
     the stages raise theirs (e.g. induction on a model that is not Llama-style). RuntimeError if a
-    layer is not exactly at the target after merging.
+    layer is not exactly at the target after merging (with OWL: at the count its allocation gave it,
+    and the layers together exactly at the target).
     """
     target = _target_of(sparsity, pattern)
     recipe = recipe if recipe is not None else default_recipe(target)
@@ -591,7 +623,7 @@ def recover(model: nn.Module, train_ids: torch.Tensor, *, sparsity: float | None
     calibration = calibration_windows(train_ids, recipe) if needs_calibration else (
         None if calibration is None else list(calibration))  # a list: the reconstruction reads it again
     timed("prune", lambda: prune_stage(model, target, recipe, calibration, show_progress),
-          pruner=recipe.pruner, **target, induce=recipe.induce,
+          pruner=recipe.pruner, **target, allocation=recipe.allocation, induce=recipe.induce,
           calibration_batches=len(calibration) if calibration is not None else 0)
     if recipe.reconstruct:
         result = timed("reconstruct", lambda: reconstruct_stage(model, dense, calibration, recipe, show_progress),
@@ -603,6 +635,7 @@ def recover(model: nn.Module, train_ids: torch.Tensor, *, sparsity: float | None
     if not needs_teacher:
         dense = None  # the copy served the reconstruction only
     masks, merged = masks_of(model), model
+    allocated = zero_counts(masks) if recipe.allocation != "uniform" else None  # OWL: each layer's own count
     if recipe.method is not None:
         torch.manual_seed(recipe.seed)
         teacher = dense if teacher is None else teacher
@@ -618,7 +651,7 @@ def recover(model: nn.Module, train_ids: torch.Tensor, *, sparsity: float | None
         teacher = dense = None
         merged, _ = timed("merge", lambda: merge(run.peft_model, recipe.method),
                           how="merge_and_unload_sparse (re-masked)" if recipe.method == "lora" else "merge_and_unload")
-    timed("check", lambda: check_sparsity(merged, target), layers=len(masks))
+    timed("check", lambda: check_sparsity(merged, target, allocated), layers=len(masks))
     report.global_sparsity = sparsity_report(merged).global_sparsity
     report.mask_unchanged = mask_changes(masks, merged)["mask_identical"]
     return merged, report

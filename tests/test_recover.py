@@ -117,6 +117,29 @@ def test_check_names_the_layer_off_target():
         rec.check_sparsity(model, {"pattern": "2:4"})
 
 
+def test_owl_allocation_gives_layers_their_own_counts_and_the_global_target():
+    """OWL moves zeros between blocks: the merged layers sit at different sparsities, each exactly at what
+    pruning gave it (the mask unchanged), and the layers together exactly at the target."""
+    merged, report = sp.recover(make_tiny_model("llama"), IDS, sparsity=0.5, recipe=recipe(allocation="owl"),
+                                show_progress=False)
+    counts = zero_counts(merged)
+    numels = {name: lin.weight.numel() for name, lin in sp.sparsity.named_linears(merged)}
+    assert len({round(counts[name] / numels[name], 3) for name in counts}) > 1  # not uniform
+    assert sum(counts.values()) == round(0.5 * sum(numels.values()))
+    assert report.mask_unchanged and report.stages[0].settings["allocation"] == "owl"
+    assert rec.layers_off_target(merged, {"sparsity": 0.5}, counts) == []
+    # the uniform check names the layers OWL moved off 50%; a wrong allocation, the layer and the global count
+    assert rec.layers_off_target(merged, {"sparsity": 0.5})
+    name = next(iter(counts))
+    off = rec.layers_off_target(merged, {"sparsity": 0.5}, {**counts, name: counts[name] + 1})
+    assert off == [f"{name}: {counts[name]} zeros of {numels[name]}, target {counts[name] + 1} (its OWL allocation)"]
+    with torch.no_grad():
+        weight = merged.get_submodule(name).weight
+        weight.view(-1)[int((weight.view(-1) != 0).nonzero()[0])] = 0.0  # one more zero than allocated
+    off = rec.layers_off_target(merged, {"sparsity": 0.5}, counts)
+    assert off[0].startswith(f"{name}: {counts[name] + 1} zeros") and off[-1].startswith("global:")
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({}, "exactly one of sparsity and pattern"),
     ({"sparsity": 0.5, "pattern": "2:4"}, "exactly one"),
@@ -130,6 +153,7 @@ def test_check_names_the_layer_off_target():
     ({"sparsity": 0.5, "train_ids": IDS.view(30, 100)}, "1-D"),
     ({"sparsity": 0.5, "train_labels": IDS[:-1]}, r"train_labels .* shaped like train_ids \(3000,\)"),
     ({"sparsity": 0.5, "train_labels": IDS.float()}, "integer labels"),
+    ({"pattern": "2:4", "recipe": sp.Recipe(allocation="owl")}, "allocation 'owl' .* pattern '2:4'"),
 ])
 def test_bad_input_is_refused_before_any_weight_changes(kwargs, message):
     model = make_tiny_model("llama")
@@ -186,6 +210,7 @@ def test_ignored_labels_change_training_and_labels_equal_to_the_ids_do_not():
     ({"logit_lambda": 1.0}, "needs loss 'squarehead'"), ({"reconstruct": {"epoch": 1}}, "reconstruct takes"),
     ({"induce": "yes"}, "induce"), ({"method": "spt", "pruner": "sparsegpt"}, "wanda"), ({"seed": -1}, "seed"),
     ({"method": "spt", "reconstruct": True}, "reconstruct follows one-shot pruning"),
+    ({"allocation": "outlier"}, "allocation 'outlier'"), ({"method": "spt", "allocation": "owl"}, "prunes gradually"),
 ])
 def test_recipe_refuses_bad_fields(fields, message):
     with pytest.raises(ValueError, match=message):
@@ -204,6 +229,7 @@ def test_recipe_flags_override_the_base_recipe():
     other = rec.recipe_from_flags(parser.parse_args(["--method", "spp", "--spp-r", "4", "--induce-alpha", "0.5"]), base)
     assert (other.method, other.method_options, other.induce) == ("spp", {"r": 4}, {"alpha": 0.5})
     assert rec.recipe_from_flags(parser.parse_args(["--method", "none"]), base).method is None
+    assert rec.recipe_from_flags(parser.parse_args(["--allocation", "owl"]), base).allocation == "owl"
 
 
 def test_train_validation_split_holds_out_the_end():

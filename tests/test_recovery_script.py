@@ -141,6 +141,11 @@ def test_second_run_reuses_pruned_weights_and_before_measurements(tiny_run, tmp_
     # another evaluation setting is another cache entry, measured afresh
     third = tiny_run("--method", "spp", *args[:-2], "--eval-windows", "1", "--cache-dir", str(cache))
     assert third["before_from_cache"] is False and len(list(cache.glob("before-*.json"))) == 2
+    # another allocation is other pruned weights: another cache entry, its row checked at OWL's counts
+    owl = tiny_run("--method", "masked_lora", "--allocation", "owl", *args)
+    assert owl["before_from_cache"] is False and len(list(cache.glob("pruned-*.safetensors"))) == 2
+    assert owl["allocation"] == "owl" and owl["at_target"] is True and owl["mask_identical"] is True
+    assert owl["sparsity_after_merge"] == pytest.approx(0.5, abs=1e-4)
 
 
 def test_validation_split_trains_on_the_first_90_percent_and_scores_the_rest(tiny_run, tmp_path, monkeypatch):
