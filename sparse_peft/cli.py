@@ -320,6 +320,9 @@ def cmd_recover(args) -> None:
         recipe = recipe_from_flags(args, default_recipe(target))
     except ValueError as err:
         raise CliError(_first_line(err)) from None
+    if recipe.allocation != "uniform" and args.pattern is not None:
+        raise CliError(f"--allocation {recipe.allocation} sets unstructured layer sparsities; it cannot be used "
+                       f"with --pattern {args.pattern}")
     data = args.data or str(bundled_text("train"))
     if not Path(data).is_file():
         raise CliError(f"--data {data!r}: no such file")
@@ -335,8 +338,9 @@ def cmd_recover(args) -> None:
               "skip_placeholder": args.skip_placeholder or None, **report.to_dict()}
     (Path(args.out) / "recipe.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     print(report.to_markdown())
-    print(f"recovered to {target.get('pattern') or format(target['sparsity'], '.0%')}: every layer checked at the "
-          f"target, global sparsity {report.global_sparsity:.2%}, masks unchanged: {report.mask_unchanged}; merged "
+    checked = "the target" if recipe.allocation == "uniform" else "its OWL count, all together at the target"
+    print(f"recovered to {target.get('pattern') or format(target['sparsity'], '.0%')}: every layer checked at "
+          f"{checked}, global sparsity {report.global_sparsity:.2%}, masks unchanged: {report.mask_unchanged}; merged "
           f"model ({args.format}) in {args.out}, its recipe and stages in {Path(args.out) / 'recipe.json'}")
 
 

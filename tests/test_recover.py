@@ -318,6 +318,7 @@ def test_recover_command_at_2_4_with_reconstruction(workspace):  # noqa: F811
     (["--sparsity", 0.5, "--method", "spt"], 1, "SPT cannot be merged"),
     (["--sparsity", 0.5, "--lr", -1], 1, "lr must be a number > 0"),
     (["--sparsity", 0.5, "--seq-len", 5000], 1, "need at least 5001"),
+    (["--pattern", "2:4", "--allocation", "owl"], 1, "--allocation owl sets unstructured layer sparsities"),
 ])
 def test_recover_command_bad_input_is_one_line(workspace, capsys, argv, code, message):  # noqa: F811
     w = workspace
@@ -339,3 +340,14 @@ def test_recover_command_without_data_reads_the_bundled_text(workspace):  # noqa
     record = json.loads((w / "out" / "recipe.json").read_text())
     assert record["data"].endswith("wikitext2_train.txt") and record["recipe"]["method"] is None
     assert [s["name"] for s in record["stages"]] == ["prune", "check"]
+
+
+def test_recover_command_with_an_owl_allocation(workspace, capsys):  # noqa: F811
+    w = workspace
+    assert run("recover", "--model", w / "base", "--data", w / "text.txt", "--sparsity", 0.5, "--out", w / "out",
+               *TINY_FLAGS, "--method", "none", "--no-reconstruct", "--allocation", "owl") == 0
+    assert "every layer checked at its OWL count, all together at the target" in capsys.readouterr().out
+    assert json.loads((w / "out" / "recipe.json").read_text())["recipe"]["allocation"] == "owl"
+    recovered = sp.load_sparse(w / "out", show_progress=False)
+    assert rec.layers_off_target(recovered, {"sparsity": 0.5})  # not every layer at 50%
+    assert sp.sparsity_report(recovered).global_sparsity == pytest.approx(0.5, abs=1e-3)
