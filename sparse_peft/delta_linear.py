@@ -14,8 +14,9 @@ passes rebuild it:
 
 What is saved for the backward is ``x`` and references to ``W`` and the trainable tensors, what
 LoRA saves. Each transient is at most ``BLOCK_ELEMENTS`` elements. The big GEMMs run in ``x``'s dtype
-(bf16 tensor cores / AMX where there are); a ``RowUpdate`` forms ``W + ΔW`` in that dtype with one
-rounding (what the merged model holds) and turns ``G`` into fp32 gradients for its parameters. With
+(bf16 tensor cores / AMX where there are; ``G`` in fp32 on a CPU without AMX, ``weight_grad_dtype``);
+a ``RowUpdate`` forms ``W + ΔW`` in that dtype with one rounding (what the merged model holds) and
+turns ``G`` into fp32 gradients for its parameters. With
 ``with_base=False`` the update alone is applied (``y = x ΔWᵀ``; the caller runs the base layer
 itself, e.g. when the base layer has hooks or the update's input went through dropout).
 
@@ -37,6 +38,7 @@ that is freed when the pass ends, instead of saving one out x in tensor per laye
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from contextlib import contextmanager
@@ -149,8 +151,8 @@ class RowUpdate(Protocol):
 
     def param_grads(self, start: int, stop: int, weight_rows: torch.Tensor, grad_rows: torch.Tensor,
                     mask: Optional[torch.Tensor] = None, workspace: Workspace = FRESH) -> list[GradPiece]:
-        """The parameters' gradients from ``G[rows]`` (``grad_rows``, in the activations' dtype; the
-        update may overwrite it). The pieces are new tensors (they are summed after the block)."""
+        """The parameters' gradients from ``G[rows]`` (``grad_rows``, in ``weight_grad_dtype`` of the
+        activations; ``mask``, from ``mask_rows``, in theirs; the update may overwrite ``grad_rows``). The pieces are new tensors (they are summed after the block)."""
         ...
 
 
@@ -186,21 +188,47 @@ def blockwise_grad_input(grad_2d: torch.Tensor, weight: torch.Tensor, update: Ro
     return grad_x
 
 
-def grad_by_rows(grad_2d: torch.Tensor) -> torch.Tensor:
-    """``dyᵀ`` (out, tokens) for ``grad_weight_rows``, from ``dy`` (tokens, out). On a CPU in bf16 / fp16
-    a contiguous copy: oneDNN's low-precision GEMM ran ``dy[:, rows]ᵀ x`` 1.2-1.6x slower from the
-    transposed view than from contiguous rows (512 tokens, weights of 1-16 Mi elements; the copy is one
-    activation-sized transient per backward). Elsewhere the view: in fp32 it measured as fast or faster,
-    and GPU GEMMs read a transposed operand without a copy."""
-    if grad_2d.device.type == "cpu" and grad_2d.dtype in (torch.bfloat16, torch.float16):
-        return grad_2d.t().contiguous()
-    return grad_2d.t()
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_has_matrix_units() -> bool:
+    try:  # AMX tiles: what makes oneDNN's bf16 / fp16 GEMMs faster than its fp32 ones on a CPU
+        return bool(torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def weight_grad_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype ``G = dyᵀ x`` is computed in for activations in ``dtype`` on ``device``: theirs, except
+    bf16 / fp16 on a CPU without AMX, where it is fp32 from up-cast operands. There oneDNN's bf16
+    GEMM ran about 2x slower than its fp32 one (AVX-512 with bf16 dot products, 512 tokens, 2048 x
+    8192), so the up-cast (two activation-sized copies per backward) pays for itself, and ``G`` is
+    not rounded to bf16. The forward and ``dx`` keep the activations' dtype: the forward's
+    ``W + ΔW`` is rounded as the merged model holds it. ``G`` only feeds fp32 parameter gradients."""
+    if dtype in LOW_PRECISION and torch.device(device).type == "cpu" and not _cpu_has_matrix_units():
+        return torch.float32
+    return dtype
+
+
+def grad_operands(grad_2d: torch.Tensor, x_2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dyᵀ, x)`` for ``grad_weight_rows``, from ``dy`` (tokens, out) and ``x`` (tokens, in), in
+    ``weight_grad_dtype``. ``dyᵀ`` is a view, except in bf16 / fp16 on a CPU: a contiguous copy, since
+    oneDNN's low-precision GEMM ran ``dy[:, rows]ᵀ x`` 1.2-1.6x slower from the transposed view
+    (512 tokens, weights of 1-16 Mi elements). In fp32 the view measured as fast or faster, and GPU
+    GEMMs read a transposed operand without a copy."""
+    dtype = weight_grad_dtype(x_2d.dtype, x_2d.device)
+    if dtype != x_2d.dtype:
+        return grad_2d.to(dtype).t(), x_2d.to(dtype)
+    if grad_2d.device.type == "cpu" and dtype in LOW_PRECISION:
+        return grad_2d.t().contiguous(), x_2d
+    return grad_2d.t(), x_2d
 
 
 def grad_weight_rows(grad_t: torch.Tensor, x_2d: torch.Tensor, start: int, stop: int,
                      workspace: Workspace = FRESH) -> torch.Tensor:
-    """``G[rows] = dy[:, rows]ᵀ x`` in the activations' dtype, in ``workspace``'s ``grad``; ``grad_t`` is
-    ``grad_by_rows(dy)``."""
+    """``G[rows] = dy[:, rows]ᵀ x`` in ``x_2d``'s dtype, in ``workspace``'s ``grad``; ``(grad_t, x_2d)``
+    are ``grad_operands(dy, x)``."""
     out = workspace.take("grad", (stop - start, x_2d.shape[1]), x_2d.dtype, x_2d.device)
     return torch.mm(grad_t[start:stop], x_2d, out=out)
 
@@ -241,7 +269,7 @@ class DeltaLinear(torch.autograd.Function):
         need_params = any(ctx.needs_input_grad[6:])
         grad_x = torch.zeros_like(x_2d) if need_x else None
         grad_params: list[Optional[torch.Tensor]] = [None] * len(params)
-        grad_t = grad_by_rows(grad_2d) if need_params else None
+        grad_t, x_for_grad = grad_operands(grad_2d, x_2d) if need_params else (None, None)
         with pass_workspace(x.device) as workspace:
             for start, stop in row_blocks(out_features, in_features, ctx.block_elements):
                 weight_rows = weight[start:stop]
@@ -250,7 +278,7 @@ class DeltaLinear(torch.autograd.Function):
                     block = update.weight_rows(start, stop, weight_rows, x.dtype, ctx.with_base, mask, workspace)
                     grad_x.addmm_(grad_2d[:, start:stop], block)
                 if need_params:
-                    grad_rows = grad_weight_rows(grad_t, x_2d, start, stop, workspace)
+                    grad_rows = grad_weight_rows(grad_t, x_for_grad, start, stop, workspace)
                     for index, rows, piece in update.param_grads(start, stop, weight_rows, grad_rows, mask, workspace):
                         _accumulate(grad_params, index, rows, piece, params[index])
         grad_bias = grad_2d.sum(dim=0) if ctx.has_bias and ctx.with_base and ctx.needs_input_grad[2] else None
@@ -385,10 +413,11 @@ class RowScaleUpdate:
     def param_grads(self, start, stop, weight_rows, grad_rows, mask=None, workspace=FRESH):
         A, b = self.params
         dtype, wide = grad_rows.dtype, _wide(grad_rows, A)
-        # S = G ⊙ W: G at the nonzeros only, in G's dtype. Per group of rows sharing a row of A, two
-        # matrix-vector products read S (fp32 accumulation inside, also in bf16): no fp32 copy of S and no
-        # GEMM against the one-hot group matrix, whose r - 1 zero columns cost r times the work.
-        sampled = grad_rows.mul_(in_dtype(weight_rows, dtype, workspace))
+        # S = G ⊙ W: G at the nonzeros only, in G's dtype (W read as it is: no block-sized cast). Per
+        # group of rows sharing a row of A, two matrix-vector products read S (fp32 accumulation inside,
+        # also in bf16): no fp32 copy of S and no GEMM against the one-hot group matrix, whose r - 1 zero
+        # columns cost r times the work.
+        sampled = grad_rows.mul_(weight_rows)
         A_rows = A.detach().to(dtype)
         b_scaled = (b[start:stop, 0].detach() * self.alpha).to(dtype)
         grad_A = torch.zeros(A.shape, dtype=wide, device=A.device)

@@ -69,18 +69,40 @@ def test_the_mask_is_read_in_the_weights_dtype_and_written_in_the_activations():
     assert block[0, 0] == 1.0 and block[0, 1] == 0.0 and block[1, 3] == 1.0
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_grad_weight_rows_from_either_layout_of_dy(dtype):
-    """``grad_by_rows`` copies ``dyᵀ`` to contiguous rows for bf16 on a CPU (a faster GEMM operand) and
-    keeps the view for fp32; either way each block of ``G = dyᵀ x`` is the dense product's rows."""
+@pytest.mark.parametrize("dtype, amx", [(torch.float32, False), (torch.bfloat16, True), (torch.bfloat16, False)])
+def test_grad_weight_rows_in_the_dtype_the_cpu_runs_fastest(dtype, amx, monkeypatch):
+    """``grad_operands``: fp32 keeps the view of ``dyᵀ``; bf16 on a CPU with AMX copies ``dyᵀ`` to
+    contiguous rows (a faster operand) and computes ``G`` in bf16; bf16 on a CPU without AMX up-casts
+    both operands and computes ``G`` in fp32. Each block of ``G`` is the dense product's rows."""
+    monkeypatch.setattr(delta_linear_module, "_cpu_has_matrix_units", lambda: amx)
     g = torch.Generator().manual_seed(0)
     grad_2d, x_2d = torch.randn(6, 7, generator=g).to(dtype), torch.randn(6, 5, generator=g).to(dtype)
-    grad_t = delta_linear_module.grad_by_rows(grad_2d)
-    assert grad_t.shape == (7, 6) and grad_t.is_contiguous() == (dtype == torch.bfloat16)
+    grad_t, x_for_grad = delta_linear_module.grad_operands(grad_2d, x_2d)
+    wanted = torch.bfloat16 if amx else torch.float32
+    assert grad_t.shape == (7, 6) and grad_t.is_contiguous() == amx and x_for_grad.dtype == grad_t.dtype == wanted
     expected = grad_2d.double().t() @ x_2d.double()
     for start, stop in [(0, 3), (3, 7)]:
-        rows = delta_linear_module.grad_weight_rows(grad_t, x_2d, start, stop)
-        assert rows.dtype == dtype and rel_err(rows.double(), expected[start:stop]) < 1e-2
+        rows = delta_linear_module.grad_weight_rows(grad_t, x_for_grad, start, stop)
+        # fp32 from the same bf16 inputs carries no rounding of the product
+        assert rows.dtype == wanted and rel_err(rows.double(), expected[start:stop]) < (1e-2 if amx else 1e-6)
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_sampled_gradient_in_bf16_takes_the_path_the_cpu_runs_fastest(amx, monkeypatch):
+    """SEFT's sampled ``dyᵀ x`` in bf16: with AMX, bf16 block GEMMs gathered (the bf16 product's values);
+    without, the fp32 CSR product of the up-cast inputs (their exact fp32 values)."""
+    monkeypatch.setattr(delta_linear_module, "_cpu_has_matrix_units", lambda: amx)
+    g = torch.Generator().manual_seed(0)
+    grad_out, x = torch.randn(5, 12, generator=g).bfloat16(), torch.randn(5, 16, generator=g).bfloat16()
+    indices = torch.randperm(12 * 16, generator=g)[:20]
+    values = sp.ops.sddmm_reference(grad_out, x, indices)
+    bf16_product = (grad_out.t() @ x).reshape(-1)[indices].float()
+    fp32_product = (grad_out.float().t() @ x.float()).reshape(-1)[indices]
+    assert values.dtype == torch.float32
+    if amx:
+        assert torch.equal(values, bf16_product)
+    else:
+        assert torch.allclose(values, fp32_product, rtol=1e-6, atol=1e-6) and not torch.equal(values, bf16_product)
 
 
 def test_delta_linear_refuses_a_trainable_base_weight():
@@ -303,10 +325,13 @@ def _grads(forward, params, x):
 BLOCK_METHODS = ["masked_lora", "spp", "seft", "seft_collecting"]
 
 
-def test_spp_in_bf16_keeps_two_blocks_and_its_gradients_match_a_wide_reference():
-    """SPP's gradients in bf16 come from G ⊙ W in bf16 (per group of rows, fp32 accumulation inside):
-    the kept workspace is two bf16 blocks (W + ΔW and G), no fp32 copy of G, and the gradients match
-    fp64 dense autograd to bf16 precision, with row blocks of 12 that cut across SPP's groups of 16."""
+@pytest.mark.parametrize("amx", [True, False])
+def test_spp_in_bf16_keeps_two_blocks_and_its_gradients_match_a_wide_reference(amx, monkeypatch):
+    """SPP's gradients in bf16 come from G ⊙ W in G's dtype (per group of rows, fp32 accumulation
+    inside): the kept workspace is two blocks, W + ΔW in bf16 and G (bf16 with AMX, fp32 without),
+    no cast copy of W, and the gradients match fp64 dense autograd to bf16 precision, with row blocks
+    of 12 that cut across SPP's groups of 16."""
+    monkeypatch.setattr(delta_linear_module, "_cpu_has_matrix_units", lambda: amx)
     weight = sparse_weight((64, 48))
     g = torch.Generator().manual_seed(1)
     A64 = torch.randn(4, 48, generator=g, dtype=torch.float64) * 0.1
@@ -317,7 +342,7 @@ def test_spp_in_bf16_keeps_two_blocks_and_its_gradients_match_a_wide_reference()
     delta_linear_module.release_workspace()
     y = delta_linear(x64.bfloat16(), weight.bfloat16(), None, RowScaleUpdate(A, b, 0.7), block_elements=12 * 48)
     y.backward(dy64.bfloat16())
-    assert delta_linear_module.workspace_bytes() == 2 * 12 * 48 * 2
+    assert delta_linear_module.workspace_bytes() == 12 * 48 * 2 + 12 * 48 * (2 if amx else 4)
     A_ref, b_ref = A64.clone().requires_grad_(), b64.clone().requires_grad_()
     F.linear(x64, weight + 0.7 * expand_rows(A_ref, 64) * b_ref * weight).backward(dy64)
     assert A.grad.dtype == b.grad.dtype == torch.float32

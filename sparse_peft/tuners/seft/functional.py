@@ -12,7 +12,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from ... import ops
-from ...delta_linear import (FRESH, Workspace, blockwise_grad_input, blockwise_linear, grad_by_rows,
+from ...delta_linear import (FRESH, Workspace, blockwise_grad_input, blockwise_linear, grad_operands,
                              grad_weight_rows, pass_workspace)
 
 
@@ -106,11 +106,11 @@ class SparseDeltaLinear(torch.autograd.Function):
         sink = ctx.grad_sink
         if sink is not None and sink.collecting:
             grad_delta = torch.empty(delta_index.numel(), dtype=torch.float32, device=delta.device)
-            grad_t = grad_by_rows(grad_2d)
+            grad_t, x_for_grad = grad_operands(grad_2d, x_2d)
             with pass_workspace(x.device) as workspace:
                 for start, stop, targets, offsets in ops.positions_by_row_block(delta_index, csr, out_features,
                                                                                 in_features):
-                    dense = grad_weight_rows(grad_t, x_2d, start, stop, workspace)  # in the activations' dtype
+                    dense = grad_weight_rows(grad_t, x_for_grad, start, stop, workspace)
                     sink.accumulate_rows(start, stop, dense)
                     grad_delta[targets] = dense.view(-1)[offsets].float()
             if not ctx.needs_input_grad[1]:
