@@ -192,21 +192,25 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 @functools.lru_cache(maxsize=None)
-def _cpu_has_matrix_units() -> bool:
-    try:  # AMX tiles: what makes oneDNN's bf16 / fp16 GEMMs faster than its fp32 ones on a CPU
+def _cpu_has_matrix_units(dtype: torch.dtype) -> bool:
+    """Whether this CPU has AMX for ``dtype`` (bf16: AMX tiles; fp16: AMX-FP16): what makes oneDNN's
+    low-precision GEMMs faster than its fp32 ones."""
+    try:
+        if dtype == torch.float16:
+            return bool(torch.cpu._is_amx_fp16_supported())
         return bool(torch.cpu._is_amx_tile_supported())
-    except (AttributeError, RuntimeError):
+    except (AttributeError, RuntimeError):  # an older or other build: no way to tell, take fp32
         return False
 
 
 def weight_grad_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The dtype ``G = dyᵀ x`` is computed in for activations in ``dtype`` on ``device``: theirs, except
-    bf16 / fp16 on a CPU without AMX, where it is fp32 from up-cast operands. There oneDNN's bf16
-    GEMM ran about 2x slower than its fp32 one (AVX-512 with bf16 dot products, 512 tokens, 2048 x
-    8192), so the up-cast (two activation-sized copies per backward) pays for itself, and ``G`` is
+    bf16 / fp16 on a CPU without AMX for that dtype, where it is fp32 from up-cast operands. There
+    oneDNN's bf16 GEMM ran 1.5-2x slower than its fp32 one and fp16 no faster (AVX-512 with bf16 dot
+    products, 512 tokens, 2048 x 8192), so the up-cast (two activation-sized copies per backward) pays for itself, and ``G`` is
     not rounded to bf16. The forward and ``dx`` keep the activations' dtype: the forward's
     ``W + ΔW`` is rounded as the merged model holds it. ``G`` only feeds fp32 parameter gradients."""
-    if dtype in LOW_PRECISION and torch.device(device).type == "cpu" and not _cpu_has_matrix_units():
+    if dtype in LOW_PRECISION and torch.device(device).type == "cpu" and not _cpu_has_matrix_units(dtype):
         return torch.float32
     return dtype
 

@@ -74,7 +74,7 @@ def test_grad_weight_rows_in_the_dtype_the_cpu_runs_fastest(dtype, amx, monkeypa
     """``grad_operands``: fp32 keeps the view of ``dyᵀ``; bf16 on a CPU with AMX copies ``dyᵀ`` to
     contiguous rows (a faster operand) and computes ``G`` in bf16; bf16 on a CPU without AMX up-casts
     both operands and computes ``G`` in fp32. Each block of ``G`` is the dense product's rows."""
-    monkeypatch.setattr(delta_linear_module, "_cpu_has_matrix_units", lambda: amx)
+    monkeypatch.setattr(delta_linear_module, "_cpu_has_matrix_units", lambda dtype: amx)
     g = torch.Generator().manual_seed(0)
     grad_2d, x_2d = torch.randn(6, 7, generator=g).to(dtype), torch.randn(6, 5, generator=g).to(dtype)
     grad_t, x_for_grad = delta_linear_module.grad_operands(grad_2d, x_2d)
@@ -91,7 +91,7 @@ def test_grad_weight_rows_in_the_dtype_the_cpu_runs_fastest(dtype, amx, monkeypa
 def test_sampled_gradient_in_bf16_takes_the_path_the_cpu_runs_fastest(amx, monkeypatch):
     """SEFT's sampled ``dyᵀ x`` in bf16: with AMX, bf16 block GEMMs gathered (the bf16 product's values);
     without, the fp32 CSR product of the up-cast inputs (their exact fp32 values)."""
-    monkeypatch.setattr(delta_linear_module, "_cpu_has_matrix_units", lambda: amx)
+    monkeypatch.setattr(delta_linear_module, "_cpu_has_matrix_units", lambda dtype: amx)
     g = torch.Generator().manual_seed(0)
     grad_out, x = torch.randn(5, 12, generator=g).bfloat16(), torch.randn(5, 16, generator=g).bfloat16()
     indices = torch.randperm(12 * 16, generator=g)[:20]
@@ -331,7 +331,7 @@ def test_spp_in_bf16_keeps_two_blocks_and_its_gradients_match_a_wide_reference(a
     inside): the kept workspace is two blocks, W + ΔW in bf16 and G (bf16 with AMX, fp32 without),
     no cast copy of W, and the gradients match fp64 dense autograd to bf16 precision, with row blocks
     of 12 that cut across SPP's groups of 16."""
-    monkeypatch.setattr(delta_linear_module, "_cpu_has_matrix_units", lambda: amx)
+    monkeypatch.setattr(delta_linear_module, "_cpu_has_matrix_units", lambda dtype: amx)
     weight = sparse_weight((64, 48))
     g = torch.Generator().manual_seed(1)
     A64 = torch.randn(4, 48, generator=g, dtype=torch.float64) * 0.1
