@@ -16,8 +16,7 @@ What is saved for the backward is ``x`` and references to ``W`` and the trainabl
 LoRA saves. Each transient is at most ``BLOCK_ELEMENTS`` elements. The big GEMMs run in ``x``'s dtype
 (bf16 tensor cores / AMX where there are; ``G`` in fp32 on a CPU without AMX, ``weight_grad_dtype``);
 a ``RowUpdate`` forms ``W + ΔW`` in that dtype with one rounding (what the merged model holds) and
-turns ``G`` into fp32 gradients for its parameters. With
-``with_base=False`` the update alone is applied (``y = x ΔWᵀ``; the caller runs the base layer
+turns ``G`` into fp32 gradients for its parameters. With ``with_base=False`` the update alone is applied (``y = x ΔWᵀ``; the caller runs the base layer
 itself, e.g. when the base layer has hooks or the update's input went through dropout).
 
 Each pass takes its block-sized scratch tensors (the block of ``W + ΔW``, its mask, ``G[rows]``) by
@@ -152,7 +151,8 @@ class RowUpdate(Protocol):
     def param_grads(self, start: int, stop: int, weight_rows: torch.Tensor, grad_rows: torch.Tensor,
                     mask: Optional[torch.Tensor] = None, workspace: Workspace = FRESH) -> list[GradPiece]:
         """The parameters' gradients from ``G[rows]`` (``grad_rows``, in ``weight_grad_dtype`` of the
-        activations; ``mask``, from ``mask_rows``, in theirs; the update may overwrite ``grad_rows``). The pieces are new tensors (they are summed after the block)."""
+        activations; ``mask``, from ``mask_rows``, in theirs; the update may overwrite ``grad_rows``).
+        The pieces are new tensors (they are summed after the block)."""
         ...
 
 
@@ -207,8 +207,8 @@ def weight_grad_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The dtype ``G = dyᵀ x`` is computed in for activations in ``dtype`` on ``device``: theirs, except
     bf16 / fp16 on a CPU without AMX for that dtype, where it is fp32 from up-cast operands. There
     oneDNN's bf16 GEMM ran 1.5-2x slower than its fp32 one and fp16 no faster (AVX-512 with bf16 dot
-    products, 512 tokens, 2048 x 8192), so the up-cast (two activation-sized copies per backward) pays for itself, and ``G`` is
-    not rounded to bf16. The forward and ``dx`` keep the activations' dtype: the forward's
+    products, 512 tokens, 2048 x 8192), so the up-cast (two activation-sized copies per backward)
+    pays for itself, and ``G`` is not rounded to bf16. The forward and ``dx`` keep the activations' dtype: the forward's
     ``W + ΔW`` is rounded as the merged model holds it. ``G`` only feeds fp32 parameter gradients."""
     if dtype in LOW_PRECISION and torch.device(device).type == "cpu" and not _cpu_has_matrix_units(dtype):
         return torch.float32
