@@ -16,8 +16,9 @@ What is saved for the backward is ``x`` and references to ``W`` and the trainabl
 LoRA saves. Each transient is at most ``BLOCK_ELEMENTS`` elements. The big GEMMs run in ``x``'s dtype
 (bf16 tensor cores / AMX where there are; ``G`` in fp32 on a CPU without AMX, ``weight_grad_dtype``);
 a ``RowUpdate`` forms ``W + ΔW`` in that dtype with one rounding (what the merged model holds) and
-turns ``G`` into fp32 gradients for its parameters. With ``with_base=False`` the update alone is applied (``y = x ΔWᵀ``; the caller runs the base layer
-itself, e.g. when the base layer has hooks or the update's input went through dropout).
+turns ``G`` into fp32 gradients for its parameters. With ``with_base=False`` the update alone is
+applied (``y = x ΔWᵀ``; the caller runs the base layer itself, e.g. when the base layer has hooks or
+the update's input went through dropout).
 
 Each pass takes its block-sized scratch tensors (the block of ``W + ΔW``, its mask, ``G[rows]``) by
 name from a ``Workspace`` and writes into them with ``out=`` and in-place ops, so its loop allocates
