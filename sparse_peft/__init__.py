@@ -48,7 +48,7 @@ from .training.squarehead import (
 from .training.spectral import SpectralNormLoss, SpectralNormTrainer, spectral_compute_loss
 from .training.reconstruct import BlockReconstruction, ReconstructionReport, reconstruct
 from .recipes import method_config
-from .recovery import DEFAULT_RECIPES, Recipe, RecoveryReport, recover
+from .recovery import DEFAULT_RECIPES, DEFAULT_SKIP_PLACEHOLDER, Recipe, RecoveryReport, recover
 
 _register_all()
 
@@ -108,5 +108,6 @@ __all__ = [
     "Recipe",
     "RecoveryReport",
     "DEFAULT_RECIPES",
+    "DEFAULT_SKIP_PLACEHOLDER",
     "weight_mask",
 ]

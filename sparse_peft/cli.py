@@ -309,7 +309,7 @@ def cmd_recover(args) -> None:
     """``sp.recover``: prune, (reconstruct,) fine-tune, merge, check; save the model and its recipe."""
     import sparse_peft as sp
     from .data import bundled_text
-    from .recovery import default_recipe, recipe_from_flags
+    from .recovery import default_recipe, default_skip_placeholder, recipe_from_flags
 
     target = {"pattern": args.pattern} if args.pattern is not None else {"sparsity": args.sparsity}
     if target.get("sparsity") == 0:
@@ -330,12 +330,13 @@ def cmd_recover(args) -> None:
     model, tokenizer = load_model(args.model, need_tokenizer=True)
     calibrates = recipe.pruner != "magnitude" or bool(recipe.induce) or bool(recipe.reconstruct)
     longest = max([recipe.seq_len] * (recipe.method is not None) + [recipe.calib_seq_len] * calibrates, default=1)
-    ids, labels = read_ids_and_labels(tokenizer, data, args.skip_placeholder, longest + 1, "trained on")
+    placeholder = default_skip_placeholder(target) if args.skip_placeholder is None else args.skip_placeholder
+    ids, labels = read_ids_and_labels(tokenizer, data, placeholder, longest + 1, "trained on")
     teacher = load_model(args.teacher)[0] if args.teacher and recipe.loss == "squarehead" else None
     merged, report = sp.recover(model, ids, **target, recipe=recipe, teacher=teacher, train_labels=labels)
     save_model(merged, args.out, tokenizer, args.format)
     record = {"model": args.model, "data": data, "teacher": args.teacher if teacher is not None else None,
-              "skip_placeholder": args.skip_placeholder or None, **report.to_dict()}
+              "skip_placeholder": placeholder or None, **report.to_dict()}
     (Path(args.out) / "recipe.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     print(report.to_markdown())
     checked = "the target" if recipe.allocation == "uniform" else "its OWL count, all together at the target"
@@ -560,9 +561,10 @@ def _recover_arguments(p: argparse.ArgumentParser) -> None:
     group.add_argument("--pattern", type=_target("pattern"), help="N:M semi-structured, e.g. 2:4")
     p.add_argument("--teacher", help="SquareHead teacher model (default: the model before pruning, kept in memory)")
     p.add_argument("--format", default="sparse", choices=("sparse", "dense"))
-    p.add_argument("--skip-placeholder", metavar="TEXT", default="",
+    p.add_argument("--skip-placeholder", metavar="TEXT", default=None,
                    help="fine-tuning takes no loss on the tokens of TEXT, e.g. '<unk>', which word-level corpora "
-                        "(WikiText's .tokens files) put where rare words were; they stay in the context")
+                        "(WikiText's .tokens files) put where rare words were; they stay in the context "
+                        "(default: the target's, sp.recovery.DEFAULT_SKIP_PLACEHOLDER; '' trains on every token)")
     from .recovery import add_recipe_flags
 
     add_recipe_flags(p)

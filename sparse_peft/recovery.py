@@ -137,10 +137,26 @@ DEFAULT_RECIPES = {
 }
 
 
+#: ``sparse-peft recover``'s ``--skip-placeholder`` when the flag is not given, per target (keys as in
+#: ``DEFAULT_RECIPES``): the text whose tokens the fine-tuning takes no loss on (they stay in the
+#: context). ``"<unk>"``, WikiText's ``.tokens`` placeholder for rare words, where the validation split
+#: chose leaving it out (70%, scored without it); the other targets were not measured with it, so
+#: they keep every token. A text without the placeholder trains on every token either way.
+DEFAULT_SKIP_PLACEHOLDER = {"0.7": "<unk>"}
+
+
+def _target_key(target: dict) -> str:
+    return target.get("pattern") or f"{target.get('sparsity', 0):g}"
+
+
 def default_recipe(target: dict) -> Recipe:
     """``DEFAULT_RECIPES``' entry for ``target`` (``{"sparsity": 0.5}`` or ``{"pattern": "2:4"}``)."""
-    key = target.get("pattern") or f"{target.get('sparsity', 0):g}"
-    return DEFAULT_RECIPES.get(key, DEFAULT_RECIPES["fallback"])
+    return DEFAULT_RECIPES.get(_target_key(target), DEFAULT_RECIPES["fallback"])
+
+
+def default_skip_placeholder(target: dict) -> str:
+    """``DEFAULT_SKIP_PLACEHOLDER``' entry for ``target``; ``""`` (every token trained on) where it has none."""
+    return DEFAULT_SKIP_PLACEHOLDER.get(_target_key(target), "")
 
 
 # --- a Recipe as command-line flags: `sparse-peft recover` and benchmarks/recovery.py take the same ------

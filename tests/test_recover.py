@@ -284,6 +284,23 @@ def test_recover_command_skips_the_placeholder_on_request(workspace, capsys):  #
     assert json.loads((w / "out2" / "recipe.json").read_text())["skip_placeholder"] is None
 
 
+@pytest.mark.parametrize("target, flags, skipped", [
+    (["--sparsity", 0.7], [], "<unk>"),  # the 70% default leaves the placeholder out
+    (["--sparsity", 0.7], ["--skip-placeholder", ""], None),  # '' trains on every token
+    (["--pattern", "2:4"], [], None),  # not measured with it: every token
+])
+def test_recover_command_skips_the_targets_default_placeholder(workspace, target, flags, skipped):  # noqa: F811
+    w = workspace
+    words = (w / "text.txt").read_text().split()
+    (w / "unk.txt").write_text(" ".join("<unk>" if i % 9 == 0 else word for i, word in enumerate(words)) + "\n")
+    assert run("recover", "--model", w / "base", "--data", w / "unk.txt", *target, "--out", w / "out", *TINY_FLAGS,
+               "--no-reconstruct", *flags) == 0
+    record = json.loads((w / "out" / "recipe.json").read_text())
+    fine_tune = next(stage for stage in record["stages"] if stage["name"] == "fine-tune")
+    assert record["skip_placeholder"] == skipped
+    assert ("ignored_label_tokens" in fine_tune["settings"]) == (skipped is not None)
+
+
 def test_eval_command_leaves_the_placeholder_out_of_the_perplexity_on_request(workspace, capsys):  # noqa: F811
     w = workspace
     words = (w / "text.txt").read_text().split()
