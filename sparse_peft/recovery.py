@@ -119,21 +119,22 @@ class Recipe:
 #: else ``"fallback"``): the best measured on SmolLM2-135M at 200 steps of 4 x 128 tokens
 #: (docs/results/recovery.md). PROVISIONAL: the fallback recipe and the 50% one's pruner, method and
 #: loss were chosen by their perplexity on the same wiki.test windows they are scored on, not on a
-#: validation split, so they may be slightly overfitted to that text. The 50% and 70% ones'
+#: validation split, so they may be slightly overfitted to that text. The 70% one's OWL allocation
+#: and its placeholder (``DEFAULT_SKIP_PLACEHOLDER``) were chosen on the validation split. The 50% and 70% ones'
 #: reconstruction was chosen on the validation split, against the same recipe without it; the 2:4
 #: one on the validation split, against the previous 2:4 recipe (Wanda + masked LoRA).
 DEFAULT_RECIPES = {
     # 33.2 ppl, trained on 90% of the text; its reconstruction chosen on the validation split
     "0.5": Recipe(pruner="sparsegpt", induce=True, reconstruct={"epochs": 1, "lr": 3e-3}, method="masked_lora",
                   method_options={"r": 64}, lr=2e-3, loss="squarehead", squarehead_lambda=0.1, logit_lambda=2.0),
-    # 62.5 ppl with DEFAULT_SKIP_PLACEHOLDER's "<unk>" left out of the loss, trained on 90% of the text
-    # (64.8 on every token; without the reconstruction: 78.5)
-    "0.7": Recipe(pruner="sparsegpt", induce=True, reconstruct={"epochs": 1, "lr": 3e-3}, method="masked_lora",
-                  lr=2e-3),
+    # 59.9 ppl with DEFAULT_SKIP_PLACEHOLDER's "<unk>" left out of the loss, trained on 90% of the text;
+    # OWL chosen on the validation split over every layer at 70% (62.5; on every token 64.8)
+    "0.7": Recipe(pruner="sparsegpt", allocation="owl", induce=True, reconstruct={"epochs": 1, "lr": 3e-3},
+                  method="masked_lora", lr=2e-3),
     # 43.6 ppl, trained on 90% of the text; chosen on the validation split over Wanda + masked LoRA (57.6)
     "2:4": Recipe(pruner="sparsegpt", induce=True, reconstruct={"epochs": 1, "lr": 3e-3}, method="masked_lora",
                   lr=2e-3),
-    # any other target: the 70% recipe without its reconstruction, which also measured 33.1 at 50%
+    # any other target: the 70% recipe without its reconstruction and OWL, which measured 33.1 at 50%
     "fallback": Recipe(pruner="sparsegpt", induce=True, method="masked_lora", lr=2e-3),
 }
 
