@@ -27,10 +27,8 @@ def bit_identical(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     """Every tensor of the two state dicts has the same name, dtype, shape and bits."""
     sa, sb = a.state_dict(), b.state_dict()
     as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-    return set(sa) == set(sb) and all(
-        ta.dtype == sb[name].dtype and ta.shape == sb[name].shape
-        and torch.equal(ta.view(as_int[ta.element_size()]), sb[name].view(as_int[ta.element_size()]))
-        for name, ta in sa.items())
+    return set(sa) == set(sb) and all(ta.dtype == sb[n].dtype and ta.shape == sb[n].shape and torch.equal(
+        ta.view(as_int[ta.element_size()]), sb[n].view(as_int[ta.element_size()])) for n, ta in sa.items())
 
 
 def main(argv=None) -> None:

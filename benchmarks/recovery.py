@@ -32,16 +32,15 @@ BEFORE = ("ppl_dense", "ppl_pruned", "arc_easy_acc_before", "arc_easy_acc_norm_b
 RECIPE_DEFAULTS = dict(sp.Recipe().to_dict(), method="spp", induce=False, induce_alpha=1.0, spt_prune_steps=10)
 FLAGS = [  # flag, type (or the choices), default, help: the flags besides the recipe's
     ("--model", str, None, "hub id, local dir or .gguf (default: SmolLM2-135M GGUF)"),
-    ("--data", str, str(DEFAULT_DATA_DIR), "dir with wiki.test.raw and wiki.valid.tokens"),
+    ("--data", str, str(DEFAULT_DATA_DIR), "dir of wiki.test.raw, wiki.valid.tokens"), ("--threads", int, None, None),
     ("--sparsity", float, 0.5, None), ("--eval-windows", int, 24, None), ("--eval-seq-len", int, 512, None),
-    ("--pattern", str, None, "N:M instead of --sparsity, e.g. 2:4"),
+    ("--pattern", str, None, "N:M instead of --sparsity, e.g. 2:4"), ("--out", str, None, "append one JSON line here"),
     ("--teacher", str, None, "SquareHead teacher model (default: the model before pruning, kept frozen)"),
     ("--eval-split", ("test", "validation"), "test", "what the ppl columns score: wiki.test.raw, or the last 10%% of "
      "wiki.valid.tokens, held out of calibration and training (to choose recipes leaving the test text unseen)"),
     ("--arc-easy", int, 0, "zero-shot ARC-Easy (test) before and after on this many questions (0: skip, -1: all)"),
     ("--arc-dir", str, None, "folder with arc_easy_official_test.jsonl (default: DATA/../arc)"),
     ("--save-merged", str, None, "save the merged model (+ tokenizer) here, e.g. as a SquareHead teacher"),
-    ("--out", str, None, "append one JSON line here"), ("--threads", int, None, None),
     ("--cache-dir", str, "runs/cache", "reuse pruned weights and the measurements before tuning ('' to disable)"),
 ]
 
@@ -82,7 +81,7 @@ def cache_path(args, kind: str) -> Path | None:
            f"{args.seed}".replace(":", "_") + (f"-induce{args.induce_alpha:g}" if args.induce else "")
            if args.pattern or args.sparsity > 0 else f"{model}-dense")  # induction also rescales norms, biases
     key += ("-owl" if args.allocation == "owl" else "") + ("-val" if args.eval_split == "validation" else "")
-    return None if not args.cache_dir else Path(args.cache_dir) / (
+    return None if not args.cache_dir or args.tune_dense else Path(args.cache_dir) / (  # tuned: from the windows too
         f"pruned-{key}.safetensors" if kind == "pruned" else f"before-{key}-ppl{args.eval_windows}x{args.eval_seq_len}"
         f"-arc{args.arc_easy}{'' if arc_dir == 'arc' else '-' + arc_dir}.json")
 
@@ -123,7 +122,9 @@ def main(argv=None) -> dict:
            **({"skip_placeholder": PLACEHOLDER} if args.skip_placeholder else {})}
     before_path = cache_path(args, "before")  # the measurements before fine-tuning, shared by the methods
     before = json.loads(before_path.read_text()) if before_path is not None and before_path.exists() else {}
-    row.update(ppl_dense=before.get("ppl_dense") or ppl(model), loss=args.loss)
+    if recipe.tune_dense:  # plain LoRA on the first of the budget's windows, merged before pruning
+        model = rec.tune_dense_stage(model, train_ids, recipe, True, train_labels if args.skip_placeholder else None)[0]
+    row.update(ppl_dense=before.get("ppl_dense") or ppl(model), loss=args.loss, tune_dense=recipe.tune_dense_options())
     teacher = None
     if args.loss == "squarehead":  # the teacher is the model before pruning unless --teacher names one
         teacher = (load_model_and_tokenizer(args.teacher)[0] if args.teacher else copy.deepcopy(model)).eval()

@@ -31,6 +31,7 @@ from .training.reconstruct import reconstruct
 PRUNERS = ("magnitude", "wanda", "sparsegpt")
 LOSSES = ("ce", "squarehead")
 RECONSTRUCT_OPTIONS = ("epochs", "lr", "batch_size")
+TUNE_DENSE_OPTIONS = ("steps", "lr", "r")
 SEFT_TOTALS = ("dropped", "grown", "regrown", "pruned")
 
 
@@ -38,7 +39,11 @@ SEFT_TOTALS = ("dropped", "grown", "regrown", "pruned")
 class Recipe:
     """What ``sp.recover`` runs, stage by stage.
 
-    Prune: ``pruner`` (``"magnitude"``, ``"wanda"`` or ``"sparsegpt"``) on ``calib_samples``
+    Tune dense (off by default): ``tune_dense``: ``True`` or a dict of ``steps`` (default half of
+    ``steps``), ``lr`` (default ``lr``) and ``r`` (default 8) trains plain LoRA on the dense model with
+    CE for the first ``steps`` of the budget's windows and merges it, so the pruner, the
+    reconstruction and the SquareHead teacher all start from a model already fitted to the text; the
+    method then trains on the remaining ``steps - tune_dense["steps"]`` windows. Prune: ``pruner`` (``"magnitude"``, ``"wanda"`` or ``"sparsegpt"``) on ``calib_samples``
     random windows of ``calib_seq_len`` training tokens, every layer at the target sparsity
     (``allocation="uniform"``) or at OWL's outlier-weighted share of the same global count
     (``"owl"``; unstructured targets only); ``induce``: ``True`` or a dict of
@@ -58,6 +63,7 @@ class Recipe:
     allocation: str = "uniform"
     induce: bool | dict = False
     reconstruct: bool | dict = False
+    tune_dense: bool | dict = False
     method: str | None = "masked_lora"
     method_options: dict = field(default_factory=dict)
     lr: float = 1e-3
@@ -72,7 +78,7 @@ class Recipe:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("induce", "reconstruct"):  # no options: the stage with its defaults
+        for name in ("induce", "reconstruct", "tune_dense"):  # no options: the stage with its defaults
             if getattr(self, name) == {}:
                 object.__setattr__(self, name, True)
         problems = [
@@ -94,7 +100,8 @@ class Recipe:
             f"logit_lambda {self.logit_lambda!r} needs loss 'squarehead' (the teacher)"
             if self.logit_lambda and self.loss != "squarehead" else None,
             *(f"{name} must be True, False or a dict of options, got {getattr(self, name)!r}"
-              for name in ("induce", "reconstruct") if not isinstance(getattr(self, name), (bool, dict))),
+              for name in ("induce", "reconstruct", "tune_dense")
+              if not isinstance(getattr(self, name), (bool, dict))),
             f"reconstruct takes {RECONSTRUCT_OPTIONS}, got {sorted(self.reconstruct)}"
             if isinstance(self.reconstruct, dict) and set(self.reconstruct) - set(RECONSTRUCT_OPTIONS) else None,
             f"method 'spt' prunes gradually while it trains, with pruner 'wanda' or 'magnitude', got {self.pruner!r}"
@@ -105,10 +112,36 @@ class Recipe:
             if self.method == "spt" and self.reconstruct else None,
             "allocation 'owl' sets the one-shot pruning's layer sparsities; method 'spt' prunes gradually instead"
             if self.method == "spt" and self.allocation != "uniform" else None,
+            self._tune_dense_problem(),
         ]
         problems = [p for p in problems if p]
         if problems:
             raise ValueError(f"Recipe: {problems[0]}")
+
+    def _tune_dense_problem(self) -> str | None:
+        if not self.tune_dense or isinstance(self.steps, bool) or not isinstance(self.steps, int):
+            return None  # off, or steps already refused
+        unknown = sorted(set(self.tune_dense) - set(TUNE_DENSE_OPTIONS)) if isinstance(self.tune_dense, dict) else []
+        if unknown:
+            return f"tune_dense takes {TUNE_DENSE_OPTIONS}, got {unknown[0]!r}"
+        options, most = self.tune_dense_options(), self.steps - (self.method is not None)
+        steps, lr, r = options["steps"], options["lr"], options["r"]
+        if most < 1 or (self.tune_dense is True and steps < 1):
+            return f"tune_dense takes some of steps={self.steps} and the method keeps the rest: they cannot be split"
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= most:
+            return (f"tune_dense steps must be an integer in [1, {most}] (steps={self.steps}"
+                    f"{', of which the method keeps at least one' if self.method is not None else ''}), got {steps!r}")
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            return f"tune_dense r must be an integer >= 1, got {r!r}"
+        return None if isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0 else (
+            f"tune_dense lr must be a number > 0, got {lr!r}")
+
+    def tune_dense_options(self) -> dict:
+        """``tune_dense`` with its defaults filled in (``{}`` when it is off): steps, lr, r."""
+        if not self.tune_dense:
+            return {}
+        given = self.tune_dense if isinstance(self.tune_dense, dict) else {}
+        return {"steps": self.steps // 2, "lr": self.lr, "r": 8, **given}
 
     def to_dict(self) -> dict:
         """The fields as a JSON-ready dict; ``Recipe(**d)`` builds it back."""
@@ -203,7 +236,8 @@ def _dest(flag: str) -> str:
 def add_recipe_flags(parser, defaults: dict | None = None, reconstruct: bool = True) -> None:
     """Add a ``Recipe``'s flags to an argparse ``parser``: ``--method`` (one of ``METHODS``, or ``none``:
     no fine-tuning) and its options (``METHOD_FLAGS``), the fields of ``FIELD_FLAGS``, ``--induce`` /
-    ``--no-induce`` with ``--induce-alpha``, and with ``reconstruct`` ``--reconstruct`` /
+    ``--no-induce`` with ``--induce-alpha``, ``--tune-dense`` / ``--no-tune-dense`` with
+    ``--tune-dense-steps``, ``--tune-dense-lr``, ``--tune-dense-r``, and with ``reconstruct`` ``--reconstruct`` /
     ``--no-reconstruct`` with ``--reconstruct-epochs``, ``--reconstruct-lr``, ``--reconstruct-batch-size``.
     ``defaults``: a default per flag destination (e.g. ``{"method": "spp", "r": 8}``); the others
     default to None, which ``recipe_from_flags`` reads as "as the base recipe has it"."""
@@ -229,12 +263,17 @@ def add_recipe_flags(parser, defaults: dict | None = None, reconstruct: bool = T
                             help="block-wise reconstruction (sp.reconstruct) between pruning and fine-tuning")
         for option, kind in zip(RECONSTRUCT_OPTIONS, (int, float, int)):
             add(f"--reconstruct-{option.replace('_', '-')}", kind, f"sp.reconstruct's {option}")
+    parser.add_argument("--tune-dense", action=argparse.BooleanOptionalAction, default=defaults.get("tune_dense"),
+                        help="plain LoRA on the dense model for the first windows of the budget, merged, before pruning")
+    for option, kind, help_text in zip(TUNE_DENSE_OPTIONS, (int, float, int), (
+            "its share of --steps (default half)", "its learning rate (default --lr)", "its LoRA rank (default 8)")):
+        add(f"--tune-dense-{option}", kind, f"with --tune-dense: {help_text}")
 
 
 def recipe_from_flags(args, base: Recipe) -> Recipe:
     """``base`` with what the flags of ``add_recipe_flags`` set (each not None): the fields, the method
     (a method other than the base's starts from no options) and its options, induction and its alpha,
-    the reconstruction and its options. Raises ValueError for a value ``Recipe`` refuses."""
+    the dense tuning and the reconstruction, each with its options. Raises ValueError for a value ``Recipe`` refuses."""
     fields = {_dest(flag): getattr(args, _dest(flag)) for flag in FIELD_FLAGS if getattr(args, _dest(flag)) is not None}
     method = base.method if args.method is None else None if args.method == "none" else args.method
     options = dict(base.method_options) if method == base.method else {}
@@ -251,8 +290,11 @@ def recipe_from_flags(args, base: Recipe) -> Recipe:
     given = {option: getattr(args, f"reconstruct_{option}", None) for option in RECONSTRUCT_OPTIONS}
     reconstruct = stage("reconstruct", getattr(args, "reconstruct", None),
                         {option: value for option, value in given.items() if value is not None})
+    given = {option: getattr(args, f"tune_dense_{option}", None) for option in TUNE_DENSE_OPTIONS}
+    tune_dense = stage("tune_dense", getattr(args, "tune_dense", None),
+                       {option: value for option, value in given.items() if value is not None})
     return dataclasses.replace(base, **fields, method=method, method_options=options, induce=induce,
-                               reconstruct=reconstruct)
+                               reconstruct=reconstruct, tune_dense=tune_dense)
 
 
 @dataclass
@@ -332,6 +374,7 @@ def reconstruct_stage(model: nn.Module, dense_model: nn.Module, calibration, rec
     """``sp.reconstruct`` with the recipe's options (its defaults for those not given) and seed."""
     options = recipe.reconstruct if isinstance(recipe.reconstruct, dict) else {}
     return reconstruct(model, dense_model, calibration, **options, seed=recipe.seed, show_progress=show_progress)
+
 
 
 def peft_config(recipe: Recipe, target: dict | None = None):
@@ -437,20 +480,31 @@ class TrainingRun:
 
 def fine_tune(model: nn.Module, train_ids: torch.Tensor, recipe: Recipe, target: dict | None = None, *,
               teacher: nn.Module | None = None, spt_calibration=None, show_progress: bool = True,
-              train_labels: torch.Tensor | None = None) -> TrainingRun:
+              train_labels: torch.Tensor | None = None, windows: tuple[int, int] | None = None) -> TrainingRun:
     """Wrap ``model`` with the recipe's method and train it (``train``) on ``recipe.steps`` batches of
     random windows of ``train_ids``; ``train_labels`` (``train_ids`` with ``IGNORED_LABEL`` where no loss
     is taken, e.g. ``sp.data.placeholder_labels``): the same windows of it are the labels.
-    ``teacher``: the frozen model SquareHead distils from.
+    ``teacher``: the frozen model SquareHead distils from. With ``recipe.tune_dense`` the method takes
+    only the batches the dense tuning (``tune_dense_stage``) left: ``recipe.steps`` minus its share,
+    from the same draw, so no window is seen twice. ``windows``: ``(first, total)``: of the ``total``
+    batches the recipe's seed draws, train on ``recipe.steps`` from ``first`` on (what
+    ``tune_dense_stage`` asks for); None: the recipe's own share, as above.
     ``target`` and ``spt_calibration`` (Wanda's batches per pruning event; None: running norms of the
     training batches) serve SPT's gradual pruning only."""
     from peft import get_peft_model
 
+    if windows is None:  # the dense tuning's share comes first
+        windows = (recipe.tune_dense_options().get("steps", 0), recipe.steps)
+        recipe = dataclasses.replace(recipe, steps=windows[1] - windows[0])  # SEFT's and SPT's schedules see it
+    first, total = windows
+    if not 0 <= first <= total - recipe.steps:
+        raise ValueError(f"fine_tune: windows {(first, total)} hold no {recipe.steps} batches from {first} on")
     peft_model = get_peft_model(model, peft_config(recipe, target))
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    windows = dict(n=recipe.steps, seq_len=recipe.seq_len, seed=recipe.seed + 1, batch_size=recipe.batch_size)
-    batches = random_windows(train_ids, **windows)  # the same length and seed: the same windows of the labels
-    label_batches = None if train_labels is None else random_windows(train_labels, **windows)
+    draw = dict(n=total, seq_len=recipe.seq_len, seed=recipe.seed + 1, batch_size=recipe.batch_size)
+    part = slice(first, first + recipe.steps)
+    batches = random_windows(train_ids, **draw)[part]  # the same length and seed: the same windows of the labels
+    label_batches = None if train_labels is None else random_windows(train_labels, **draw)[part]
     totals: dict = {}
     after_step = _step_hook(peft_model, recipe, totals, spt_calibration)
     step_times = train(peft_model, batches, recipe.lr, show_progress, after_step=after_step,
@@ -466,6 +520,20 @@ def merge(peft_model, method: str):
         raise ValueError("merge: SPT cannot be merged (its prompts are extra key/value positions, not a weight "
                          "change); evaluate the peft model, or unload() it for the pruned base alone")
     return merge_and_unload_sparse(peft_model) if method == "lora" else (peft_model.merge_and_unload(), None)
+
+def tune_dense_stage(model: nn.Module, train_ids: torch.Tensor, recipe: Recipe, show_progress: bool = True,
+                     train_labels: torch.Tensor | None = None) -> tuple[nn.Module, TrainingRun]:
+    """``recipe.tune_dense``: plain LoRA (rank ``r``, CE, AdamW + cosine at its ``lr``) on the first
+    ``steps`` of the recipe's training windows, merged into ``model`` with peft's own merge (the model
+    is dense: nothing to keep). Returns ``(the merged model, its TrainingRun)``; ``fine_tune`` with
+    ``windows=(steps, recipe.steps)`` then trains on the rest."""
+    options = recipe.tune_dense_options()
+    dense_recipe = dataclasses.replace(recipe, tune_dense=False, method="lora", method_options={"r": options["r"]},
+                                       lr=options["lr"], steps=options["steps"], loss="ce", squarehead_lambda=1.0,
+                                       logit_lambda=0.0)
+    run = fine_tune(model, train_ids, dense_recipe, show_progress=show_progress, train_labels=train_labels,
+                    windows=(0, recipe.steps))
+    return run.peft_model.merge_and_unload(), run
 
 
 def masks_of(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -581,11 +649,11 @@ def recover(model: nn.Module, train_ids: torch.Tensor, *, sparsity: float | None
         merged, report = sp.recover(model, token_ids, sparsity=0.5)       # or pattern="2:4"
         print(report.to_markdown())
 
-    Stages, each timed in the report: copy the dense model (only when a later stage needs it) ->
-    prune (``recipe.pruner``, with Sparsity Induction first when ``recipe.induce``) -> reconstruct
-    (``sp.reconstruct`` against the dense copy, when ``recipe.reconstruct``) -> fine-tune
+    Stages, each timed in the report: tune dense (``recipe.tune_dense``: plain LoRA, merged) -> copy
+    the dense model (when a later stage needs it) -> prune (``recipe.pruner``, Sparsity Induction first
+    when ``recipe.induce``) -> reconstruct (``sp.reconstruct`` against the dense copy) -> fine-tune
     (``recipe.method``: AdamW + cosine, CE or SquareHead) -> merge (``merge_and_unload()``; plain
-    LoRA is merged then re-masked) -> check that every prunable layer is exactly at the target.
+    LoRA re-masked) -> check that every prunable layer is exactly at the target.
 
     Args:
         model: a transformers causal LM, dense (or pruned before: it is pruned again to the target),
@@ -594,33 +662,28 @@ def recover(model: nn.Module, train_ids: torch.Tensor, *, sparsity: float | None
             ``calibration``, the calibration windows are drawn from it.
         sparsity / pattern: the target, exactly one: a fraction in (0, 1) or ``"N:M"``.
         recipe: the stages and their settings; None: ``default_recipe(target)``, from
-            ``DEFAULT_RECIPES``. Those defaults are provisional: chosen on SmolLM2-135M, their
-            reconstruction steps and the 2:4 recipe on a validation split, the rest on the wiki.test
-            windows they were scored on.
+            ``DEFAULT_RECIPES`` (chosen on SmolLM2-135M; how each was chosen: its comment there).
         calibration: token batches for the pruner and the reconstruction (as ``sp.prune`` takes
             them); None: ``recipe.calib_samples`` windows of ``train_ids``.
         teacher: the frozen model SquareHead distils from; None: a copy of ``model`` taken before
-            pruning.
+            pruning (after ``recipe.tune_dense``, so the tuned dense model).
         train_labels: ``train_ids`` with ``IGNORED_LABEL`` (-100) where the fine-tuning takes no loss
             (``sp.data.placeholder_labels``: a placeholder's tokens); None: every token.
         show_progress: tqdm bars over the pruning, the reconstruction and the training steps.
 
-    Cost: the pruner's pass over the calibration set, ``recipe.steps`` training steps, and, with
-    ``recipe.reconstruct``, ``epochs`` passes per block (see ``sp.reconstruct``). Memory: the
-    reconstruction and SquareHead without ``teacher`` need a frozen dense copy of the model, taken
-    before pruning: one more set of the model's weights for the whole run (released after the
-    reconstruction when SquareHead is not used); SquareHead also runs the teacher's forward each step.
-
-    ``torch.manual_seed(recipe.seed)`` is called before the adapter is created (its initialisation),
-    as transformers' ``Trainer`` seeds.
+    Cost: the pruner's pass over the calibration set, ``recipe.steps`` training steps (``tune_dense``'s
+    share of them plain LoRA on the dense model), with ``reconstruct`` ``epochs`` passes per block.
+    Memory: the reconstruction and SquareHead without ``teacher`` need a frozen dense copy of the model
+    (taken before pruning, released after the reconstruction when SquareHead is not used); SquareHead
+    also runs the teacher's forward each step. ``torch.manual_seed(recipe.seed)`` is called before the
+    adapter is created (its initialisation), as transformers' ``Trainer`` seeds.
 
     Raises ValueError (before any weight changes) for: both or neither of sparsity / pattern, a
     sparsity outside (0, 1), a malformed pattern, ``recipe.method == "spt"`` (its prompts cannot be
     merged), ``train_ids`` not a 1-D integer tensor or not longer than the windows drawn from it,
     ``train_labels`` not integer or not shaped like it, ``recipe.allocation == "owl"`` with a pattern;
-    the stages raise theirs (e.g. induction on a model that is not Llama-style). RuntimeError if a
-    layer is not exactly at the target after merging (with OWL: at the count its allocation gave it,
-    and the layers together exactly at the target).
+    the stages raise theirs (e.g. induction on a model that is not Llama-style). RuntimeError if a layer
+    is not exactly at the target after merging (OWL: at its allocated count, all together at the target).
     """
     target = _target_of(sparsity, pattern)
     recipe = recipe if recipe is not None else default_recipe(target)
@@ -634,6 +697,11 @@ def recover(model: nn.Module, train_ids: torch.Tensor, *, sparsity: float | None
         return result
 
     needs_teacher = recipe.method is not None and recipe.loss == "squarehead" and teacher is None
+    tuned = recipe.tune_dense_options().get("steps", 0)  # the windows the dense tuning takes from the budget
+    if tuned:
+        model, run = timed("tune dense", lambda: tune_dense_stage(model, train_ids, recipe, show_progress,
+                                                                 train_labels), **recipe.tune_dense_options())
+        report.stages[-1].settings["trainable_params"] = run.trainable_params
     dense = None
     if recipe.reconstruct or needs_teacher:
         dense = timed("copy dense model", lambda: copy.deepcopy(model).eval().requires_grad_(False),
@@ -659,7 +727,7 @@ def recover(model: nn.Module, train_ids: torch.Tensor, *, sparsity: float | None
         teacher = dense if teacher is None else teacher
         run = timed("fine-tune", lambda: fine_tune(model, train_ids, recipe, target, teacher=teacher,
                                                     show_progress=show_progress, train_labels=train_labels),
-                    method=recipe.method, **recipe.method_options, lr=recipe.lr, steps=recipe.steps,
+                    method=recipe.method, **recipe.method_options, lr=recipe.lr, steps=recipe.steps - tuned,
                     batch_size=recipe.batch_size, seq_len=recipe.seq_len, loss=recipe.loss,
                     **({"squarehead_lambda": recipe.squarehead_lambda, "logit_lambda": recipe.logit_lambda}
                        if recipe.loss == "squarehead" else {}),

@@ -42,6 +42,9 @@ def zero_counts(model) -> dict[str, int]:
     ({"method": "seft", "method_options": {"density": 0.1, "update_interval": 1, "grow_window": 1}},
      ["prune", "fine-tune", "merge", "check"]),
     ({"method": "lora"}, ["prune", "fine-tune", "merge", "check"]),
+    ({"tune_dense": {"steps": 1}, "reconstruct": True, "loss": "squarehead"},
+     ["tune dense", "copy dense model", "prune", "reconstruct", "fine-tune", "merge", "check"]),
+    ({"tune_dense": True, "method": None}, ["tune dense", "prune", "check"]),
 ])
 def test_each_stage_on_and_off_ends_exactly_at_the_target(fields, stages):
     merged, report = sp.recover(make_tiny_model("llama"), IDS, sparsity=0.5, recipe=recipe(**fields),
@@ -211,10 +214,44 @@ def test_ignored_labels_change_training_and_labels_equal_to_the_ids_do_not():
     ({"induce": "yes"}, "induce"), ({"method": "spt", "pruner": "sparsegpt"}, "wanda"), ({"seed": -1}, "seed"),
     ({"method": "spt", "reconstruct": True}, "reconstruct follows one-shot pruning"),
     ({"allocation": "outlier"}, "allocation 'outlier'"), ({"method": "spt", "allocation": "owl"}, "prunes gradually"),
+    ({"tune_dense": {"step": 1}}, "tune_dense takes"), ({"tune_dense": {"steps": 200}}, r"in \[1, 199\]"),
+    ({"tune_dense": True, "steps": 1}, "cannot be split"), ({"tune_dense": {"lr": -1}}, "tune_dense lr"),
+    ({"tune_dense": {"r": 0}}, "tune_dense r"), ({"tune_dense": "half"}, "tune_dense must be"),
 ])
 def test_recipe_refuses_bad_fields(fields, message):
     with pytest.raises(ValueError, match=message):
         sp.Recipe(**fields)
+
+
+def test_dense_tuning_and_the_method_share_the_budgets_windows_and_the_teacher_is_the_tuned_model(monkeypatch):
+    """tune_dense trains plain LoRA on the first windows of one draw and the method on the rest (no window
+    twice, recipe.steps in all); the pruner, the reconstruction and the SquareHead teacher see the tuned
+    dense model, so its kept weights are the tuned ones."""
+    seen, teachers, real_train, real_fine_tune = [], [], rec.train, rec.fine_tune
+    monkeypatch.setattr(rec, "train", lambda model, batches, *a, **k: seen.append(batches)
+                        or real_train(model, batches, *a, **k))
+    monkeypatch.setattr(rec, "fine_tune", lambda *a, **k: teachers.append(k.get("teacher")) or real_fine_tune(*a, **k))
+    tuned = recipe(steps=5, tune_dense={"steps": 2, "lr": 5e-2, "r": 4}, method=None)
+    model = make_tiny_model("llama")
+    original = {name: lin.weight.clone() for name, lin in sp.sparsity.named_linears(model)}
+    merged, report = sp.recover(model, IDS, sparsity=0.5, recipe=tuned, show_progress=False)
+    assert [len(b) for b in seen] == [2] and report.stages[0].settings["r"] == 4
+    changed = [name for name, lin in sp.sparsity.named_linears(merged)
+               if not torch.equal(lin.weight[lin.weight != 0], original[name][lin.weight != 0])]
+    assert changed and rec.layers_off_target(merged, {"sparsity": 0.5}) == []
+
+    seen.clear()
+    full = recipe(steps=5, tune_dense={"steps": 2}, loss="squarehead", squarehead_lambda=0.1)
+    _, report = sp.recover(make_tiny_model("llama"), IDS, sparsity=0.5, recipe=full, show_progress=False)
+    draw = sp.data.random_windows(IDS, n=5, seq_len=TINY["seq_len"], seed=full.seed + 1, batch_size=TINY["batch_size"])
+    assert [len(b) for b in seen] == [2, 3]
+    assert all(torch.equal(a, b) for a, b in zip(seen[0] + seen[1], draw))
+    assert [stage.settings["steps"] for stage in report.stages if stage.name in ("tune dense", "fine-tune")] == [2, 3]
+    teacher, tuned_model = teachers[-1], teachers[0]  # the dense tuning's call has no teacher
+    assert tuned_model is None and teacher is not None
+    assert not any("lora" in name for name, _ in teacher.named_modules())  # the merged tuned model, not an adapter
+    with pytest.raises(ValueError, match=r"windows \(4, 5\) hold no 3 batches"):
+        rec.fine_tune(make_tiny_model("llama"), IDS, recipe(), windows=(4, 5), show_progress=False)
 
 
 def test_recipe_flags_override_the_base_recipe():
@@ -230,6 +267,13 @@ def test_recipe_flags_override_the_base_recipe():
     assert (other.method, other.method_options, other.induce) == ("spp", {"r": 4}, {"alpha": 0.5})
     assert rec.recipe_from_flags(parser.parse_args(["--method", "none"]), base).method is None
     assert rec.recipe_from_flags(parser.parse_args(["--allocation", "owl"]), base).allocation == "owl"
+    assert rec.recipe_from_flags(parser.parse_args(["--tune-dense"]), base).tune_dense is True
+    assert rec.recipe_from_flags(parser.parse_args(["--tune-dense", "--tune-dense-steps", "50"]), base).tune_dense == {
+        "steps": 50}
+    tuned = dataclasses.replace(base, tune_dense={"steps": 100, "r": 16})
+    assert rec.recipe_from_flags(parser.parse_args(["--tune-dense-lr", "1e-3"]), tuned).tune_dense == {
+        "steps": 100, "r": 16, "lr": 1e-3}
+    assert rec.recipe_from_flags(parser.parse_args(["--no-tune-dense"]), tuned).tune_dense is False
 
 
 def test_train_validation_split_holds_out_the_end():

@@ -87,6 +87,16 @@ def test_reconstruction_row_lowers_the_one_shot_error_and_keeps_the_mask(tiny_ru
     assert row["sparsity_after_merge"] == pytest.approx(0.7, abs=1e-9)
 
 
+def test_tune_dense_row_tunes_before_pruning_on_its_share_of_the_steps(tiny_run, tmp_path):
+    plain = tiny_run("--method", "masked_lora", "--sparsity", "0.5", "--lr", "1e-2")
+    row = tiny_run("--method", "masked_lora", "--sparsity", "0.5", "--lr", "1e-2", "--tune-dense",
+                   "--tune-dense-lr", "5e-2", "--cache-dir", str(tmp_path / "cache"))
+    assert plain["tune_dense"] == {} and row["tune_dense"] == {"steps": 2, "lr": 5e-2, "r": 8}
+    assert row["ppl_dense"] != plain["ppl_dense"]  # the dense model measured, pruned and distilled from is the tuned
+    assert row["mask_identical"] is True and row["sparsity_after_merge"] == pytest.approx(0.5, abs=1e-9)
+    assert not (tmp_path / "cache").exists()  # the tuned model depends on the training windows: never cached
+
+
 def test_reconstruction_refused_without_one_shot_pruning(tiny_run):
     with pytest.raises(SystemExit):
         tiny_run("--method", "spt", "--sparsity", "0.5", "--reconstruct")
