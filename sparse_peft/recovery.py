@@ -43,7 +43,8 @@ class Recipe:
     ``steps``), ``lr`` (default ``lr``) and ``r`` (default 8) trains plain LoRA on the dense model with
     CE for the first ``steps`` of the budget's windows and merges it, so the pruner, the
     reconstruction and the SquareHead teacher all start from a model already fitted to the text; the
-    method then trains on the remaining ``steps - tune_dense["steps"]`` windows. Prune: ``pruner`` (``"magnitude"``, ``"wanda"`` or ``"sparsegpt"``) on ``calib_samples``
+    method then trains on the remaining ``steps - tune_dense["steps"]`` windows.
+    Prune: ``pruner`` (``"magnitude"``, ``"wanda"`` or ``"sparsegpt"``) on ``calib_samples``
     random windows of ``calib_seq_len`` training tokens, every layer at the target sparsity
     (``allocation="uniform"``) or at OWL's outlier-weighted share of the same global count
     (``"owl"``; unstructured targets only); ``induce``: ``True`` or a dict of
@@ -264,7 +265,7 @@ def add_recipe_flags(parser, defaults: dict | None = None, reconstruct: bool = T
         for option, kind in zip(RECONSTRUCT_OPTIONS, (int, float, int)):
             add(f"--reconstruct-{option.replace('_', '-')}", kind, f"sp.reconstruct's {option}")
     parser.add_argument("--tune-dense", action=argparse.BooleanOptionalAction, default=defaults.get("tune_dense"),
-                        help="plain LoRA on the dense model for the first windows of the budget, merged, before pruning")
+                        help="plain LoRA on the dense model, first windows of the budget, merged before pruning")
     for option, kind, help_text in zip(TUNE_DENSE_OPTIONS, (int, float, int), (
             "its share of --steps (default half)", "its learning rate (default --lr)", "its LoRA rank (default 8)")):
         add(f"--tune-dense-{option}", kind, f"with --tune-dense: {help_text}")
@@ -273,7 +274,8 @@ def add_recipe_flags(parser, defaults: dict | None = None, reconstruct: bool = T
 def recipe_from_flags(args, base: Recipe) -> Recipe:
     """``base`` with what the flags of ``add_recipe_flags`` set (each not None): the fields, the method
     (a method other than the base's starts from no options) and its options, induction and its alpha,
-    the dense tuning and the reconstruction, each with its options. Raises ValueError for a value ``Recipe`` refuses."""
+    the dense tuning and the reconstruction, each with its options. Raises ValueError for a value
+    ``Recipe`` refuses."""
     fields = {_dest(flag): getattr(args, _dest(flag)) for flag in FIELD_FLAGS if getattr(args, _dest(flag)) is not None}
     method = base.method if args.method is None else None if args.method == "none" else args.method
     options = dict(base.method_options) if method == base.method else {}
@@ -374,7 +376,6 @@ def reconstruct_stage(model: nn.Module, dense_model: nn.Module, calibration, rec
     """``sp.reconstruct`` with the recipe's options (its defaults for those not given) and seed."""
     options = recipe.reconstruct if isinstance(recipe.reconstruct, dict) else {}
     return reconstruct(model, dense_model, calibration, **options, seed=recipe.seed, show_progress=show_progress)
-
 
 
 def peft_config(recipe: Recipe, target: dict | None = None):
