@@ -496,7 +496,7 @@ def fine_tune(model: nn.Module, train_ids: torch.Tensor, recipe: Recipe, target:
 
     if windows is None:  # the dense tuning's share comes first
         windows = (recipe.tune_dense_options().get("steps", 0), recipe.steps)
-        recipe = dataclasses.replace(recipe, steps=windows[1] - windows[0])  # SEFT's and SPT's schedules see it
+        recipe = dataclasses.replace(recipe, steps=windows[1] - windows[0], tune_dense=False)  # SEFT's, SPT's schedules
     first, total = windows
     if not 0 <= first <= total - recipe.steps:
         raise ValueError(f"fine_tune: windows {(first, total)} hold no {recipe.steps} batches from {first} on")

@@ -42,7 +42,7 @@ def zero_counts(model) -> dict[str, int]:
     ({"method": "seft", "method_options": {"density": 0.1, "update_interval": 1, "grow_window": 1}},
      ["prune", "fine-tune", "merge", "check"]),
     ({"method": "lora"}, ["prune", "fine-tune", "merge", "check"]),
-    ({"tune_dense": {"steps": 1}, "reconstruct": True, "loss": "squarehead"},
+    ({"tune_dense": {"steps": 2}, "steps": 4, "reconstruct": True, "loss": "squarehead"},  # 2 dense, 2 sparse
      ["tune dense", "copy dense model", "prune", "reconstruct", "fine-tune", "merge", "check"]),
     ({"tune_dense": True, "method": None}, ["tune dense", "prune", "check"]),
 ])
