@@ -304,8 +304,9 @@ def test_recover_command_saves_an_exactly_sparse_model_and_its_recipe(workspace,
     assert record["target"] == {"sparsity": 0.5} and record["data"] == str(w / "text.txt")
     assert record["recipe"]["pruner"] == "sparsegpt" and record["recipe"]["induce"] is True  # the 50% default
     assert record["recipe"]["method_options"] == {"r": 4} and record["recipe"]["steps"] == 2
-    assert [s["name"] for s in record["stages"]] == ["copy dense model", "prune", "reconstruct", "fine-tune", "merge",
-                                                     "check"]
+    stages = {s["name"]: s["settings"] for s in record["stages"]}
+    assert list(stages) == ["tune dense", "copy dense model", "prune", "reconstruct", "fine-tune", "merge", "check"]
+    assert stages["tune dense"]["steps"] == stages["fine-tune"]["steps"] == 1  # the 50% default: half of --steps
     recovered = sp.load_sparse(w / "out", show_progress=False)
     assert rec.layers_off_target(recovered, {"sparsity": 0.5}) == []
     assert run("eval", "--model", w / "out", "--data", w / "text.txt", "--seq-len", 16, "--windows", 2) == 0
@@ -397,7 +398,8 @@ def test_recover_command_bad_input_is_one_line(workspace, capsys, argv, code, me
 def test_recover_command_without_data_reads_the_bundled_text(workspace):  # noqa: F811
     w = workspace
     assert run("recover", "--model", w / "base", "--sparsity", "50%", "--out", w / "out", *TINY_FLAGS,
-               "--method", "none", "--pruner", "wanda", "--no-induce", "--no-reconstruct") == 0
+               "--method", "none", "--pruner", "wanda", "--no-induce", "--no-reconstruct",
+               "--no-tune-dense") == 0
     record = json.loads((w / "out" / "recipe.json").read_text())
     assert record["data"].endswith("wikitext2_train.txt") and record["recipe"]["method"] is None
     assert [s["name"] for s in record["stages"]] == ["prune", "check"]
