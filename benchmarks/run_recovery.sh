@@ -74,3 +74,7 @@ $R50
 R24="python benchmarks/recovery.py --pattern 2:4 --method masked_lora --steps 200 --seq-len 128 --batch-size 4 $V --arc-easy 500 --threads ${THREADS:-1} --out benchmarks/results/recovery.jsonl"
 $R24 --pruner sparsegpt --induce --lr 2e-3 --reconstruct --reconstruct-lr 3e-3 --reconstruct-epochs 1
 $R24 --pruner wanda --lr 1e-3
+# 2026-12-02: the dense model tuned first (plain LoRA, 100 steps, merged), then the 50% recipe for the
+# other 100 steps with the tuned model as its teacher (two runs; --tune-dense does both in one)
+python benchmarks/recovery.py --method lora --r 8 --lr 2e-3 --sparsity 0 --steps 100 --seq-len 128 --batch-size 4 $V --threads ${THREADS:-1} --cache-dir '' --save-merged runs/dense-tuned-100 --out benchmarks/results/recovery.jsonl
+$R50 --model runs/dense-tuned-100 --teacher runs/dense-tuned-100 --steps 100 --seed 1 --cache-dir '' --reconstruct --reconstruct-lr 3e-3 --reconstruct-epochs 1
