@@ -524,12 +524,13 @@ def merge(peft_model, method: str):
                          "change); evaluate the peft model, or unload() it for the pruned base alone")
     return merge_and_unload_sparse(peft_model) if method == "lora" else (peft_model.merge_and_unload(), None)
 
+
 def tune_dense_stage(model: nn.Module, train_ids: torch.Tensor, recipe: Recipe, show_progress: bool = True,
                      train_labels: torch.Tensor | None = None) -> tuple[nn.Module, TrainingRun]:
     """``recipe.tune_dense``: plain LoRA (rank ``r``, CE, AdamW + cosine at its ``lr``) on the first
     ``steps`` of the recipe's training windows, merged into ``model`` with peft's own merge (the model
-    is dense: nothing to keep). Returns ``(the merged model, its TrainingRun)``; ``fine_tune`` with
-    ``windows=(steps, recipe.steps)`` then trains on the rest."""
+    is dense: nothing to keep). Returns ``(the merged model, its TrainingRun)``; ``fine_tune`` with the
+    same recipe then trains the method on the windows left."""
     options = recipe.tune_dense_options()
     dense_recipe = dataclasses.replace(recipe, tune_dense=False, method="lora", method_options={"r": options["r"]},
                                        lr=options["lr"], steps=options["steps"], loss="ce", squarehead_lambda=1.0,
