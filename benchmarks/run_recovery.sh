@@ -84,7 +84,7 @@ python benchmarks/recovery.py --model runs/dense-tuned-100 --teacher runs/dense-
 # (no reconstruction), CE without a loss on <unk>'s tokens; SPT prunes the dense model itself (Wanda, gradually)
 SEED="python benchmarks/recovery.py --pruner sparsegpt --induce --sparsity 0.7 --steps 200 --seq-len 128 --batch-size 4 $V --skip-placeholder --arc-easy 500 --threads ${THREADS:-1} --out benchmarks/results/recovery.jsonl"
 for lr in 2e-3 4e-3; do $SEED --method masked_lora --lr $lr; done
-for lr in 4e-3 8e-3 1.6e-2; do $SEED --method spp --lr $lr; done
+for lr in 4e-3 8e-3 1.6e-2 3.2e-2; do $SEED --method spp --lr $lr; done
 for lr in 1e-3 3e-3 1e-2; do $SEED --method seft --lr $lr; done
 for lr in 1e-2 3e-2 1e-1; do $SEED --method spt --lr $lr --pruner wanda --no-induce --spt-prompt-length 8 --spt-prune-steps 10; done
 # 2026-12-03: the 50% recipe after the dense tuning, both runs without a loss on <unk>'s tokens (now the 50% default)
