@@ -154,7 +154,7 @@ class Recipe:
 #: (docs/results/recovery.md). PROVISIONAL: the fallback recipe and the 50% one's pruner, method and
 #: loss were chosen by their perplexity on the same wiki.test windows they are scored on, not on a
 #: validation split, so they may be slightly overfitted to that text. The 50% one's dense tuning, the
-#: 70% one's OWL allocation, both ones' placeholder (``DEFAULT_SKIP_PLACEHOLDER``), the 50% and 70% ones'
+#: 70% one's OWL allocation, the 50% and 70% ones' placeholder (``DEFAULT_SKIP_PLACEHOLDER``) and
 #: reconstruction (against the same recipe without it) and the 2:4 one (against the previous 2:4
 #: recipe, Wanda + masked LoRA) were chosen on the validation split.
 DEFAULT_RECIPES = {

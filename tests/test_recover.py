@@ -332,7 +332,7 @@ def test_recover_command_skips_the_placeholder_on_request(workspace, capsys):  #
 
 @pytest.mark.parametrize("target, flags, skipped", [
     (["--sparsity", 0.7], [], "<unk>"),  # the 70% default leaves the placeholder out
-    (["--sparsity", 0.5], [], "<unk>"),  # so does the 50% one, in its dense tuning too
+    (["--sparsity", 0.5], [], "<unk>"),  # so does the 50% one
     (["--sparsity", 0.7], ["--skip-placeholder", ""], None),  # '' trains on every token
     (["--pattern", "2:4"], [], None),  # not measured with it: every token
 ])
