@@ -48,7 +48,7 @@ done
 $S --methods spt --targets 0.7 --losses squarehead --squarehead-lambda 0.1
 $S --methods seft,spt --targets 0.7 --losses squarehead --squarehead-lambda 1
 
-# Not run yet: the default recipes of sp.recover (docs/recover.md) chosen again on the validation split
+# The default recipes of sp.recover (docs/recover.md) chosen again on the validation split
 # (recovery.py --eval-split validation: train on the first 90% of wiki.valid.tokens, score the last 10%),
 # each scored on wiki.test.raw as well (--also-test). The extra flags are part of each row's key.
 V="--eval-split validation --also-test"
@@ -65,8 +65,8 @@ done
 R70="python benchmarks/recovery.py --pruner sparsegpt --induce --sparsity 0.7 --method masked_lora --lr 2e-3 --steps 200 --seq-len 128 --batch-size 4 $V --threads ${THREADS:-1} --out benchmarks/results/recovery.jsonl"
 $R70
 $R70 --reconstruct --reconstruct-lr 3e-3 --reconstruct-epochs 1
-# 2026-12-01 (second run): the default 50% recipe on the validation split, with reconstruction (run) and
-# without (not run yet); 2026-12-02: the 2:4 candidate (SparseGPT + induction + reconstruction, now the
+# 2026-12-01 (second run): the default 50% recipe on the validation split, with reconstruction and
+# without; 2026-12-02: the 2:4 candidate (SparseGPT + induction + reconstruction, now the
 # 2:4 default) against the previous 2:4 default (Wanda + masked LoRA).
 R50="python benchmarks/recovery.py --pruner sparsegpt --induce --sparsity 0.5 --method masked_lora --r 64 --lr 2e-3 --loss squarehead --squarehead-lambda 0.1 --logit-lambda 2 --steps 200 --seq-len 128 --batch-size 4 $V --arc-easy 500 --threads ${THREADS:-1} --out benchmarks/results/recovery.jsonl"
 $R50 --reconstruct --reconstruct-lr 3e-3 --reconstruct-epochs 1
