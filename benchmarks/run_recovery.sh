@@ -83,10 +83,16 @@ python benchmarks/recovery.py --model runs/dense-tuned-100 --teacher runs/dense-
 # 2026-12-03: each method's lr on the validation split at 70%, from the same cached SparseGPT + induction model
 # (no reconstruction), CE without a loss on <unk>'s tokens; SPT prunes the dense model itself (Wanda, gradually)
 SEED="python benchmarks/recovery.py --pruner sparsegpt --induce --sparsity 0.7 --steps 200 --seq-len 128 --batch-size 4 $V --skip-placeholder --arc-easy 500 --threads ${THREADS:-1} --out benchmarks/results/recovery.jsonl"
-for lr in 2e-3 4e-3; do $SEED --method masked_lora --lr $lr; done
-for lr in 4e-3 8e-3 1.6e-2 3.2e-2; do $SEED --method spp --lr $lr; done
+for lr in 2e-3 4e-3 8e-3 1.6e-2; do $SEED --method masked_lora --lr $lr; done
+for lr in 4e-3 8e-3 1.6e-2 3.2e-2 6.4e-2; do $SEED --method spp --lr $lr; done
 for lr in 1e-3 3e-3 1e-2; do $SEED --method seft --lr $lr; done
 for lr in 1e-2 3e-2 1e-1; do $SEED --method spt --lr $lr --pruner wanda --no-induce --spt-prompt-length 8 --spt-prune-steps 10; done
+# then one more setting of each at its chosen lr (masked LoRA at both of its level lrs), and SPP's distillation loss
+for lr in 8e-3 4e-3; do $SEED --method masked_lora --lr $lr --r 16; done
+$SEED --method spp --lr 3.2e-2 --spp-r 32
+$SEED --method seft --lr 3e-3 --seft-density 0.05
+$SEED --method spt --lr 3e-2 --pruner wanda --no-induce --spt-prompt-length 16 --spt-prune-steps 10
+$SEED --method spp --lr 3.2e-2 --loss squarehead --squarehead-lambda 0.1 --logit-lambda 1
 # 2026-12-03: the 50% recipe after the dense tuning, both runs without a loss on <unk>'s tokens (now the 50% default)
 python benchmarks/recovery.py --method lora --r 8 --lr 2e-3 --sparsity 0 --steps 100 --seq-len 128 --batch-size 4 $V --skip-placeholder --threads ${THREADS:-1} --cache-dir '' --save-merged runs/dense-tuned-100-skip --out benchmarks/results/recovery.jsonl
 $R50 --skip-placeholder --model runs/dense-tuned-100-skip --teacher runs/dense-tuned-100-skip --steps 100 --seed 1 --cache-dir '' --reconstruct --reconstruct-lr 3e-3 --reconstruct-epochs 1
