@@ -118,6 +118,7 @@ def main(argv=None) -> dict:
     row = {**{k: getattr(args, k) for k in ("method", "pruner", "sparsity", "pattern", "steps")},
            "tokens_seen": args.steps * args.batch_size * args.seq_len,
            **{k: getattr(args, k) for k in ("lr", "seq_len", "batch_size", "seed", "allocation")},
+           **({"method_options": recipe.method_options} if recipe.method_options else {}),  # --r, --spp-r, ...
            **({"eval_split": "validation"} if validation else {}),
            **({"skip_placeholder": PLACEHOLDER} if args.skip_placeholder else {})}
     before_path = cache_path(args, "before")  # the measurements before fine-tuning, shared by the methods

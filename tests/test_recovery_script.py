@@ -50,6 +50,14 @@ def test_mask_keeping_rows(tiny_run, method):
         assert row["sparsity_after_plain_merge"] < 0.01  # peft's own merge densifies
 
 
+def test_row_records_the_method_options_it_trained_with(tiny_run):
+    default, rank2, rank4 = (tiny_run("--method", "masked_lora", "--sparsity", "0.5", *flags)
+                             for flags in ((), ("--r", "2"), ("--r", "4")))
+    assert "method_options" not in default
+    assert rank2["method_options"] == {"r": 2} and rank4["method_options"] == {"r": 4}
+    assert rank4["trainable_params"] == 2 * rank2["trainable_params"]
+
+
 def test_seft_row_moves_positions_keeps_counts(tiny_run):
     row = tiny_run("--method", "seft", "--sparsity", "0.5", "--lr", "1e-2", "--seft-interval", "2",
                    "--seft-density", "0.05")
