@@ -132,25 +132,78 @@ def test_step0_logits_equal_the_base_model(arch):
         assert torch.equal(logits(peft_model), base_logits)
 
 
-def test_queries_are_the_base_layers_rotated_queries():
+def open_gates(peft_model, value=0.5):
+    with torch.no_grad():
+        for m in peft_model.modules():
+            if isinstance(m, SPTAttention):
+                m.spt_gate["default"].copy_(torch.linspace(-value, value, m.spt_gate["default"].numel()))
+
+
+@pytest.mark.parametrize("arch", SPT_ARCHS)
+def test_attention_output_equals_the_formula(arch):
+    """out = W_o (attn(h) + g ⊙ softmax(q K_Pᵀ · scaling) V_P) + b_o, written here from the base's parts."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    model = pruned_tiny_model("llama", 0.5)
-    peft_model = get_peft_model(model, sp.SPTConfig())
+    peft_model = get_peft_model(pruned_tiny_model(arch, 0.5), sp.SPTConfig(base_prompt_length=3))
+    open_gates(peft_model)
     wrapper = next(m for m in peft_model.modules() if isinstance(m, SPTAttention))
-    seen = {}
+    attn, seen = wrapper.base_layer, {}
 
     def capture(module, args, kwargs, output):
-        seen["hidden"], seen["pos"] = kwargs["hidden_states"], kwargs["position_embeddings"]
-        q = module.q_proj(kwargs["hidden_states"])
-        seen["q"] = q.view(*q.shape[:2], -1, module.head_dim).transpose(1, 2)
+        seen["kwargs"], seen["output"] = dict(kwargs), output[0]
 
-    handle = wrapper.base_layer.register_forward_hook(capture, with_kwargs=True)
+    handle = wrapper.register_forward_hook(capture, with_kwargs=True)
     logits(peft_model)
     handle.remove()
-    cos, sin = seen["pos"]
-    expected, _ = apply_rotary_pos_emb(seen["q"], seen["q"], cos, sin)
-    torch.testing.assert_close(wrapper.queries(seen["hidden"], seen["pos"]), expected, rtol=0, atol=1e-6)
+    kwargs = seen["kwargs"]
+    with torch.no_grad():
+        o_input = {}
+        handle = attn.o_proj.register_forward_pre_hook(lambda module, args: o_input.setdefault("a", args[0]))
+        attn(**kwargs)  # the base alone: no hooks of the wrapper
+        handle.remove()
+        h = kwargs["hidden_states"]
+        batch, tokens, _ = h.shape
+        heads, kv_heads, head_dim = wrapper.num_heads, wrapper.num_kv_heads, wrapper.head_dim
+        q = attn.q_proj(h).view(batch, tokens, heads, head_dim).transpose(1, 2)
+        cos, sin = kwargs["position_embeddings"]
+        q, _ = apply_rotary_pos_emb(q, q, cos, sin)
+        prompt, gate = wrapper.spt_prompt["default"], wrapper.spt_gate["default"]
+        k = attn.k_proj(prompt).view(-1, kv_heads, head_dim)
+        v = attn.v_proj(prompt).view(-1, kv_heads, head_dim)
+        context = torch.zeros(batch, tokens, heads, head_dim)
+        for head in range(heads):  # consecutive query heads share a kv head
+            kv = head // (heads // kv_heads)
+            probs = (q[:, head] @ k[:, kv].T * wrapper.scaling).softmax(-1)
+            context[:, :, head] = gate[head] * probs @ v[:, kv]
+        expected = attn.o_proj(o_input["a"] + context.reshape(batch, tokens, -1))
+    assert gate.abs().max() > 0 and rel_err(expected, attn.o_proj(o_input["a"])) > 1e-4  # the prompts count
+    torch.testing.assert_close(seen["output"], expected, rtol=1e-5, atol=1e-6)
+
+
+def training_step_flops(model, ids) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(input_ids=ids).logits.float().pow(2).mean().backward()
+    return counter.get_total_flops()
+
+
+def test_the_prompt_path_adds_no_gemm_of_the_attentions_size():
+    """The wrapper reads q_proj's output and feeds o_proj once: a training step costs the base's GEMMs
+    plus the prompts' own, far less than one more token x hidden x hidden GEMM per layer."""
+    hidden, layers, prompt_length = 128, 2, 2
+    ids = torch.randint(0, 128, (4, 64), generator=torch.Generator().manual_seed(0))
+    base = pruned_tiny_model("llama", 0.5, hidden=hidden, layers=layers).requires_grad_(False)
+    base.enable_input_require_grads()  # the backward then runs through every layer, as with prompts
+    base_flops = training_step_flops(base, ids)
+    peft_model = get_peft_model(pruned_tiny_model("llama", 0.5, hidden=hidden, layers=layers),
+                                sp.SPTConfig(base_prompt_length=prompt_length))
+    peft_model.enable_input_require_grads()
+    open_gates(peft_model)
+    extra = training_step_flops(peft_model, ids) - base_flops
+    one_attention_gemm = 2 * ids.numel() * hidden * hidden
+    assert 0 < extra < 0.5 * one_attention_gemm * layers  # computing q and W_o·d apart: 4 such GEMMs a layer
 
 
 @pytest.mark.parametrize("arch", SPT_ARCHS)

@@ -6,13 +6,19 @@ For hidden states ``h`` (B x T x hidden) entering the attention of layer ``l`` w
     q      = RoPE(h W_qᵀ + b_q)                    the layer's own queries, rotated as the base rotates them
     K_P    = P W_kᵀ + b_k,  V_P = P W_vᵀ + b_v      the layer's own (sparse) k/v projections, no RoPE
     A      = softmax(q K_Pᵀ · scaling)              over the p_l prompts only: no causal mask, no padding mask
-    out    = attention(h) + W_o (g ⊙ A V_P)         g: one gate per query head, 0 at the start
+    out    = W_o (attn(h) + g ⊙ A V_P) + b_o        g: one gate per query head, 0 at the start
 
 Prompt keys without RoPE are keys at rotary position 0 (the rotation there is the identity), so a
 query at position m sees the prompts at relative distance m, the same for every sequence of a
 batch once left padding starts the positions at 0 (as ``generate`` does). The prompt path needs
 only the current tokens' queries, so with a KV cache each decoding step adds the prompt attention
 for its own token without recomputing anything of the prefix.
+
+``attn(h)`` is the base attention's output before its ``o_proj``. The wrapper computes no projection
+of ``h`` itself: during the base's forward it reads the queries ``q_proj`` returns and adds the
+prompt context to the input of ``o_proj`` (forward hooks, present only during that call). So a
+step costs the base's GEMMs plus the prompts' own small ones, and the statistics hooks of gradual
+Wanda see ``o_proj``'s whole input, prompt context included.
 """
 
 from __future__ import annotations
@@ -153,26 +159,20 @@ class SPTAttention(nn.Module, SPTLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, prompt_length, init_std)
 
-    def queries(self, hidden_states: torch.Tensor, position_embeddings) -> torch.Tensor:
-        """The base layer's rotated queries (B x heads x T x head_dim).
-
-        Computed with F.linear on the base weights (not by calling q_proj) so that statistics hooks
-        on q_proj (Wanda running norms) see each token once.
-        """
-        q_proj = self.base_layer.q_proj
-        batch, length = hidden_states.shape[:2]
-        query = F.linear(hidden_states, q_proj.weight, q_proj.bias)
-        query = query.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+    def rotate_queries(self, projected: torch.Tensor, position_embeddings) -> torch.Tensor:
+        """q_proj's output (B x T x heads*head_dim) rotated as the base rotates its queries (B x heads x T x head_dim)."""
+        batch, length = projected.shape[:2]
+        query = projected.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         cos, sin = position_embeddings
         if cos.shape[-1] != self.head_dim:
             raise ValueError(f"SPT layer {self.layer_index}: rotary embeddings of size {cos.shape[-1]} do not cover "
                              f"head_dim={self.head_dim} (partial rotary is not supported)")
         return apply_rope(query, cos.to(query.dtype), sin.to(query.dtype))
 
-    def prompt_attention(self, adapter_name: str, query: torch.Tensor) -> torch.Tensor:
-        """``W_o (g ⊙ softmax(q K_Pᵀ · scaling) V_P)``: the gated prompt contribution (B x T x hidden)."""
+    def prompt_context(self, adapter_name: str, query: torch.Tensor) -> torch.Tensor:
+        """``g ⊙ softmax(q K_Pᵀ · scaling) V_P``, laid out as o_proj's input (B x T x heads*head_dim)."""
         attn = self.base_layer
-        k_proj, v_proj, o_proj = attn.k_proj, attn.v_proj, attn.o_proj
+        k_proj, v_proj = attn.k_proj, attn.v_proj
         prompt = self.spt_prompt[adapter_name]
         length = prompt.shape[0]
         # The projections run in the base dtype (their weights'); scores and softmax in fp32.
@@ -187,29 +187,47 @@ class SPTAttention(nn.Module, SPTLayer):
         mixed = torch.einsum("bkgtp,pkd->bkgtd", probs, value.float())
         gate = self.spt_gate[adapter_name].float().view(1, self.num_kv_heads, groups, 1, 1)
         mixed = (mixed * gate).reshape(batch, self.num_heads, tokens, self.head_dim)
-        mixed = mixed.transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim)
-        # o_proj is linear: o_proj(a + d) = o_proj(a) + d W_oᵀ, so its bias (if any) is not added twice.
-        return F.linear(mixed.to(o_proj.weight.dtype), o_proj.weight)
+        return mixed.transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim)
 
     def forward(self, *args, **kwargs):
-        output = self.base_layer(*args, **kwargs)
-        if self.disable_adapters:
-            return output
-        active = [name for name in self.active_adapters if name in self.spt_prompt]
+        active = [] if self.disable_adapters else [name for name in self.active_adapters if name in self.spt_prompt]
         if not active:
-            return output
-        hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            return self.base_layer(*args, **kwargs)
         position_embeddings = kwargs.get("position_embeddings")
         if position_embeddings is None and len(args) > 1:
             position_embeddings = args[1]
         if position_embeddings is None:
             raise ValueError(f"SPT layer {self.layer_index}: the attention was called without position_embeddings "
                              "(cos, sin); SPT needs them to rotate its queries as the base does")
-        query = self.queries(hidden_states, position_embeddings)
-        attn_output, *rest = output if isinstance(output, tuple) else (output,)
-        for name in active:
-            attn_output = attn_output + self.prompt_attention(name, query).to(attn_output.dtype)
-        return (attn_output, *rest) if isinstance(output, tuple) else attn_output
+        # The prompt path rides on the base's own two projections instead of repeating them: it reads
+        # the queries q_proj computes, and adds its context to o_proj's input (o_proj is linear, so
+        # W_o(a + d) = W_o a + W_o d, its bias once). Computing them apart would cost two more GEMMs of
+        # the attention's size in the forward and two in the backward, about 12% of a Llama step.
+        seen = {}
+
+        def keep_queries(module, inputs, output):
+            seen["queries"] = output
+
+        def add_prompt_context(module, inputs):
+            if "queries" not in seen:
+                raise RuntimeError(f"SPT layer {self.layer_index}: the attention called o_proj before q_proj; SPT "
+                                   "needs the queries first (see SUPPORTED_MODEL_TYPES)")
+            query = self.rotate_queries(seen.pop("queries"), position_embeddings)
+            context = sum(self.prompt_context(name, query) for name in active)
+            seen["added"] = True
+            return (inputs[0] + context.to(inputs[0].dtype), *inputs[1:])
+
+        handles = [self.base_layer.q_proj.register_forward_hook(keep_queries),
+                   self.base_layer.o_proj.register_forward_pre_hook(add_prompt_context)]
+        try:
+            output = self.base_layer(*args, **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if "added" not in seen:
+            raise RuntimeError(f"SPT layer {self.layer_index}: the attention never called o_proj after q_proj, so "
+                               "its prompts were not applied (see SUPPORTED_MODEL_TYPES)")
+        return output
 
     def __repr__(self) -> str:
         lengths = ", ".join(f"{k}: {v}" for k, v in self.prompt_length.items())
