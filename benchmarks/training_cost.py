@@ -6,7 +6,7 @@
 The Llama (``--layers`` decoder layers, hidden H, intermediate 4H, H/64 heads) is magnitude-pruned to 50% and, for
 bf16, cast after pruning. Every run trains all 7 projections with AdamW on random tokens: LoRA and masked LoRA at
 r=16, SPP's default, SEFT at density 0.02 between topology updates and while collecting (every layer, or one of
-``update_groups=4``), SPT with two pruning events (the median step is one without). Each row runs in a fresh process.
+``update_groups=4``), SPT pruning at step 0 and in the last step (left out of its median). Each row: a fresh process.
 "Extra memory": what ``get_peft_model``, the optimizer and the steps add (``common.PeakMemory``: sampled RSS on the
 CPU, the allocator's peak on CUDA). Step time: the median of ``--steps`` after ``--warmup``. ``--rounds N`` runs each
 cell's methods N times in turn: medians, and the median per-round ratio to LoRA. A run fails (exit non-zero) on a
@@ -47,9 +47,9 @@ def peft_config(method: str, total_steps: int):
     if method.startswith("seft"):  # no topology update within the run
         return sp.method_config("seft", density=0.02, update_interval=total_steps + 1000, target_modules="all-linear",
                                 update_groups=4 if method.endswith("4groups") else 1)
-    if method == "spt":  # two pruning events within the run (the model is at the target already)
+    if method == "spt":  # pruning events at step 0 and in the last step (the model is at the target already)
         return sp.method_config("spt", base_prompt_length=8, target_sparsity=0.5, initial_sparsity=0.5,
-                                pruner="magnitude", prune_end_step=total_steps, num_prune_steps=2)
+                                pruner="magnitude", prune_end_step=total_steps, num_prune_steps=1)
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -125,7 +125,7 @@ def run_worker(args, method: str, hidden: int, dtype: str, checkpointing: bool) 
     hook(0)
     losses, times = zip(*(timed(lambda: train_step(peft_model, optimizer, batch, hook, step), cuda)
                           for step in range(1, total + 1)))
-    extra = memory.stop()
+    extra, steady = memory.stop(), times[args.warmup:-1] if method == "spt" and args.steps > 1 else times[args.warmup:]
     if not all(math.isfinite(x) for x in losses):
         raise SystemExit(f"{method}: non-finite loss {list(losses)}")
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
@@ -133,7 +133,7 @@ def run_worker(args, method: str, hidden: int, dtype: str, checkpointing: bool) 
     return dict(method=method, hidden=hidden, dtype=dtype, checkpointing=checkpointing, layers=args.layers,
                 vocab=args.vocab, batch=args.batch, seq_len=args.seq_len, device=args.device, threads=args.threads,
                 warmup=args.warmup, steps=args.steps, extra_memory_mb=extra / MIB,
-                step_time_s=statistics.median(times[args.warmup:]), step_times_s=list(times), losses=list(losses),
+                step_time_s=statistics.median(steady), step_times_s=list(times), losses=list(losses),
                 trainable_params=trainable, malloc_mmap_threshold=os.environ.get("MALLOC_MMAP_THRESHOLD_"), ok=True)
 
 

@@ -3,6 +3,7 @@ the table compares with the LoRA row, and a worker whose checks fail makes the s
 is asserted (the numbers depend on the machine)."""
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -57,3 +58,14 @@ def test_a_failed_check_in_a_worker_fails_the_script():
     assert proc.returncode != 0
     assert "FAILED" in proc.stdout
     assert "changed their zeros" in proc.stderr
+
+
+def test_spts_step_time_leaves_out_its_last_step_with_a_pruning_event(tmp_path):
+    out = tmp_path / "rows.jsonl"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--steps", "3", "--warmup", "1", "--dtypes", "fp32",
+                           "--checkpointing", "off", "--methods", "spt", "lora", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lora, spt = [json.loads(line) for line in out.read_text().splitlines()]
+    assert spt["step_time_s"] == statistics.median(spt["step_times_s"][1:3])  # steps 2 and 3, not 4
+    assert lora["step_time_s"] == statistics.median(lora["step_times_s"][1:])  # every step after the warm-up
