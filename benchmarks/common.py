@@ -1,9 +1,8 @@
 """What the benchmark scripts share: their arguments, random models, timing, memory, tables and worker processes.
 Model loading, token windows and perplexity live in the package (``sparse_peft.data``), as the examples and the CLI
-use the same code. Nothing here imports sparse_peft (or transformers) at module level: transformers probes for the
-PyPI package ``kernels`` by importing it, which with ``benchmarks/`` on ``sys.path`` is ``benchmarks/kernels.py``,
-and that script imports this module. The development assets (WikiText-2, ARC, the model) and
-``SPARSE_PEFT_ASSETS``: docs/results/README.md.
+use the same code. No script in ``benchmarks/`` is named as an installed package (``kernels`` is the Hugging Face
+package transformers imports; the kernel timings are ``kernel_timings.py``), because ``benchmarks/`` comes first on
+``sys.path``. The development assets (WikiText-2, ARC, the model) and ``SPARSE_PEFT_ASSETS``: docs/results/README.md.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ any decode cache; on CUDA the peak of allocated memory.
 
 Every packed variant must decode the dense tokens, or the script exits with status 1 after the table; on CUDA (another
 summation order than cuBLAS) a first difference at a near-tie of the dense run's two best logits is reported, not
-failed (2:4 through PyTorch's sparse GEMM: ``kernels.py --ops 2:4``). The prompt: the start of ``wiki.test.raw`` in
+failed (2:4 through PyTorch's sparse GEMM: ``kernel_timings.py --ops 2:4``). The prompt: the start of ``wiki.test.raw`` in
 ``--data`` (a fixed sentence without it; random ids for 'random').
 """
 

@@ -20,7 +20,7 @@
 #      their PyTorch path; 2:4 takes the sparse GEMM (a failure is reported, the stages go on) TESTS_S=80
 #   1. accuracy at small odd shapes, bf16 and fp32 (compiles every kernel; a failure here means the
 #      kernels are wrong on this GPU, and the grid is skipped)                   ACCURACY_S=110
-#   2. the grid (GRID: extra arguments to kernels.py, e.g. "--quick")            GRID_S=200
+#   2. the grid (GRID: extra arguments to kernel_timings.py, e.g. "--quick")     GRID_S=200
 #   3. greedy decoding from packed checkpoints (benchmarks/decode.py): dense, packed (the Triton
 #      decode kernel) on two Llama-shaped random decoder layers, 50% and 70%, tokens/s and
 #      memory; exits 1 if packed tokens differ from dense past a near-tie (DECODE: its arguments)
@@ -39,9 +39,9 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 
 # The package from this checkout without pip's dependency resolution (the image's torch is older
-# than pyproject's pin): the checkout's layout mirrored (kernels/ is installed as sparse_peft.kernels).
+# than pyproject's pin).
 SITE=$(mktemp -d)
-cp -r sparse_peft "$SITE/" && cp -r kernels "$SITE/sparse_peft/kernels"
+cp -r sparse_peft "$SITE/"
 if compgen -G ".whl/*.whl" > /dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .whl/*.whl || exit 3
 fi
@@ -57,7 +57,7 @@ tail -1 "$OUT/env.txt"
 
 tests_status=0
 if [ -z "${KERNELS_ARGS:-}" ]; then  # the layers take the kernels for CUDA inputs only
-    # -P: the checkout itself must not shadow $SITE (its sparse_peft has no kernels/ inside)
+    # -P: $SITE alone supplies the packages, whatever the checkout holds beside them
     TRITON_INTERPRET=0 timeout "${TESTS_S:-80}" python3 -P -m pytest -q -p no:cacheprovider tests/test_gpu.py \
         > "$OUT/gpu_tests.log" 2>&1 || tests_status=$?
     tail -3 "$OUT/gpu_tests.log"
@@ -65,7 +65,7 @@ fi
 
 status=0
 for dtype in bfloat16 float32; do
-    timeout $((${ACCURACY_S:-110} / 2)) python3 benchmarks/kernels.py ${KERNELS_ARGS:-} --shapes 37x45,130x33,64x96 \
+    timeout $((${ACCURACY_S:-110} / 2)) python3 benchmarks/kernel_timings.py ${KERNELS_ARGS:-} --shapes 37x45,130x33,64x96 \
         --tokens 1,5,16,33 --sparsities 0.5,0.9 --dtype "$dtype" --rep 5 --jsonl "$OUT/accuracy.jsonl" \
         >> "$OUT/accuracy.log" 2>&1 || status=$?
 done
@@ -75,7 +75,7 @@ if [ "$status" -ne 0 ]; then
 fi
 echo "accuracy: every op matches its reference at the small shapes"
 
-timeout "${GRID_S:-200}" python3 benchmarks/kernels.py ${KERNELS_ARGS:-} ${GRID:-} --jsonl "$OUT/rows.jsonl" \
+timeout "${GRID_S:-200}" python3 benchmarks/kernel_timings.py ${KERNELS_ARGS:-} ${GRID:-} --jsonl "$OUT/rows.jsonl" \
     --markdown "$OUT/kernels.md" 2>&1 | tee "$OUT/grid.log"
 grid_status=${PIPESTATUS[0]}
 

@@ -125,6 +125,13 @@ def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
+def norm_rel_err(a, b):
+    """``‖a - b‖ / ‖b‖`` (Frobenius). For trained values compared across process counts: Adam divides
+    each gradient by its own running scale, so float noise in an element whose gradient is near zero
+    moves that element by up to the learning rate; the norm over a tensor measures what training did."""
+    return ((a - b).float().norm() / b.float().norm().clamp_min(torch.finfo(torch.float32).tiny)).item()
+
+
 class TokenDataset(torch.utils.data.Dataset):
     """``n`` random token windows as Trainer items (labels = inputs), optionally with an all-ones mask."""
 

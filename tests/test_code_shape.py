@@ -12,7 +12,7 @@ LIMIT = 100
 BENCHMARK_LINES = 2200
 
 
-def long_functions(roots=("sparse_peft", "kernels", "benchmarks")) -> list[str]:
+def long_functions(roots=("sparse_peft", "benchmarks")) -> list[str]:
     found = []
     for root in roots:
         for path in sorted((REPO / root).rglob("*.py")):

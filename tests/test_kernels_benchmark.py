@@ -1,4 +1,4 @@
-"""benchmarks/kernels.py end to end on the CPU, its kernels in Triton's interpreter (``--device cpu``).
+"""benchmarks/kernel_timings.py end to end on the CPU, its kernels in Triton's interpreter (``--device cpu``).
 
 The GPU timings cannot be tested here, but everything else the GPU run does can: every op's rows,
 the accuracy check that runs before timing (a wrong output or a wrong gradient fails the run), the
@@ -23,7 +23,7 @@ if not _common.INTERPRET:  # pragma: no cover - only with an explicit TRITON_INT
                 allow_module_level=True)
 
 _spec = importlib.util.spec_from_file_location(
-    "kernels_benchmark", Path(__file__).resolve().parents[1] / "benchmarks" / "kernels.py")
+    "kernels_benchmark", Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_timings.py")
 bench = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = bench  # dataclasses look their module up there
 _spec.loader.exec_module(bench)
@@ -51,7 +51,7 @@ def test_the_whole_grid_runs_checks_and_writes_its_table(tmp_path, capsys):
         assert r["err"] <= 2 * r["naive_err"] + 1e-6, r
     assert rows[3]["gbps"] > 0
     table = md.read_text()
-    assert "Device: CPU" in table and "Command: python benchmarks/kernels.py --device cpu" in table
+    assert "Device: CPU" in table and "Command: python benchmarks/kernel_timings.py --device cpu" in table
     assert table.count("| spp_linear fwd+bwd | 40x24 | 50% |") == 2 and "FAILED" not in table
     # the rows were printed as they came, then the table once more
     assert capsys.readouterr().out.count("| bitmask decode | 40x24 | 50% | 1 |") == 2

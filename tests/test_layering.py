@@ -6,8 +6,8 @@ Layers, lowest first (``MODULE_LAYERS`` and ``PACKAGE_LAYERS`` below place every
   ``_distributed``, ``_validation``);
 * sparsity: masks, pruners, reports, and what a bitsandbytes-quantized layer's weight and mask are
   (``sparsity/``);
-* ops: the sparse ops: their dispatch (``ops.py``), the Triton kernels (``kernels/``, installed as
-  ``sparse_peft.kernels``), their PyTorch twins (``functional/``) and ``delta_linear``;
+* ops: the sparse ops: their dispatch (``ops.py``), the Triton kernels (``kernels/``), their PyTorch
+  twins (``functional/``) and ``delta_linear``;
 * tuners: the peft methods (``tuners/``);
 * training: callbacks, losses, trainers, block-wise reconstruction after pruning (``training/``);
 * face: what users call: the package itself, its registration with peft, ``cli``, ``io``, ``merge``,
@@ -37,8 +37,6 @@ from typing import NamedTuple, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "sparse_peft"
-#: Source folders and the package each is installed as (kernels/ sits at the top of the repository).
-SOURCES = {ROOT / "sparse_peft": "sparse_peft", ROOT / "kernels": "sparse_peft.kernels"}
 
 LAYER_NAMES = ("foundation", "sparsity", "ops", "tuners", "training", "face")
 FOUNDATION, SPARSITY, OPS, TUNERS, TRAINING, FACE = range(len(LAYER_NAMES))
@@ -85,12 +83,11 @@ class Import(NamedTuple):
 
 def package_modules() -> dict[str, Module]:
     modules = {}
-    for folder, package in SOURCES.items():
-        for path in sorted(folder.rglob("*.py")):
-            parts = path.relative_to(folder).with_suffix("").parts
-            is_package = parts[-1] == "__init__"
-            name = ".".join((package, *(parts[:-1] if is_package else parts)))
-            modules[name] = Module(name, path, is_package)
+    for path in sorted((ROOT / PACKAGE).rglob("*.py")):
+        parts = path.relative_to(ROOT / PACKAGE).with_suffix("").parts
+        is_package = parts[-1] == "__init__"
+        name = ".".join((PACKAGE, *(parts[:-1] if is_package else parts)))
+        modules[name] = Module(name, path, is_package)
     return modules
 
 
@@ -240,7 +237,7 @@ def test_the_scan_sees_lazy_relative_and_submodule_imports():
     assert private_imports(imports, modules) == [
         "sparse_peft.tuners._shared imports the private name _hidden of sparse_peft.sparsity.masks at line 6 "
         "(private to sparse_peft.sparsity)"]
-    # a package's __init__ resolves one level less; kernels/ is sparse_peft.kernels
+    # a package's __init__ resolves one level less
     assert imports_of("from ._checks import check_sddmm", "sparse_peft.kernels", True, set()) == [
         Import("sparse_peft.kernels._checks", "check_sddmm", 1)]
     assert "sparse_peft.kernels.sddmm" in package_modules() and layer_of("sparse_peft.kernels.sddmm") == OPS

@@ -410,6 +410,9 @@ def test_passes_in_two_threads_give_the_results_of_one_thread(monkeypatch):
     results = [[], []]
 
     def train(index):
+        # A new thread's OpenMP team starts at the machine's core count, not at the main thread's
+        # setting: its reductions would sum in another order (a difference of float rounding alone).
+        torch.set_num_threads(torch.get_num_threads())
         (forward, params, _), x = runs[index]
         for _ in range(20):
             results[index].append(_grads(forward, params, x))

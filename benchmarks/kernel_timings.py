@@ -1,9 +1,9 @@
 """GPU benchmark of the sparse ops against dense cuBLAS and against their naive PyTorch references.
 
-    python benchmarks/kernels.py                          # LLaMA-2-7B layer shapes, bf16, the full grid
-    python benchmarks/kernels.py --quick                  # one shape, one sparsity: a smoke run
-    python benchmarks/kernels.py --ops decode --tokens 1 --markdown docs/results/kernels.md
-    python benchmarks/kernels.py --device cpu --shapes 40x24 --tokens 1,20 --dtype float16   # no GPU
+    python benchmarks/kernel_timings.py                          # LLaMA-2-7B layer shapes, bf16, the full grid
+    python benchmarks/kernel_timings.py --quick                  # one shape, one sparsity: a smoke run
+    python benchmarks/kernel_timings.py --ops decode --tokens 1 --markdown docs/results/kernels.md
+    python benchmarks/kernel_timings.py --device cpu --shapes 40x24 --tokens 1,20 --dtype float16   # no GPU
 
 ``x dense`` / ``x naive`` above 1: the op is faster. Each row first checks the op against its PyTorch twin in fp32
 (``err op / naive``); a failed row makes the script exit with status 1 after the table. Without a GPU it exits with
@@ -285,7 +285,7 @@ def ready(device: str) -> str | None:
     """Why the grid cannot run on ``device`` here, or ``None``."""
     if device == "cuda":
         return None if torch.cuda.is_available() else (
-            "benchmarks/kernels.py needs a CUDA GPU (the Triton kernels and cuBLAS baselines are timed there); "
+            "benchmarks/kernel_timings.py needs a CUDA GPU (the Triton kernels and cuBLAS baselines are timed there); "
             "none is visible here, so nothing was measured. To run the script itself on the CPU, with the "
             "kernels in Triton's interpreter: --device cpu --shapes 40x24 --tokens 1,20 --sparsities 0.5")
     if "triton" not in sys.modules:  # the interpreter must be chosen before triton is first imported
@@ -337,7 +337,7 @@ def main(argv=None) -> int:
     text = header + "\n" + markdown(rows, args.dtype)
     print("\n" + text)
     if args.markdown:
-        append(args.markdown, "\n## Triton kernels (benchmarks/kernels.py)\n\n" + text + "\n")
+        append(args.markdown, "\n## Triton kernels (benchmarks/kernel_timings.py)\n\n" + text + "\n")
     bad = [r for r in rows if failed(r, args.dtype)]
     if bad:
         print(f"FAILED: in {len(bad)} rows the op's error exceeds both the {args.dtype} tolerance "
