@@ -211,6 +211,8 @@ METHOD_FLAGS = {
     "--seft-interval": (("seft",), "update_interval", int, "SEFT steps between topology updates"),
     "--seft-drop-fraction": (("seft",), "drop_fraction", float, "SEFT fraction dropped per update"),
     "--seft-grow-window": (("seft",), "grow_window", int, "SEFT steps of gradients that choose the growth"),
+    "--seft-grow-into": (("seft",), "grow_into", ("any", "kept"), "SEFT growth into any position (the mask moves) "
+                         "or only the pruned model's nonzeros (the mask stays)"),
     "--spt-prompt-length": (("spt",), "base_prompt_length", int, "SPT base prompt length p_base"),
     "--spt-initial-sparsity": (("spt",), "initial_sparsity", float, "SPT schedule s_0"),
     "--spt-prune-end": (("spt",), "prune_end_step", int, "SPT step reaching the target (default steps/2)"),

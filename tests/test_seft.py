@@ -267,6 +267,7 @@ def test_drop_fraction_schedule():
     ("density", 0.0), ("density", 1.0), ("update_interval", 0), ("drop_fraction", 1.5),
     ("drop_decay", "step"), ("drop_criterion", "random"), ("grow_window", 30), ("regrow_init", "copy"),
     ("sensitivity_criterion", "hessian"), ("decay_steps", -1), ("update_groups", 0), ("update_groups", 30),
+    ("grow_into", "pruned"),
 ])
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=f"SEFTConfig.{field}"):
@@ -384,6 +385,39 @@ def test_n_m_sparse_model_refuses_density_above_half_the_nonzeros():
     sp.prune(model, method="magnitude", pattern="2:4", show_progress=False)
     with pytest.raises(ValueError, match=r"layer '.*'.*density=0.3.*2:4.*density <= 0.25"):
         get_peft_model(model, sp.SEFTConfig(density=0.3))
+
+
+@pytest.mark.parametrize("pattern", [None, "2:4"])
+def test_grow_into_kept_moves_A_but_never_the_mask(tmp_path, pattern):
+    def base():
+        model = make_tiny_model("llama")
+        sp.prune(model, method="magnitude", **({"pattern": pattern} if pattern else {"sparsity": 0.5}),
+                 show_progress=False)
+        return model
+
+    start_masks = linear_masks(base())
+    config = sp.SEFTConfig(density=0.1, update_interval=4, drop_fraction=0.5, drop_decay="constant", grow_into="kept")
+    peft_model = get_peft_model(base(), config)
+    start_index = {name: layer.seft_index["default"].clone() for name, layer in seft_layers(peft_model).items()}
+    updates, _ = train_seft(peft_model, steps=12, lr=5e-2)
+    summary = [seft_summary(changes) for _, changes in updates]
+    assert sum(s["grown"] for s in summary) > 0 and sum(s["regrown"] + s["pruned"] for s in summary) == 0
+    layers = seft_layers(peft_model)
+    assert any(not torch.equal(layers[n].seft_index["default"], start_index[n]) for n in layers), "A never moved"
+    for name, layer in layers.items():
+        assert torch.equal(layer.current_mask("default"), start_masks[name]), name
+        assert bool(start_masks[name].view(-1)[layer.seft_index["default"]].all()), name  # A on nonzeros only
+    peft_model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(base(), tmp_path)
+    assert {layer.grow_into["default"] for layer in seft_layers(reloaded).values()} == {"kept"}
+    assert torch.equal(logits(reloaded), logits(peft_model))
+    for name, lin in sp.sparsity.named_linears(peft_model.merge_and_unload()):
+        assert torch.equal(lin.weight != 0, start_masks[name]), name
+
+
+def test_grow_into_kept_refuses_density_above_half_the_nonzeros_naming_the_layer():
+    with pytest.raises(ValueError, match=r"layer '.*proj'.*density=0.3.*grow_into='kept'.*density <= 0.25"):
+        get_peft_model(pruned_tiny_model("llama", 0.5), sp.SEFTConfig(density=0.3, grow_into="kept"))
 
 
 def test_grow_within_groups_leaves_every_regrown_position_a_partner():

@@ -1,4 +1,4 @@
-"""Compile every Triton kernel in ``kernels/`` for NVIDIA GPUs on a machine without one.
+"""Compile every Triton kernel in ``sparse_peft/kernels/`` for NVIDIA GPUs on a machine without one.
 
     python tests/tools/compile_kernels.py                         # sm_90 and sm_80, fp16/bf16/fp32
     python tests/tools/compile_kernels.py --all-specializations   # + 1-token training, 2..16-token decode, TF32
@@ -7,7 +7,7 @@
 
 Why: the tests run the kernels in Triton's CPU interpreter (``TRITON_INTERPRET=1``), which executes
 their Python bodies with numpy and never calls Triton's compiler. The GPU autotune lists are not
-even used there (``kernels/_common.autotune_configs`` swaps in one small config), nor are bf16
+even used there (``sparse_peft/kernels/_common.autotune_configs`` swaps in one small config), nor are bf16
 tiles (the wrappers cast them to fp32 in the interpreter, ``_common.compute_dtype``). A kernel
 that passes every test can still fail on the first GPU it meets: a ``tl.dot`` shape or dtype the
 NVIDIA backend rejects, a layout conversion or pipelining pass that fails for one config, a config

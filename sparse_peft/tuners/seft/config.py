@@ -16,6 +16,7 @@ GROW_CRITERIA = ("gradient",)
 SENSITIVITY_CRITERIA = ("taylor", "magnitude")
 REGROW_INITS = ("zero", "gradient")
 INIT_INDICES = ("random", "magnitude")
+GROW_INTO = ("any", "kept")
 
 
 @dataclass
@@ -52,6 +53,12 @@ class SEFTConfig(PeftConfig):
             training moved least). A dropped entry keeps its trained value; it stops being trained.
         grow_criterion: ``"gradient"``: grow where the accumulated dense gradient ``|Σ_t ∂L/∂W|``
             over the last ``grow_window`` steps is largest; pruned positions may grow (reactivation).
+        grow_into: where growth may go: ``"any"`` (default) outside ``A``, pruned positions
+            included, so the mask moves (each layer keeps its count, an N:M layer its pattern);
+            ``"kept"`` only the base's nonzeros outside ``A``, so the mask never moves and the merged
+            model has the pruned model's mask bit for bit (the sensitivity prune never runs). With
+            ``"kept"`` ``density`` must be at most half the layer's fraction of nonzeros, so that
+            every update finds as many kept positions outside ``A`` as it drops.
         grow_window: optimizer steps before each update during which the dense gradient is
             accumulated (>= 1). That costs one out x in buffer in the base weight's dtype per
             collecting layer during the window only; it is freed after the update.
@@ -82,6 +89,7 @@ class SEFTConfig(PeftConfig):
     decay_steps: Optional[int] = field(default=None, metadata={"help": "step where the drop fraction hits 0"})
     drop_criterion: str = field(default="weight", metadata={"help": f"one of {DROP_CRITERIA}"})
     grow_criterion: str = field(default="gradient", metadata={"help": f"one of {GROW_CRITERIA}"})
+    grow_into: str = field(default="any", metadata={"help": f"one of {GROW_INTO}"})
     grow_window: int = field(default=2, metadata={"help": "steps of dense gradient accumulated before an update"})
     update_groups: int = field(default=1, metadata={"help": "groups of layers whose updates are staggered"})
     sensitivity_criterion: str = field(default="taylor", metadata={"help": f"one of {SENSITIVITY_CRITERIA}"})
@@ -124,7 +132,8 @@ class SEFTConfig(PeftConfig):
             raise ValueError(f"SEFTConfig.seed must be an integer, got {self.seed!r}")
         for name, choices in (("drop_decay", DROP_DECAYS), ("drop_criterion", DROP_CRITERIA),
                               ("grow_criterion", GROW_CRITERIA), ("sensitivity_criterion", SENSITIVITY_CRITERIA),
-                              ("regrow_init", REGROW_INITS), ("init_indices", INIT_INDICES)):
+                              ("regrow_init", REGROW_INITS), ("init_indices", INIT_INDICES),
+                              ("grow_into", GROW_INTO)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"SEFTConfig.{name} must be one of {choices}, got {getattr(self, name)!r}")
         if self.target_modules is None or (not isinstance(self.target_modules, str) and not self.target_modules):

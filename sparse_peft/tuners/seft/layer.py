@@ -32,11 +32,12 @@ VARIABLE_BUFFERS = ("seft_frozen_index", "seft_frozen_delta", "seft_added", "sef
 
 class SEFTLayer(DerivedMask, BaseTunerLayer):
     adapter_layer_names = ("seft_delta",)
-    other_param_names = ("density", "seft_index", "seft_fingerprint") + VARIABLE_BUFFERS
+    other_param_names = ("density", "grow_into", "seft_index", "seft_fingerprint") + VARIABLE_BUFFERS
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
         self.density = {}
+        self.grow_into = {}  # adapter name -> "any" (pruned positions may grow) or "kept" (the mask never moves)
         self.seft_delta = nn.ParameterDict({})
         self.seft_index = BufferDict({}, persistent=True)
         self.seft_frozen_index = BufferDict({}, persistent=True)
@@ -63,7 +64,7 @@ class SEFTLayer(DerivedMask, BaseTunerLayer):
     # --- creation -------------------------------------------------------------------------------
 
     def update_layer(self, adapter_name: str, density: float, init_indices: str = "random", seed: int = 0,
-                     layer_seed: int = 0, inference_mode: bool = False) -> None:
+                     grow_into: str = "any", layer_seed: int = 0, inference_mode: bool = False) -> None:
         mask = self.sparsity_mask
         numel, nnz = mask.numel(), int(mask.sum())
         size = max(1, round(density * numel))
@@ -84,6 +85,13 @@ class SEFTLayer(DerivedMask, BaseTunerLayer):
             raise ValueError(f"SEFT density={density} asks for {size} trainable positions in a {n}:{m}-sparse layer "
                              f"with {nnz} nonzeros; keeping the pattern needs at most half of them trainable, "
                              f"so use density <= {nnz / 2 / numel:.4f}")
+        if grow_into not in ("any", "kept"):
+            raise ValueError(f"SEFT grow_into must be 'any' or 'kept', got {grow_into!r}")
+        if grow_into == "kept" and 2 * size > nnz:
+            # Growth then picks only nonzeros outside A: with |A| <= nnz / 2 there are always as many as dropped.
+            raise ValueError(f"SEFT density={density} with grow_into='kept' asks for {size} trainable positions in a "
+                             f"layer with {nnz} nonzeros; growing only into nonzeros needs at most half of them "
+                             f"trainable, so use density <= {nnz / 2 / numel:.4f}")
         weight = base_view(self).weight
         device = weight.device
         nonzero = mask.view(-1).nonzero().squeeze(-1)
@@ -98,6 +106,7 @@ class SEFTLayer(DerivedMask, BaseTunerLayer):
             raise ValueError(f"SEFT init_indices must be 'random' or 'magnitude', got {init_indices!r}")
         empty_index = torch.zeros(0, dtype=torch.int64, device=device)
         self.density[adapter_name] = float(density)
+        self.grow_into[adapter_name] = grow_into
         self.seft_index[adapter_name] = torch.sort(chosen).values.to(torch.int64)
         # Δ in the base dtype; get_peft_model upcasts it to fp32 on a bf16/fp16 base unless asked not to
         # (its updates start far below a bf16 weight's resolution). The frozen deltas stay fp32.
@@ -264,9 +273,14 @@ class SEFTLayer(DerivedMask, BaseTunerLayer):
         frozen_index = torch.cat([self.seft_frozen_index[adapter_name], dropped])
         frozen_delta = torch.cat([self.seft_frozen_delta[adapter_name], delta_values[drop_slots].float()])
 
-        # 2. grow at the largest |gradient| outside A (the just-dropped included in A: no flip-flop).
+        # 2. grow at the largest |gradient| outside A (the just-dropped included in A: no flip-flop);
+        # with grow_into="kept" only at nonzeros, so nothing is re-grown and the mask stays as it is.
         grow_score = grad.abs().clone()
-        if self.nm_pattern is None:
+        if self.grow_into.get(adapter_name, "any") == "kept":
+            grow_score[~mask] = -1.0
+            grow_score[index] = -1.0
+            grown = largest(grow_score, n_drop)
+        elif self.nm_pattern is None:
             grow_score[index] = -1.0
             grown = largest(grow_score, n_drop)
         else:
@@ -361,11 +375,11 @@ def reset_optimizer_slots(optimizer: torch.optim.Optimizer, param: torch.Tensor,
 
 class Linear(nn.Module, SEFTLayer):
     def __init__(self, base_layer: nn.Module, adapter_name: str, density: float = 0.02, init_indices: str = "random",
-                 seed: int = 0, layer_seed: int = 0, **kwargs) -> None:
+                 seed: int = 0, grow_into: str = "any", layer_seed: int = 0, **kwargs) -> None:
         super().__init__()
         SEFTLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, density, init_indices, seed, layer_seed)
+        self.update_layer(adapter_name, density, init_indices, seed, grow_into=grow_into, layer_seed=layer_seed)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """``W ← restore_mask((W + F + Δ) ⊙ M, M)``: exactly the topology's count of nonzeros."""

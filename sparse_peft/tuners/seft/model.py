@@ -36,7 +36,7 @@ class SEFTModel(SparseMaskTuner):
 
     def _layer_kwargs(self, config) -> dict:
         return dict(density=config.density, init_indices=config.init_indices, seed=config.seed,
-                    layer_seed=getattr(self, "_current_layer_seed", 0))
+                    grow_into=config.grow_into, layer_seed=getattr(self, "_current_layer_seed", 0))
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
