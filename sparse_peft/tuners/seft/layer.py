@@ -273,15 +273,11 @@ class SEFTLayer(DerivedMask, BaseTunerLayer):
         frozen_index = torch.cat([self.seft_frozen_index[adapter_name], dropped])
         frozen_delta = torch.cat([self.seft_frozen_delta[adapter_name], delta_values[drop_slots].float()])
 
-        # 2. grow at the largest |gradient| outside A (the just-dropped included in A: no flip-flop);
-        # with grow_into="kept" only at nonzeros, so nothing is re-grown and the mask stays as it is.
+        # 2. grow at the largest |gradient| outside A (the just-dropped in A: no flip-flop); "kept": at nonzeros only
         grow_score = grad.abs().clone()
-        if self.grow_into.get(adapter_name, "any") == "kept":
-            grow_score[~mask] = -1.0
+        if self.nm_pattern is None or self.grow_into.get(adapter_name, "any") == "kept":
             grow_score[index] = -1.0
-            grown = largest(grow_score, n_drop)
-        elif self.nm_pattern is None:
-            grow_score[index] = -1.0
+            grow_score[~mask if self.grow_into.get(adapter_name, "any") == "kept" else []] = -1.0
             grown = largest(grow_score, n_drop)
         else:
             grow_score[index] = float("-inf")
