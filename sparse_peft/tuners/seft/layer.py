@@ -275,9 +275,10 @@ class SEFTLayer(DerivedMask, BaseTunerLayer):
 
         # 2. grow at the largest |gradient| outside A (the just-dropped in A: no flip-flop); "kept": at nonzeros only
         grow_score = grad.abs().clone()
-        if self.nm_pattern is None or self.grow_into.get(adapter_name, "any") == "kept":
+        kept_only = self.grow_into[adapter_name] == "kept"
+        if self.nm_pattern is None or kept_only:
             grow_score[index] = -1.0
-            grow_score[~mask if self.grow_into.get(adapter_name, "any") == "kept" else []] = -1.0
+            grow_score.masked_fill_(~mask & kept_only, -1.0)
             grown = largest(grow_score, n_drop)
         else:
             grow_score[index] = float("-inf")
