@@ -257,6 +257,25 @@ def test_sddmm_twin_blocks_and_csr(dtype, monkeypatch):
     assert torch.equal(ops.sddmm(grad_out, x, indices, csr=csr, backend="torch"), values)
 
 
+def test_sddmm_twin_takes_tokens_in_chunks_that_fit_in_cache(monkeypatch):
+    """fp32 ``sampled_addmm`` a chunk of tokens at a time (``token_chunk``: here 64 of 150, so three
+    calls); the chunks' sum is the dense product's values, and no tokens give zeros."""
+    import sparse_peft.functional.sddmm as twin
+
+    assert twin.token_chunk(8192, torch.float32) == 128 and twin.token_chunk(1024, torch.float32) == 1024
+    monkeypatch.setattr(twin, "SAMPLED_CHUNK_BYTES", 1)  # the 64-token floor
+    calls = []
+    real = torch.sparse.sampled_addmm
+    monkeypatch.setattr(torch.sparse, "sampled_addmm", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
+    grad_out, x = randn(150, 70), randn(150, 45, seed=2)
+    indices = torch.randint(0, 70 * 45, (300,), generator=torch.Generator().manual_seed(3))
+    values = ops.sddmm(grad_out, x, indices, backend="torch")
+    dense = (grad_out.double().t() @ x.double()).reshape(-1)[indices]
+    assert [shape[1] for shape in calls] == [64, 64, 22] and rel_err(values.double(), dense) < TOL[torch.float32]
+    empty = ops.sddmm(grad_out[:0], x[:0], indices, backend="torch")
+    assert empty.shape == (300,) and not empty.any()
+
+
 def test_seft_takes_its_delta_gradient_from_ops_sddmm(monkeypatch):
     """SEFT's layer leaves the backend to sp.ops and hands it the CSR form of the positions it keeps."""
     peft_model = get_peft_model(pruned_tiny_model("llama", 0.5), sp.SEFTConfig(density=0.05))
