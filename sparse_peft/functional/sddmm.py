@@ -66,15 +66,12 @@ def sddmm_reference(grad_out: torch.Tensor, x: torch.Tensor, indices: torch.Tens
         # A chunk of tokens at a time, so that the chunk of x every position reads stays in cache
         # (token_chunk); grad_outᵀ transposed here: given the strided view, sampled_addmm copies it
         # more slowly itself.
-        chunk, sampled = token_chunk(in_features, dtype), None
+        chunk = token_chunk(in_features, dtype)
+        sampled = torch.zeros(indices.numel(), dtype=dtype, device=x.device)  # no tokens: zeros
         for start in range(0, x.shape[0], chunk):
-            part = torch.sparse.sampled_addmm(pattern, grad_out[start:start + chunk].t().contiguous(),
-                                              x[start:start + chunk], beta=0.0).values()
-            sampled = part if sampled is None else sampled.add_(part)
-        if sampled is not None:
-            values[order] = sampled
-        else:  # no tokens: the product is zero
-            values.zero_()
+            sampled += torch.sparse.sampled_addmm(pattern, grad_out[start:start + chunk].t().contiguous(),
+                                                  x[start:start + chunk], beta=0.0).values()
+        values[order] = sampled
         return values
     csr = csr if csr is not None else csr_pattern(indices, (out_features, in_features))
     grad_t, x = grad_operands(grad_out, x)
