@@ -8,6 +8,7 @@ from conftest import IDS, calibration_batches, logits, make_tiny_model, pruned_t
 from peft import PeftModel, get_peft_model
 
 import sparse_peft as sp
+from sparse_peft.sparsity import growth
 from sparse_peft.sparsity.growth import grow_keep_mask, grow_keep_mask_nm
 from sparse_peft.sparsity.selection import rowwise_keep_mask
 from sparse_peft.tuners.spt import PRUNING_STATE_FILE, SPTAttention
@@ -278,6 +279,30 @@ def test_grow_keep_mask_matches_rowwise_from_dense_and_nests_from_uneven_rows():
     assert per_row[0] == 7 and max(per_row[1:]) - min(per_row[1:]) <= 1  # the others evened out
     with pytest.raises(ValueError, match="cannot grow a mask with 8 zeros to 5"):
         grow_keep_mask(scores, uneven, 5)
+
+
+def test_grow_keep_mask_ranks_a_block_of_rows_at_a_time_with_the_same_result(monkeypatch):
+    """The ranking (12 bytes a weight) is transient for a block of rows only, and blocking changes nothing:
+    the same mask as ranking the whole layer at once, including the last zeros chosen across rows."""
+    g = torch.Generator().manual_seed(1)
+    scores = torch.rand(11, 8, generator=g)
+    keep = torch.rand(11, 8, generator=g) > 0.2  # uneven existing zeros
+    counts = [int((~keep).sum()) + k for k in (1, 9, 23)]
+    whole = [grow_keep_mask(scores, keep, n) for n in counts]  # 88 weights: one block
+    ranked_sizes = []
+    argsort = torch.argsort
+
+    def recording_argsort(tensor, *args, **kwargs):
+        ranked_sizes.append(tensor.shape)
+        return argsort(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(growth, "RANK_BLOCK_ELEMENTS", 3 * 8)  # 3 rows a block: 4 blocks, the last of 2
+    monkeypatch.setattr(growth.torch, "argsort", recording_argsort)
+    for n, expected in zip(counts, whole):
+        assert torch.equal(grow_keep_mask(scores, keep, n), expected)
+    row_blocks = [shape for shape in ranked_sizes if len(shape) == 2]
+    assert row_blocks and max(shape[0] for shape in row_blocks) == 3
+    assert sum(shape[0] for shape in row_blocks) == 3 * 11  # every row ranked once per call
 
 
 @pytest.mark.parametrize("pruner, use_calibration", [("magnitude", False), ("wanda", False), ("wanda", True)])
