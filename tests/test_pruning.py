@@ -9,7 +9,7 @@ from conftest import calibration_batches
 from sparse_peft.sparsity import is_nm_sparse, named_linears, prune, sparsity_report
 from sparse_peft.sparsity.calibration import find_decoder_blocks, run_blockwise
 from sparse_peft.sparsity.owl import allocate_zero_counts, owl_block_sparsities
-from sparse_peft.sparsity.selection import rowwise_keep_mask, write_masked_weight_
+from sparse_peft.sparsity.selection import layerwise_keep_mask, rowwise_keep_mask, write_masked_weight_
 from sparse_peft.sparsity.sparsegpt import HessianStat, sparsegpt_prune
 from sparse_peft.sparsity.wanda import InputNormStat
 
@@ -372,3 +372,28 @@ def test_report_matches_weights_after_pruning(tiny_model):
     expected = sum(round(0.7 * m.weight.numel()) for _, m in _block_linears(model))
     assert report.zeros == expected
     assert math.isclose(report.global_sparsity, expected / report.numel)
+
+
+def test_row_and_layer_selection_equal_a_stable_sort_with_ties_and_nan_last():
+    """Masks are chosen by selecting each row's k-th score, not by sorting: the same zeros as the first
+    ``k`` of a stable sort (ties to the lower index), and a NaN score is pruned only after every finite one."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(30):
+        scores = torch.randint(0, 3, (4, 10), generator=g).float() if trial % 2 else torch.rand(4, 10, generator=g)
+        scores[trial % 4, trial % 10] = float("inf")
+        for n in range(41):
+            per_row, extra = divmod(n, 4)
+            order = torch.argsort(scores, dim=1, stable=True)
+            expected = torch.ones(4, 10, dtype=torch.bool)
+            expected.scatter_(1, order[:, :per_row], False)
+            if extra:
+                next_idx = order[:, min(per_row, 9)]
+                rows = torch.argsort(scores.gather(1, next_idx[:, None]).squeeze(1), stable=True)[:extra]
+                expected[rows, next_idx[rows]] = False
+            assert torch.equal(rowwise_keep_mask(scores, n), expected), (trial, n)
+            flat_expected = torch.ones(40, dtype=torch.bool)
+            flat_expected[torch.argsort(scores.reshape(-1), stable=True)[:n]] = False
+            assert torch.equal(layerwise_keep_mask(scores, n), flat_expected.reshape(4, 10)), (trial, n)
+    with_nan = torch.tensor([[float("nan"), 3.0, 2.0, 1.0]])
+    assert rowwise_keep_mask(with_nan, 3).tolist() == [[True, False, False, False]]
+    assert layerwise_keep_mask(with_nan, 2).tolist() == [[True, True, False, False]]

@@ -282,27 +282,58 @@ def test_grow_keep_mask_matches_rowwise_from_dense_and_nests_from_uneven_rows():
 
 
 def test_grow_keep_mask_ranks_a_block_of_rows_at_a_time_with_the_same_result(monkeypatch):
-    """The ranking (12 bytes a weight) is transient for a block of rows only, and blocking changes nothing:
-    the same mask as ranking the whole layer at once, including the last zeros chosen across rows."""
+    """The ranking's transients exist for a block of rows only, and blocking changes nothing: the same
+    mask as ranking the whole layer at once, including the last zeros chosen across rows."""
     g = torch.Generator().manual_seed(1)
     scores = torch.rand(11, 8, generator=g)
     keep = torch.rand(11, 8, generator=g) > 0.2  # uneven existing zeros
     counts = [int((~keep).sum()) + k for k in (1, 9, 23)]
     whole = [grow_keep_mask(scores, keep, n) for n in counts]  # 88 weights: one block
     ranked_sizes = []
-    argsort = torch.argsort
+    lowest_per_row = growth.lowest_per_row
 
-    def recording_argsort(tensor, *args, **kwargs):
-        ranked_sizes.append(tensor.shape)
-        return argsort(tensor, *args, **kwargs)
+    def recording_lowest_per_row(ranked, k):
+        ranked_sizes.append(ranked.shape)
+        return lowest_per_row(ranked, k)
 
     monkeypatch.setattr(growth, "RANK_BLOCK_ELEMENTS", 3 * 8)  # 3 rows a block: 4 blocks, the last of 2
-    monkeypatch.setattr(growth.torch, "argsort", recording_argsort)
+    monkeypatch.setattr(growth, "lowest_per_row", recording_lowest_per_row)
     for n, expected in zip(counts, whole):
         assert torch.equal(grow_keep_mask(scores, keep, n), expected)
-    row_blocks = [shape for shape in ranked_sizes if len(shape) == 2]
-    assert row_blocks and max(shape[0] for shape in row_blocks) == 3
-    assert sum(shape[0] for shape in row_blocks) == 3 * 11  # every row ranked once per call
+    assert ranked_sizes and max(shape[0] for shape in ranked_sizes) == 3
+    assert sum(shape[0] for shape in ranked_sizes) == 3 * 11  # every row ranked once per call
+
+
+def _grow_by_sorting(scores, keep, n_zeros):
+    """The row-wise growth rule written with a stable sort of every row (the reference)."""
+    rows, cols = scores.shape
+    zeros = (~keep).sum(dim=1)
+    level = max(L for L in range(cols + 1) if int(zeros.clamp(min=L).sum()) <= n_zeros)
+    per_row = zeros.clamp(min=level)
+    order = torch.argsort(scores.masked_fill(~keep, float("-inf")), dim=1, stable=True)
+    new_keep = keep.clone()
+    next_candidates = []
+    for r in range(rows):
+        new_keep[r, order[r, :per_row[r]]] = False
+        if per_row[r] == level < cols:
+            next_candidates.append((float(scores[r, order[r, level]]), r, int(order[r, level])))
+    for _, r, c in sorted(next_candidates)[:n_zeros - int(per_row.sum())]:
+        new_keep[r, c] = False
+    return new_keep
+
+
+def test_grow_keep_mask_equals_a_stable_sort_of_every_row_with_ties_and_infinities():
+    """The rule selects each row's k-th score instead of sorting the row; ties (equal scores) still go to
+    the lower index and infinite scores rank as a sort ranks them."""
+    g = torch.Generator().manual_seed(2)
+    for trial in range(40):
+        scores = torch.randint(0, 3, (5, 9), generator=g).float()  # many ties
+        if trial % 2:
+            scores = torch.rand(5, 9, generator=g)
+        scores[trial % 5, trial % 9] = float("inf")
+        keep = torch.rand(5, 9, generator=g) > 0.4
+        for n in range(int((~keep).sum()), 46):
+            assert torch.equal(grow_keep_mask(scores, keep, n), _grow_by_sorting(scores, keep, n)), (trial, n)
 
 
 @pytest.mark.parametrize("pruner, use_calibration", [("magnitude", False), ("wanda", False), ("wanda", True)])

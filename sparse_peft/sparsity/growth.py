@@ -2,7 +2,7 @@
 
 Gradual pruning adds zeros to a layer at every event and never un-prunes, so each new mask must
 contain every pruned position of the previous one. Both rules below take the lowest-scored
-*still-kept* weights (lower score = pruned first; ties to the lower index, stable sort), and end
+*still-kept* weights (lower score = pruned first; ties to the lower index, as in a stable sort), and end
 with an exact count of zeros:
 
 - ``grow_keep_mask``: the zeros are spread over output rows as evenly as the existing zeros allow.
@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from .selection import lowest_per_row, nan_ranks_last, next_lowest_per_row
+
 #: Weights ``grow_keep_mask`` ranks at a time (a block of whole rows): 4 Mi weights, about 50 MB of
 #: transients, where ranking a 70B model's 8192 x 28672 projection at once would hold about 3 GB.
 RANK_BLOCK_ELEMENTS = 1 << 22
@@ -34,7 +36,7 @@ def grow_keep_mask(scores: torch.Tensor, keep: torch.Tensor, n_zeros: int) -> to
     exactly ``selection.rowwise_keep_mask``.
     """
     rows, cols = scores.shape
-    zeros_per_row = (~keep).sum(dim=1)
+    zeros_per_row = cols - keep.sum(dim=1, dtype=torch.int32).long()
     have = int(zeros_per_row.sum())
     if not have <= n_zeros <= rows * cols:
         raise ValueError(f"cannot grow a mask with {have} zeros to {n_zeros} zeros (of {rows * cols} weights)")
@@ -51,26 +53,25 @@ def grow_keep_mask(scores: torch.Tensor, keep: torch.Tensor, n_zeros: int) -> to
     per_row = zeros_per_row.clamp(min=level)
     extra = n_zeros - int(per_row.sum())
     new_keep = torch.empty_like(keep)
-    # Per row: its next candidate (the first kept weight past its new zeros) and that one's score.
+    # Per row: its next candidate (the lowest-scored weight left kept) and that one's score.
     next_idx = torch.empty(rows, dtype=torch.long, device=scores.device)
     next_score = torch.empty(rows, dtype=torch.float32, device=scores.device)
-    # The rule is per row until the last few zeros, so the ranking (an fp32 score and an int64 order
-    # per weight: 12 bytes a weight) is made a block of rows at a time; only the block is transient.
+    # The rule is per row until the last few zeros, so the ranking's transients (a float copy of the
+    # scores and a few bool masks) are made a block of rows at a time.
     block_rows = max(1, RANK_BLOCK_ELEMENTS // cols)
     for start in range(0, rows, block_rows):
         stop = min(rows, start + block_rows)
-        # Pruned positions sort first, so each row's first per_row[r] entries hold all its old zeros.
-        ranked = scores[start:stop].float().masked_fill(~keep[start:stop], float("-inf"))
-        order = torch.argsort(ranked, dim=1, stable=True)
-        position = torch.arange(cols, device=scores.device).expand(stop - start, cols)
-        new_keep[start:stop].scatter_(1, order, position >= per_row[start:stop].unsqueeze(1))
-        candidate = order.gather(1, per_row[start:stop].clamp(max=cols - 1).unsqueeze(1))
-        next_idx[start:stop] = candidate.squeeze(1)
-        next_score[start:stop] = ranked.gather(1, candidate).squeeze(1)
+        block_keep = keep[start:stop]
+        # Old zeros rank first, so a row's `level` lowest hold all its old zeros; a row with more old
+        # zeros than `level` keeps them all (the `| ~block_keep`).
+        ranked = nan_ranks_last(scores[start:stop]).masked_fill_(~block_keep, float("-inf"))
+        pruned = lowest_per_row(ranked, level) | ~block_keep
+        new_keep[start:stop] = ~pruned
+        if extra:
+            next_score[start:stop], next_idx[start:stop] = next_lowest_per_row(ranked, pruned)
     if extra:
-        can_take = (per_row == level) & (per_row < cols)
-        next_score = next_score.masked_fill(~can_take, float("inf"))
-        chosen = torch.argsort(next_score, stable=True)[:extra]
+        can_take = ((per_row == level) & (per_row < cols)).nonzero().squeeze(1)
+        chosen = can_take[torch.argsort(next_score[can_take], stable=True)[:extra]]
         new_keep[chosen, next_idx[chosen]] = False
     return new_keep
 
@@ -83,7 +84,7 @@ def grow_keep_mask_nm(scores: torch.Tensor, keep: torch.Tensor, n_zeros: int, n:
     groups_keep = keep.reshape(-1, m)
     # A group already past M - N zeros (exact zeros of the checkpoint) is N:M as it is: no room, kept.
     room = ((m - n) - (~groups_keep).sum(dim=1)).clamp(min=0)
-    have = keep.numel() - int(keep.sum())
+    have = keep.numel() - int(torch.count_nonzero(keep))
     capacity = have + int(room.sum())
     if not have <= n_zeros <= capacity:
         raise ValueError(f"cannot grow a mask with {have} zeros to {n_zeros} zeros at {n}:{m} "
@@ -94,7 +95,8 @@ def grow_keep_mask_nm(scores: torch.Tensor, keep: torch.Tensor, n_zeros: int, n:
     candidate = torch.arange(m, device=scores.device)[None, :] < room[:, None]
     first = torch.arange(groups_keep.shape[0], device=scores.device)[:, None] * m
     positions = (first + order)[candidate]
-    chosen = positions[torch.argsort(ranked.gather(1, order)[candidate], stable=True)[:n_zeros - have]]
+    candidate_scores = nan_ranks_last(ranked.gather(1, order)[candidate]).unsqueeze(0)
+    chosen = positions[lowest_per_row(candidate_scores, n_zeros - have).squeeze(0)]
     new_keep = keep.clone()
     new_keep.view(-1)[chosen] = False
     return new_keep

@@ -348,7 +348,7 @@ def _prune_linear(linear: nn.Linear, score: Callable[[torch.Tensor], torch.Tenso
     """
     weight = full_tensor(linear.weight.detach())
     keep = weight != 0
-    before = int((~keep).sum())
+    before = keep.numel() - int(torch.count_nonzero(keep))
     scores = score(weight)
     new_keep = grow_keep_mask(scores, keep, n_zeros) if pattern is None else grow_keep_mask_nm(
         scores, keep, n_zeros, *pattern)
