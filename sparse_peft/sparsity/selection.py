@@ -6,8 +6,7 @@ pruned after every finite one.
 
 Unstructured masks select rather than sort (``lowest_per_row``): a row's ``k``-th smallest score is
 its threshold. The result is the first ``k`` of a stable sort, in linear time per row and without an
-int64 order per weight (a selection takes about half a sort's time on a CPU, a fifth for a whole
-layer at once).
+int64 order per weight.
 
 Exactness (the promise every pruner keeps; see docs/pruning.md):
 - a layer's unstructured target is an integer count of zeros ``Z`` (``round(s * numel)`` for a
@@ -68,7 +67,8 @@ def next_lowest_per_row(ranked: torch.Tensor, taken: torch.Tensor) -> tuple[torc
 def nan_ranks_last(scores: torch.Tensor) -> torch.Tensor:
     """A copy of ``scores`` (at least float32) with NaN as ``+inf``: pruned after every finite score, as
     a sort puts NaN last (a sort puts it after ``+inf`` too; here the two tie, lower index first)."""
-    return scores.to(torch.promote_types(scores.dtype, torch.float32)).nan_to_num(nan=float("inf"), posinf=float("inf"), neginf=float("-inf"))
+    inf = float("inf")
+    return scores.to(torch.promote_types(scores.dtype, torch.float32)).nan_to_num(nan=inf, posinf=inf, neginf=-inf)
 
 
 def rowwise_keep_mask(scores: torch.Tensor, n_zeros: int) -> torch.Tensor:
