@@ -8,7 +8,7 @@ from conftest import IDS, calibration_batches, logits, make_tiny_model, pruned_t
 from peft import PeftModel, get_peft_model
 
 import sparse_peft as sp
-from sparse_peft.sparsity import growth
+from sparse_peft.sparsity import growth, selection
 from sparse_peft.sparsity.growth import grow_keep_mask, grow_keep_mask_nm
 from sparse_peft.sparsity.selection import rowwise_keep_mask
 from sparse_peft.tuners.spt import PRUNING_STATE_FILE, SPTAttention
@@ -296,7 +296,7 @@ def test_grow_keep_mask_ranks_a_block_of_rows_at_a_time_with_the_same_result(mon
         ranked_sizes.append(ranked.shape)
         return lowest_per_row(ranked, k)
 
-    monkeypatch.setattr(growth, "RANK_BLOCK_ELEMENTS", 3 * 8)  # 3 rows a block: 4 blocks, the last of 2
+    monkeypatch.setattr(selection, "RANK_BLOCK_ELEMENTS", 3 * 8)  # 3 rows a block: 4 blocks, the last of 2
     monkeypatch.setattr(growth, "lowest_per_row", recording_lowest_per_row)
     for n, expected in zip(counts, whole):
         assert torch.equal(grow_keep_mask(scores, keep, n), expected)
@@ -334,6 +334,63 @@ def test_grow_keep_mask_equals_a_stable_sort_of_every_row_with_ties_and_infiniti
         keep = torch.rand(5, 9, generator=g) > 0.4
         for n in range(int((~keep).sum()), 46):
             assert torch.equal(grow_keep_mask(scores, keep, n), _grow_by_sorting(scores, keep, n)), (trial, n)
+
+
+def _grow_nm_by_sorting(scores, keep, n_zeros, n, m):
+    """The N:M growth rule written with a stable sort (the reference): in every group, its kept weights
+    in score order, the first `room` of them candidates; the layer's lowest candidates, ties to the
+    lower position, become the new zeros. NaN ranks with +inf (lower position first)."""
+    ranked = scores.nan_to_num(nan=float("inf")).reshape(-1, m)
+    groups_keep = keep.reshape(-1, m)
+    candidates = []  # (score, flat position)
+    for g in range(groups_keep.shape[0]):
+        kept = [j for j in sorted(range(m), key=lambda j: (float(ranked[g, j]), j)) if groups_keep[g, j]]
+        room = max(0, (m - n) - (m - len(kept)))
+        candidates += [(float(ranked[g, j]), g * m + j) for j in kept[:room]]
+    new_keep = keep.clone().view(-1)
+    for _, position in sorted(candidates)[:n_zeros - int((~keep).sum())]:
+        new_keep[position] = False
+    return new_keep.view(keep.shape)
+
+
+@pytest.mark.parametrize("n, m", [(2, 4), (1, 4), (3, 8)])
+def test_grow_keep_mask_nm_equals_a_stable_sort_with_ties_infinities_and_blocks(monkeypatch, n, m):
+    """The N:M rule ranks each group by pairwise comparisons, a block of rows at a time, and selects the
+    layer's lowest candidates: the same zeros as sorting, with ties, ±inf and NaN scores (a kept
+    weight scored NaN or +inf never lets an old zero count as a new one), in one block or several."""
+    g = torch.Generator().manual_seed(3)
+    for trial in range(12):
+        scores = torch.randint(0, 3, (5, 2 * m), generator=g).float()  # many ties
+        if trial % 2:
+            scores = torch.rand(5, 2 * m, generator=g)
+        scores[trial % 5, trial % (2 * m)] = float("nan")
+        scores[(trial + 2) % 5, (trial + 3) % (2 * m)] = float("inf")
+        scores[(trial + 4) % 5, (trial + 1) % (2 * m)] = float("-inf")
+        keep = torch.rand(5, 2 * m, generator=g) > 0.3
+        have = int((~keep).sum())
+        capacity = have + int(((m - n) - (~keep).reshape(-1, m).sum(dim=1)).clamp(min=0).sum())
+        for block_elements in (1 << 22, 2 * 2 * m):  # one block; 2 rows a block (the last of 1)
+            monkeypatch.setattr(selection, "RANK_BLOCK_ELEMENTS", block_elements)
+            for n_zeros in range(have, capacity + 1):
+                grown = grow_keep_mask_nm(scores, keep, n_zeros, n, m)
+                assert torch.equal(grown, _grow_nm_by_sorting(scores, keep, n_zeros, n, m)), (trial, n_zeros)
+                assert int((~grown).sum()) == n_zeros and not (grown & ~keep).any()
+
+
+def test_nm_keep_mask_equals_a_stable_sort_of_every_group(monkeypatch):
+    """``nm_keep_mask`` prunes each group's M - N lowest scores (ties to the lower index, NaN with +inf
+    after every finite score) as a stable sort does, one block of rows or several."""
+    g = torch.Generator().manual_seed(4)
+    for n, m in [(2, 4), (1, 4), (4, 8), (3, 16)]:
+        scores = torch.randint(0, 4, (7, 4 * m), generator=g).float()
+        scores[torch.rand(7, 4 * m, generator=g) < 0.05] = float("nan")
+        scores[torch.rand(7, 4 * m, generator=g) < 0.05] = float("inf")
+        scores[torch.rand(7, 4 * m, generator=g) < 0.05] = float("-inf")
+        order = torch.argsort(scores.nan_to_num(nan=float("inf")).reshape(-1, m), dim=1, stable=True)
+        expected = torch.ones(7 * 4, m, dtype=torch.bool).scatter_(1, order[:, : m - n], False).reshape(7, 4 * m)
+        for block_elements in (1 << 22, 3 * 4 * m):
+            monkeypatch.setattr(selection, "RANK_BLOCK_ELEMENTS", block_elements)
+            assert torch.equal(selection.nm_keep_mask(scores, n, m), expected), (n, m, block_elements)
 
 
 @pytest.mark.parametrize("pruner, use_calibration", [("magnitude", False), ("wanda", False), ("wanda", True)])
@@ -410,6 +467,9 @@ def test_grow_keep_mask_nm_takes_the_lowest_scores_where_a_group_has_room():
     # A group already past 2 zeros has no room and keeps its zeros.
     full = torch.tensor([[False, False, False, True, True, True, True, True]])
     assert (~grow_keep_mask_nm(scores, full, 5, 2, 4)).nonzero()[:, 1].tolist() == [0, 1, 2, 4, 5]
+    # A group whose kept weights all score NaN still gets its new zero (its old zero is not a candidate).
+    unscored = torch.tensor([[0.0, float("nan"), float("nan"), float("nan")]])
+    assert (~grow_keep_mask_nm(unscored, keep[:, :4], 2, 2, 4)).nonzero()[:, 1].tolist() == [0, 1]
 
 
 def test_2_4_target_keeps_groups_that_already_have_more_zeros():

@@ -19,11 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from .selection import lowest_per_row, nan_ranks_last, next_lowest_per_row
-
-#: Weights ``grow_keep_mask`` ranks at a time (a block of whole rows): 4 Mi weights, about 50 MB of
-#: transients, where ranking a 70B model's 8192 x 28672 projection at once would hold about 3 GB.
-RANK_BLOCK_ELEMENTS = 1 << 22
+from . import selection
+from .selection import lowest_per_row, nan_ranks_last, next_lowest_per_row, rank_in_groups
 
 
 def grow_keep_mask(scores: torch.Tensor, keep: torch.Tensor, n_zeros: int) -> torch.Tensor:
@@ -57,8 +54,8 @@ def grow_keep_mask(scores: torch.Tensor, keep: torch.Tensor, n_zeros: int) -> to
     next_idx = torch.empty(rows, dtype=torch.long, device=scores.device)
     next_score = torch.empty(rows, dtype=torch.float32, device=scores.device)
     # The rule is per row until the last few zeros, so the ranking's transients (a float copy of the
-    # scores and a few bool masks) are made a block of rows at a time.
-    block_rows = max(1, RANK_BLOCK_ELEMENTS // cols)
+    # scores, kthvalue's copy and int64 indices, a few bool masks) are made a block of rows at a time.
+    block_rows = max(1, selection.RANK_BLOCK_ELEMENTS // cols)
     for start in range(0, rows, block_rows):
         stop = min(rows, start + block_rows)
         block_keep = keep[start:stop]
@@ -81,22 +78,35 @@ def grow_keep_mask_nm(scores: torch.Tensor, keep: torch.Tensor, n_zeros: int, n:
     zeros in every group of ``m`` consecutive inputs (or its zeros now, if more): the lowest-scored kept
     weights among those whose group still has room. At the full count every group is N:M.
     (Rows are not balanced on the way; at the end the pattern balances them.)"""
+    rows, cols = scores.shape
+    if cols % m:
+        raise ValueError(f"N:M with M={m} does not divide {cols} inputs")
     groups_keep = keep.reshape(-1, m)
     # A group already past M - N zeros (exact zeros of the checkpoint) is N:M as it is: no room, kept.
-    room = ((m - n) - (~groups_keep).sum(dim=1)).clamp(min=0)
+    room = ((m - n) - (~groups_keep).sum(dim=1, dtype=torch.int32)).clamp(min=0)
     have = keep.numel() - int(torch.count_nonzero(keep))
     capacity = have + int(room.sum())
     if not have <= n_zeros <= capacity:
         raise ValueError(f"cannot grow a mask with {have} zeros to {n_zeros} zeros at {n}:{m} "
                          f"(at most {capacity} fit)")
-    # Per group, its kept weights from the lowest score up; the first `room` of them are candidates.
-    ranked = scores.float().reshape(-1, m).masked_fill(~groups_keep, float("inf"))
-    order = torch.argsort(ranked, dim=1, stable=True)
-    candidate = torch.arange(m, device=scores.device)[None, :] < room[:, None]
-    first = torch.arange(groups_keep.shape[0], device=scores.device)[:, None] * m
-    positions = (first + order)[candidate]
-    candidate_scores = nan_ranks_last(ranked.gather(1, order)[candidate]).unsqueeze(0)
-    chosen = positions[lowest_per_row(candidate_scores, n_zeros - have).squeeze(0)]
+    if n_zeros == have:
+        return keep.clone()
+    # A group's candidates are its `room` lowest-scored kept weights. They are found a block of rows at
+    # a time; only their scores (in the layer's order) and where they are outlive the block.
+    candidate = torch.empty_like(keep)
+    candidate_scores = []
+    block_rows = max(1, selection.RANK_BLOCK_ELEMENTS // cols)
+    for start in range(0, rows, block_rows):
+        stop = min(rows, start + block_rows)
+        groups = slice(start * cols // m, stop * cols // m)
+        ranked = nan_ranks_last(scores[start:stop]).reshape(-1, m)
+        block_keep = groups_keep[groups]
+        block_candidate = block_keep & (rank_in_groups(ranked, block_keep) < room[groups, None])
+        candidate[start:stop] = block_candidate.reshape(stop - start, cols)
+        candidate_scores.append(ranked[block_candidate])
+    # The lowest candidates of the whole layer, ties to the lower position (the candidates are in the
+    # layer's order), are the new zeros.
+    chosen = lowest_per_row(torch.cat(candidate_scores).unsqueeze(0), n_zeros - have).squeeze(0)
     new_keep = keep.clone()
-    new_keep.view(-1)[chosen] = False
+    new_keep.view(-1).masked_scatter_(candidate.view(-1), ~chosen)
     return new_keep

@@ -4,9 +4,13 @@ Every ``*_keep_mask`` returns a bool ``keep`` mask (``True`` = kept). Lower scor
 go to the lower input index (as in a stable sort), so results are deterministic. NaN scores are
 pruned after every finite one.
 
-Unstructured masks select rather than sort (``lowest_per_row``): a row's ``k``-th smallest score is
-its threshold. The result is the first ``k`` of a stable sort, in linear time per row and without an
-int64 order per weight.
+No rule here sorts the weights. Unstructured masks select (``lowest_per_row``): a row's ``k``-th
+smallest score is its threshold, found in linear time per row. N:M masks rank each group of ``M`` by comparing its
+entries pairwise (``rank_in_groups``): a byte of rank per weight. Both give the first ``k`` of a
+stable sort. ``kthvalue``, which finds the threshold, holds a copy of its input and an int64 index
+per entry while it runs (torch's CPU selection), so the callers that may see a large layer
+(``nm_keep_mask`` here, ``growth``'s rules) work a block of whole rows at a time
+(``RANK_BLOCK_ELEMENTS``).
 
 Exactness (the promise every pruner keeps; see docs/pruning.md):
 - a layer's unstructured target is an integer count of zeros ``Z`` (``round(s * numel)`` for a
@@ -24,6 +28,11 @@ import torch
 from .._distributed import full_tensor, write_full_
 from .masks import linear_view, restore_mask
 
+#: Weights ranked at a time (a block of whole rows) by the rules that may see a whole large layer:
+#: 4 Mi weights, about 75 MB of transients (an fp32 copy of the scores, ``kthvalue``'s copy and int64
+#: indices, a few bool masks), where a 70B model's 8192 x 28672 projection at once would hold about 4 GB.
+RANK_BLOCK_ELEMENTS = 1 << 22
+
 
 def unstructured_zero_count(sparsity: float, numel: int) -> int:
     """The exact number of zeros a layer of ``numel`` weights gets at ``sparsity``."""
@@ -34,9 +43,10 @@ def lowest_per_row(ranked: torch.Tensor, k: int) -> torch.Tensor:
     """True at the ``k`` lowest entries of every row, ties to the lower index: the first ``k`` of a
     stable sort of each row, found without sorting. ``ranked`` is 2-D float without NaN.
 
-    A row's ``k``-th smallest value (a selection, linear in the row, where a sort takes ``n log n``
-    and an int64 order per entry) is its threshold: every entry below it is taken, and of the
-    entries equal to it those of lowest index, as many as the row is still short of ``k``.
+    A row's ``k``-th smallest value (a selection, linear in the row, where a sort takes ``n log n``)
+    is its threshold: every entry below it is taken, and of the entries equal to it those of lowest
+    index, as many as the row is still short of ``k``. ``kthvalue`` holds a copy of ``ranked`` and an
+    int64 index per entry while it runs: pass a block of rows where the whole would be large.
     """
     if k == 0:
         return torch.zeros_like(ranked, dtype=torch.bool)
@@ -94,16 +104,42 @@ def layerwise_keep_mask(scores: torch.Tensor, n_zeros: int) -> torch.Tensor:
     return ~lowest_per_row(nan_ranks_last(scores).reshape(1, -1), n_zeros).reshape(scores.shape)
 
 
+def rank_in_groups(ranked: torch.Tensor, eligible: torch.Tensor | None = None) -> torch.Tensor:
+    """Each entry's place (0-based) in a stable sort of the eligible entries of its group, for
+    ``ranked`` of shape (groups, m) without NaN: how many eligible entries of the group are lower, or
+    equal at a lower index. Meant for small ``m`` (the ``M`` of N:M): the ``m (m - 1) / 2`` pairs of
+    columns are compared once each, ``O(m)`` work per entry, with the ranks in a byte (int32 past
+    ``m = 255``) where a sort would hold an int64 order. An ineligible entry gets a number too (the
+    eligible entries before it); callers ignore it."""
+    groups, m = ranked.shape
+    columns = ranked.t().contiguous()  # column i is each group's i-th entry, contiguous
+    eligible_columns = eligible.t().contiguous() if eligible is not None else None
+    rank = torch.zeros(m, groups, dtype=torch.uint8 if m <= 255 else torch.int32, device=ranked.device)
+    for i in range(m):
+        for j in range(i + 1, m):
+            j_first = columns[j] < columns[i]  # else i comes first: lower, or equal at the lower index
+            i_first = ~j_first
+            if eligible_columns is not None:
+                j_first &= eligible_columns[j]
+                i_first &= eligible_columns[i]
+            rank[i] += j_first
+            rank[j] += i_first
+    return rank.t()
+
+
 def nm_keep_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Keep the ``n`` highest scores in every group of ``m`` consecutive inputs of every row."""
+    """Keep the ``n`` highest scores in every group of ``m`` consecutive inputs of every row: the
+    ``m - n`` lowest of each group are pruned (ties to the lower index, NaN ranking last)."""
     rows, cols = scores.shape
     if cols % m:
         raise ValueError(f"N:M with M={m} does not divide {cols} inputs")
-    groups = scores.reshape(rows, cols // m, m)
-    order = torch.argsort(groups, dim=-1, stable=True)
-    keep = torch.ones_like(groups, dtype=torch.bool)
-    keep.scatter_(-1, order[..., : m - n], False)
-    return keep.reshape(rows, cols)
+    keep = torch.empty(rows, cols, dtype=torch.bool, device=scores.device)
+    block_rows = max(1, RANK_BLOCK_ELEMENTS // cols)
+    for start in range(0, rows, block_rows):
+        stop = min(rows, start + block_rows)
+        groups = nan_ranks_last(scores[start:stop]).reshape(-1, m)
+        keep[start:stop] = (rank_in_groups(groups) >= m - n).reshape(stop - start, cols)
+    return keep
 
 
 @torch.no_grad()
