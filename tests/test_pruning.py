@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from conftest import calibration_batches
-from sparse_peft.sparsity import is_nm_sparse, named_linears, prune, sparsity_report
+from sparse_peft.sparsity import is_nm_sparse, named_linears, prune, selection, sparsity_report
 from sparse_peft.sparsity.calibration import find_decoder_blocks, run_blockwise
 from sparse_peft.sparsity.owl import allocate_zero_counts, owl_block_sparsities
 from sparse_peft.sparsity.selection import layerwise_keep_mask, rowwise_keep_mask, write_masked_weight_
@@ -374,9 +374,12 @@ def test_report_matches_weights_after_pruning(tiny_model):
     assert math.isclose(report.global_sparsity, expected / report.numel)
 
 
-def test_row_and_layer_selection_equal_a_stable_sort_with_ties_and_nan_last():
+@pytest.mark.parametrize("block_elements", [1 << 22, 10])
+def test_row_and_layer_selection_equal_a_stable_sort_with_ties_and_nan_last(monkeypatch, block_elements):
     """Masks are chosen by selecting each row's k-th score, not by sorting: the same zeros as the first
-    ``k`` of a stable sort (ties to the lower index), and a NaN score is pruned only after every finite one."""
+    ``k`` of a stable sort (ties to the lower index), and a NaN score is pruned only after every finite
+    one; the row-wise rule works a block of rows at a time (here one block, or one row a block)."""
+    monkeypatch.setattr(selection, "RANK_BLOCK_ELEMENTS", block_elements)
     g = torch.Generator().manual_seed(0)
     for trial in range(30):
         scores = torch.randint(0, 3, (4, 10), generator=g).float() if trial % 2 else torch.rand(4, 10, generator=g)

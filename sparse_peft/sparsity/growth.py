@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from . import selection
-from .selection import lowest_per_row, nan_ranks_last, next_lowest_per_row, rank_in_groups
+from .selection import lowest_per_row, nan_ranks_last, next_lowest_per_row, rank_blocks, rank_in_groups
 
 
 def grow_keep_mask(scores: torch.Tensor, keep: torch.Tensor, n_zeros: int) -> torch.Tensor:
@@ -55,9 +54,7 @@ def grow_keep_mask(scores: torch.Tensor, keep: torch.Tensor, n_zeros: int) -> to
     next_score = torch.empty(rows, dtype=torch.float32, device=scores.device)
     # The rule is per row until the last few zeros, so the ranking's transients (a float copy of the
     # scores, kthvalue's copy and int64 indices, a few bool masks) are made a block of rows at a time.
-    block_rows = max(1, selection.RANK_BLOCK_ELEMENTS // cols)
-    for start in range(0, rows, block_rows):
-        stop = min(rows, start + block_rows)
+    for start, stop in rank_blocks(rows, cols):
         block_keep = keep[start:stop]
         # Old zeros rank first, so a row's `level` lowest hold all its old zeros; a row with more old
         # zeros than `level` keeps them all (the `| ~block_keep`).
@@ -95,9 +92,7 @@ def grow_keep_mask_nm(scores: torch.Tensor, keep: torch.Tensor, n_zeros: int, n:
     # a time; only their scores (in the layer's order) and where they are outlive the block.
     candidate = torch.empty_like(keep)
     candidate_scores = []
-    block_rows = max(1, selection.RANK_BLOCK_ELEMENTS // cols)
-    for start in range(0, rows, block_rows):
-        stop = min(rows, start + block_rows)
+    for start, stop in rank_blocks(rows, cols):
         groups = slice(start * cols // m, stop * cols // m)
         ranked = nan_ranks_last(scores[start:stop]).reshape(-1, m)
         block_keep = groups_keep[groups]

@@ -8,9 +8,8 @@ No rule here sorts the weights. Unstructured masks select (``lowest_per_row``): 
 smallest score is its threshold, found in linear time per row. N:M masks rank each group of ``M`` by comparing its
 entries pairwise (``rank_in_groups``): a byte of rank per weight. Both give the first ``k`` of a
 stable sort. ``kthvalue``, which finds the threshold, holds a copy of its input and an int64 index
-per entry while it runs (torch's CPU selection), so the callers that may see a large layer
-(``nm_keep_mask`` here, ``growth``'s rules) work a block of whole rows at a time
-(``RANK_BLOCK_ELEMENTS``).
+per entry while it runs (torch's CPU selection), so the per-row and N:M rules work a block of whole
+rows at a time (``rank_blocks``); ``layerwise_keep_mask`` ranks the layer as one row.
 
 Exactness (the promise every pruner keeps; see docs/pruning.md):
 - a layer's unstructured target is an integer count of zeros ``Z`` (``round(s * numel)`` for a
@@ -32,6 +31,14 @@ from .masks import linear_view, restore_mask
 #: 4 Mi weights, about 75 MB of transients (an fp32 copy of the scores, ``kthvalue``'s copy and int64
 #: indices, a few bool masks), where a 70B model's 8192 x 28672 projection at once would hold about 4 GB.
 RANK_BLOCK_ELEMENTS = 1 << 22
+
+
+def rank_blocks(rows: int, cols: int):
+    """``(start, stop)`` of consecutive blocks of whole rows of at most ``RANK_BLOCK_ELEMENTS`` weights
+    (at least one row; the constant is read at call time)."""
+    block_rows = max(1, RANK_BLOCK_ELEMENTS // max(1, cols))
+    for start in range(0, rows, block_rows):
+        yield start, min(rows, start + block_rows)
 
 
 def unstructured_zero_count(sparsity: float, numel: int) -> int:
@@ -87,14 +94,21 @@ def rowwise_keep_mask(scores: torch.Tensor, n_zeros: int) -> torch.Tensor:
     if not 0 <= n_zeros <= rows * cols:
         raise ValueError(f"cannot prune {n_zeros} of {rows * cols} weights")
     per_row, extra = divmod(n_zeros, rows)
-    ranked = nan_ranks_last(scores)
-    pruned = lowest_per_row(ranked, per_row)
+    keep = torch.empty(rows, cols, dtype=torch.bool, device=scores.device)
+    if extra:
+        next_score = torch.empty(rows, dtype=torch.float32, device=scores.device)
+        next_idx = torch.empty(rows, dtype=torch.long, device=scores.device)
+    for start, stop in rank_blocks(rows, cols):
+        ranked = nan_ranks_last(scores[start:stop])
+        pruned = lowest_per_row(ranked, per_row)
+        if extra:
+            next_score[start:stop], next_idx[start:stop] = next_lowest_per_row(ranked, pruned)
+        keep[start:stop] = ~pruned
     if extra:
         # The extra zeros go where they cost least: the rows whose next candidate scores lowest.
-        next_score, next_idx = next_lowest_per_row(ranked, pruned)
         rows_with_extra = torch.argsort(next_score, stable=True)[:extra]
-        pruned[rows_with_extra, next_idx[rows_with_extra]] = True
-    return ~pruned
+        keep[rows_with_extra, next_idx[rows_with_extra]] = False
+    return keep
 
 
 def layerwise_keep_mask(scores: torch.Tensor, n_zeros: int) -> torch.Tensor:
@@ -134,9 +148,7 @@ def nm_keep_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     if cols % m:
         raise ValueError(f"N:M with M={m} does not divide {cols} inputs")
     keep = torch.empty(rows, cols, dtype=torch.bool, device=scores.device)
-    block_rows = max(1, RANK_BLOCK_ELEMENTS // cols)
-    for start in range(0, rows, block_rows):
-        stop = min(rows, start + block_rows)
+    for start, stop in rank_blocks(rows, cols):
         groups = nan_ranks_last(scores[start:stop]).reshape(-1, m)
         keep[start:stop] = (rank_in_groups(groups) >= m - n).reshape(stop - start, cols)
     return keep
