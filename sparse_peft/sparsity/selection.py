@@ -5,11 +5,12 @@ go to the lower input index (as in a stable sort), so results are deterministic.
 pruned after every finite one.
 
 No rule here sorts the weights. Unstructured masks select (``lowest_per_row``): a row's ``k``-th
-smallest score is its threshold, found in linear time per row. N:M masks rank each group of ``M`` by comparing its
-entries pairwise (``rank_in_groups``): a byte of rank per weight. Both give the first ``k`` of a
-stable sort. ``kthvalue``, which finds the threshold, holds a copy of its input and an int64 index
-per entry while it runs (torch's CPU selection), so the per-row and N:M rules work a block of whole
-rows at a time (``rank_blocks``); ``layerwise_keep_mask`` ranks the layer as one row.
+smallest score is its threshold, found in linear time per row. N:M masks rank each group of ``M``
+by comparing its entries pairwise (``rank_in_groups``): a byte of rank per weight. Both give the
+first ``k`` of a stable sort. ``kthvalue``, which finds the threshold, holds a copy of its input and
+an int64 index per entry while it runs (torch's CPU selection), so the per-row and N:M rules work
+a block of whole rows at a time (``rank_blocks``); ``layerwise_keep_mask`` ranks the layer as one
+row.
 
 Exactness (the promise every pruner keeps; see docs/pruning.md):
 - a layer's unstructured target is an integer count of zeros ``Z`` (``round(s * numel)`` for a
@@ -27,7 +28,7 @@ import torch
 from .._distributed import full_tensor, write_full_
 from .masks import linear_view, restore_mask
 
-#: Weights ranked at a time (a block of whole rows) by the rules that may see a whole large layer:
+#: Weights ranked at a time (a block of whole rows) by the per-row and N:M rules and SPT's growth:
 #: 4 Mi weights, about 75 MB of transients (an fp32 copy of the scores, ``kthvalue``'s copy and int64
 #: indices, a few bool masks), where a 70B model's 8192 x 28672 projection at once would hold about 4 GB.
 RANK_BLOCK_ELEMENTS = 1 << 22
