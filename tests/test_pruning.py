@@ -374,6 +374,24 @@ def test_report_matches_weights_after_pruning(tiny_model):
     assert math.isclose(report.global_sparsity, expected / report.numel)
 
 
+def test_rowwise_selection_ranks_a_block_of_rows_at_a_time(monkeypatch):
+    """The per-row rule selects within at most a block of rows at once (what bounds ``kthvalue``'s copy
+    and int64 indices on a large layer), every row once, and the extra zeros still go across blocks."""
+    scores = torch.rand(10, 8, generator=torch.Generator().manual_seed(6))
+    whole = rowwise_keep_mask(scores, 45)  # 4 a row, 5 rows with one more
+    ranked_rows = []
+    lowest_per_row = selection.lowest_per_row
+
+    def recording_lowest_per_row(ranked, k):
+        ranked_rows.append(ranked.shape[0])
+        return lowest_per_row(ranked, k)
+
+    monkeypatch.setattr(selection, "RANK_BLOCK_ELEMENTS", 3 * 8)
+    monkeypatch.setattr(selection, "lowest_per_row", recording_lowest_per_row)
+    assert torch.equal(rowwise_keep_mask(scores, 45), whole)
+    assert ranked_rows == [3, 3, 3, 1]
+
+
 @pytest.mark.parametrize("block_elements", [1 << 22, 10])
 def test_row_and_layer_selection_equal_a_stable_sort_with_ties_and_nan_last(monkeypatch, block_elements):
     """Masks are chosen by selecting each row's k-th score, not by sorting: the same zeros as the first

@@ -377,6 +377,28 @@ def test_grow_keep_mask_nm_equals_a_stable_sort_with_ties_infinities_and_blocks(
                 assert int((~grown).sum()) == n_zeros and not (grown & ~keep).any()
 
 
+def test_nm_rules_rank_a_block_of_rows_at_a_time(monkeypatch):
+    """Neither N:M rule ranks more than a block of rows at once, and each ranks every group once: what
+    bounds their transients on a large layer (the candidates' scores are all that outlive a block)."""
+    g = torch.Generator().manual_seed(5)
+    scores = torch.rand(10, 16, generator=g)
+    keep = grow_keep_mask_nm(scores, torch.ones(10, 16, dtype=torch.bool), 30, 2, 4)
+    ranked_groups = []
+    rank_in_groups = selection.rank_in_groups
+
+    def recording_rank_in_groups(ranked, eligible=None):
+        ranked_groups.append(ranked.shape[0])
+        return rank_in_groups(ranked, eligible)
+
+    monkeypatch.setattr(selection, "RANK_BLOCK_ELEMENTS", 3 * 16)  # 3 rows (12 groups) a block: 4 blocks
+    monkeypatch.setattr(selection, "rank_in_groups", recording_rank_in_groups)
+    monkeypatch.setattr(growth, "rank_in_groups", recording_rank_in_groups)
+    for call in (lambda: selection.nm_keep_mask(scores, 2, 4), lambda: grow_keep_mask_nm(scores, keep, 70, 2, 4)):
+        ranked_groups.clear()
+        call()
+        assert ranked_groups == [12, 12, 12, 4]
+
+
 def test_nm_keep_mask_equals_a_stable_sort_of_every_group(monkeypatch):
     """``nm_keep_mask`` prunes each group's M - N lowest scores (ties to the lower index, NaN with +inf
     after every finite score) as a stable sort does, one block of rows or several."""
