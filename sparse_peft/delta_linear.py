@@ -46,6 +46,8 @@ from typing import Callable, Iterator, Optional, Protocol, Sequence, Union
 
 import torch
 
+from . import _blocks
+
 #: Largest transient (elements) one block of rows may hold: 4 Mi elements, 16 MiB in fp32. Large
 #: enough that each block is an efficient GEMM, small next to a 7B model's activations.
 BLOCK_ELEMENTS = 1 << 22
@@ -160,9 +162,7 @@ class RowUpdate(Protocol):
 def row_blocks(out_features: int, in_features: int, block_elements: Optional[int] = None):
     """``(start, stop)`` of consecutive row blocks of at most ``block_elements`` elements (at least one
     row; default ``BLOCK_ELEMENTS``, read at call time)."""
-    rows = max(1, (block_elements or BLOCK_ELEMENTS) // max(1, in_features))
-    for start in range(0, out_features, rows):
-        yield start, min(out_features, start + rows)
+    return _blocks.row_blocks(out_features, in_features, block_elements or BLOCK_ELEMENTS)
 
 
 def blockwise_linear(x_2d: torch.Tensor, weight: torch.Tensor, update: RowUpdate, with_base: bool,

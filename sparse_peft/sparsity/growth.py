@@ -80,8 +80,9 @@ def grow_keep_mask_nm(scores: torch.Tensor, keep: torch.Tensor, n_zeros: int, n:
         raise ValueError(f"N:M with M={m} does not divide {cols} inputs")
     groups_keep = keep.reshape(-1, m)
     # A group already past M - N zeros (exact zeros of the checkpoint) is N:M as it is: no room, kept.
-    room = ((m - n) - (~groups_keep).sum(dim=1, dtype=torch.int32)).clamp(min=0)
-    have = keep.numel() - int(torch.count_nonzero(keep))
+    zeros = (~groups_keep).sum(dim=1, dtype=torch.int32)
+    room = ((m - n) - zeros).clamp(min=0)
+    have = int(zeros.sum())
     capacity = have + int(room.sum())
     if not have <= n_zeros <= capacity:
         raise ValueError(f"cannot grow a mask with {have} zeros to {n_zeros} zeros at {n}:{m} "

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from .._blocks import row_blocks
 from .._distributed import full_tensor, write_full_
 from .masks import linear_view, restore_mask
 
@@ -37,9 +38,7 @@ RANK_BLOCK_ELEMENTS = 1 << 22
 def rank_blocks(rows: int, cols: int):
     """``(start, stop)`` of consecutive blocks of whole rows of at most ``RANK_BLOCK_ELEMENTS`` weights
     (at least one row; the constant is read at call time)."""
-    block_rows = max(1, RANK_BLOCK_ELEMENTS // max(1, cols))
-    for start in range(0, rows, block_rows):
-        yield start, min(rows, start + block_rows)
+    return row_blocks(rows, cols, RANK_BLOCK_ELEMENTS)
 
 
 def unstructured_zero_count(sparsity: float, numel: int) -> int:
