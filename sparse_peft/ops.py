@@ -25,7 +25,7 @@ import torch
 
 from .functional.bitmask_linear import bitmask_linear_reference
 from .functional.masked_linear import masked_linear_reference
-from .functional.sddmm import CSRPattern, csr_pattern, positions_by_row_block, sddmm_reference
+from .functional.sddmm import CSRPattern, csr_pattern, position_dtype, positions_by_row_block, sddmm_reference
 from .functional.semi_structured import semi_structured_linear_reference
 from .functional.spp_linear import spp_delta_reference, spp_linear_reference
 from .kernels.semi_structured import semi_structured_unsupported_reason, to_semi_structured
@@ -36,7 +36,8 @@ ENV_VAR = "SPARSE_PEFT_BACKEND"
 
 __all__ = [
     "BACKENDS", "CSRPattern", "PackedBitmask", "bitmask_linear", "bitmask_linear_reference", "csr_pattern",
-    "masked_linear", "masked_linear_reference", "pack_bitmask", "positions_by_row_block", "resolve_backend",
+    "masked_linear", "masked_linear_reference", "pack_bitmask", "position_dtype", "positions_by_row_block",
+    "resolve_backend",
     "runs_torch_twin", "sddmm",
     "sddmm_reference", "semi_structured_linear", "semi_structured_linear_reference",
     "semi_structured_unsupported_reason", "spp_delta", "spp_delta_reference", "spp_linear", "spp_linear_reference",

@@ -257,6 +257,22 @@ def test_sddmm_twin_blocks_and_csr(dtype, monkeypatch):
     assert torch.equal(ops.sddmm(grad_out, x, indices, csr=csr, backend="torch"), values)
 
 
+def test_csr_pattern_keeps_int32_below_2_31_weights_and_int64_from_there():
+    """The compressed-row form a caller keeps between steps holds 4-byte indices for a layer of fewer
+    than 2**31 weights; from 2**31 weights on (positions past int32) int64, and the sampled product
+    read through it is still the dense product's value at every position."""
+    assert ops.position_dtype(2**31 - 1) == torch.int32 and ops.position_dtype(2**31) == torch.int64
+    indices = torch.randint(0, 70 * 45, (300,), generator=torch.Generator().manual_seed(3))
+    assert all(t.dtype == torch.int32 for t in ops.csr_pattern(indices, (70, 45)))
+    out_features, in_features = 2**16, 2**15  # 2**31 weights
+    indices = torch.tensor([2**31 - 1, 0, 5 * in_features + 7, 2**31 - in_features, 5 * in_features + 7])
+    csr = ops.csr_pattern(indices, (out_features, in_features))
+    assert all(t.dtype == torch.int64 for t in csr)
+    grad_out, x = randn(3, out_features), randn(3, in_features, seed=2)
+    expected = (grad_out[:, indices // in_features].double() * x[:, indices % in_features].double()).sum(0)
+    assert rel_err(ops.sddmm(grad_out, x, indices, csr=csr, backend="torch").double(), expected) < TOL[torch.float32]
+
+
 def test_sddmm_twin_takes_tokens_in_chunks_that_fit_in_cache(monkeypatch):
     """fp32 ``sampled_addmm`` a chunk of tokens at a time (``token_chunk``: here 64 of 150, so three
     calls); the chunks' sum is the dense product's values, and no tokens give zeros."""

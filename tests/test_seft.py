@@ -488,3 +488,29 @@ def test_layout_cache_follows_every_topology_change():
     with torch.no_grad():  # an in-place change of an index set (as a state-dict load does) is seen too
         layer.seft_index["default"].copy_(torch.flip(layer.seft_index["default"], [0]))
     assert layer.layout("default") is not before
+
+
+def test_layout_keeps_four_byte_indices_and_exact_gradients_after_updates():
+    """The layout a layer keeps between steps (several indices per trained weight) holds int32
+    indices (17 bytes a changed position, where int64 took 33), after topology updates too, and the
+    forward and Δ's gradient read through it equal dense references."""
+    peft_model = get_peft_model(pruned_tiny_model("llama", 0.5),
+                                sp.SEFTConfig(density=0.05, update_interval=2, drop_decay="constant"))
+    train_seft(peft_model, steps=4)
+    layer = seft_layers(peft_model)["model.layers.0.mlp.up_proj"]
+    index, frozen = layer.seft_index["default"], layer.seft_frozen_index["default"]
+    assert frozen.numel()  # updated: positions left A
+    layout = layer.layout("default")
+    assert all(t.dtype == torch.int32 for t in layout if t.dtype != torch.bool)
+    changed = frozen.numel() + index.numel() + layer.seft_removed["default"].numel()
+    assert sum(t.nbytes for t in layout) <= 17 * changed + 4 * (layer.out_features + 1)
+    x = torch.randn(2, 3, layer.in_features, generator=torch.Generator().manual_seed(1))
+    grad_y = torch.randn(2, 3, layer.out_features, generator=torch.Generator().manual_seed(2))
+    delta = layer.seft_delta["default"]
+    delta.grad = None
+    y = layer(x)
+    y.backward(grad_y)
+    weight = layer.effective_weight("default")
+    assert rel_err(y.double(), x.double() @ weight.double().t()) < 1e-6
+    dense_grad = grad_y.reshape(-1, layer.out_features).double().t() @ x.reshape(-1, layer.in_features).double()
+    assert rel_err(delta.grad.double(), dense_grad.reshape(-1)[index]) < 1e-6

@@ -31,19 +31,28 @@ from ..kernels._checks import check_sddmm
 class CSRPattern(NamedTuple):
     """Flat positions in compressed-row form: ``crow`` (out + 1) offsets of each row's positions,
     ``col`` their columns in row-major order, ``order`` the permutation of the flat indices that
-    sorts them so."""
+    sorts them so. All three in ``position_dtype`` (int32 for any layer of fewer than 2**31 weights)."""
 
     crow: torch.Tensor
     col: torch.Tensor
     order: torch.Tensor
 
 
+def position_dtype(count: int) -> torch.dtype:
+    """The integer dtype for indices below ``count``, as kept per position between steps: int32 when
+    they fit (every layer of fewer than 2**31 weights, a 70B model's embedding of 1.05 G included),
+    else int64. Four bytes a position instead of eight, where a SEFT layer keeps several such
+    indices per trained weight."""
+    return torch.int32 if count <= torch.iinfo(torch.int32).max else torch.int64
+
+
 def csr_pattern(indices: torch.Tensor, shape: tuple[int, int]) -> CSRPattern:
     """``indices`` (int64 flat ``i * in + j``, any order, repeats allowed) of an (out, in) ``shape``."""
     sorted_index, order = torch.sort(indices)
+    dtype = position_dtype(max(shape[0] * shape[1], indices.numel()))
     counts = torch.bincount(sorted_index // shape[1], minlength=shape[0])
-    crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-    return CSRPattern(crow, sorted_index % shape[1], order)
+    crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(dtype)
+    return CSRPattern(crow, (sorted_index % shape[1]).to(dtype), order.to(dtype))
 
 
 def sddmm_reference(grad_out: torch.Tensor, x: torch.Tensor, indices: torch.Tensor,

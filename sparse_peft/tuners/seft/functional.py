@@ -21,7 +21,9 @@ class SparseLayout(NamedTuple):
     delta then each ``Δ`` entry, the position it adds into (``slot``); which positions are switched
     off (``removed``); and ``A`` in CSR form for the sampled gradient (``delta_order`` sorts ``Δ``'s
     entries row-major, ``delta_crow`` / ``delta_col`` are their rows' offsets and columns). It
-    depends on the topology only, so a layer keeps it until the indices change."""
+    depends on the topology only, so a layer keeps it until the indices change; its indices are in
+    ``ops.position_dtype`` (int32 below 2**31 weights: 17 bytes a position with ``removed``, where
+    int64 took 33)."""
 
     positions: torch.Tensor
     slot: torch.Tensor
@@ -38,7 +40,9 @@ def sparse_layout(frozen_index: torch.Tensor, delta_index: torch.Tensor, removed
     removed = torch.zeros(positions.numel(), dtype=torch.bool, device=positions.device)
     removed[inverse[n_added:]] = True
     crow, col, order = ops.csr_pattern(delta_index, shape)
-    return SparseLayout(positions, inverse[:n_added], removed, order, crow, col)
+    # Kept until the topology changes, several indices per trained weight: in 4 bytes where they fit.
+    dtype = ops.position_dtype(max(shape[0] * shape[1], n_added))
+    return SparseLayout(positions.to(dtype), inverse[:n_added].to(dtype), removed, order, crow, col)
 
 
 class SparseUpdate:
@@ -63,7 +67,7 @@ class SparseUpdate:
         positions = self.layout.positions
         low, high = start * self.in_features, stop * self.in_features
         lo, hi = torch.searchsorted(positions, torch.tensor([low, high], device=positions.device)).tolist()
-        touched = positions[lo:hi] - low
+        touched = (positions[lo:hi] - low).long()  # index_copy_ takes int64 only; a block's positions are few
         block = workspace.take("update", weight_rows.shape, dtype, weight_rows.device).copy_(weight_rows)
         flat = block.view(-1)
         values = flat.index_select(0, touched).to(self.wide).add_(self.amounts[lo:hi])
