@@ -392,6 +392,44 @@ def test_rowwise_selection_ranks_a_block_of_rows_at_a_time(monkeypatch):
     assert ranked_rows == [3, 3, 3, 1]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_layer_selection_counts_digits_a_block_at_a_time_and_equals_a_stable_sort(monkeypatch, dtype):
+    """The layer-wide rule finds its threshold from the scores' bits (``kth_lowest``), a block at a
+    time: the zeros are the first ``k`` of a stable sort of the whole layer with signed values,
+    ``-0.0`` tying with ``0.0``, subnormals, infinities and NaN (last, tying with ``+inf``), and no
+    call ranks more than a block."""
+    g = torch.Generator().manual_seed(7)
+    tiny = torch.finfo(dtype).tiny
+    pool = torch.tensor([0.0, -0.0, 1.0, -1.0, 2.5, -2.5, tiny / 4, -tiny / 4, tiny, float("inf"), -float("inf"),
+                         float("nan")], dtype=torch.float64)
+    ranked_sizes = []
+    nan_ranks_last = selection.nan_ranks_last
+
+    def recording_nan_ranks_last(scores):
+        ranked_sizes.append(scores.numel())
+        return nan_ranks_last(scores)
+
+    monkeypatch.setattr(selection, "nan_ranks_last", recording_nan_ranks_last)
+    for trial in range(20):
+        picks = torch.randint(0, pool.numel(), (6, 7), generator=g)
+        scores = torch.where(torch.rand(6, 7, generator=g) < 0.5, pool[picks], torch.randn(6, 7, generator=g,
+                                                                                           dtype=torch.float64))
+        scores = scores.to(dtype)
+        ranked = scores.double().reshape(-1).nan_to_num(nan=float("inf"), posinf=float("inf"))
+        ranked[ranked == 0] = 0.0  # -0.0 and 0.0 are one score
+        order = torch.argsort(ranked, stable=True)
+        for block_elements in (1 << 22, 5):
+            monkeypatch.setattr(selection, "RANK_BLOCK_ELEMENTS", block_elements)
+            for n in (0, 1, 13, 21, 30, 41, 42):
+                expected = torch.ones(42, dtype=torch.bool)
+                expected[order[:n]] = False
+                ranked_sizes.clear()
+                assert torch.equal(layerwise_keep_mask(scores, n), expected.reshape(6, 7)), (trial, block_elements, n)
+                assert max(ranked_sizes, default=0) <= block_elements
+    with pytest.raises(ValueError, match="cannot prune 43 of 42"):
+        layerwise_keep_mask(scores, 43)
+
+
 @pytest.mark.parametrize("block_elements", [1 << 22, 10])
 def test_row_and_layer_selection_equal_a_stable_sort_with_ties_and_nan_last(monkeypatch, block_elements):
     """Masks are chosen by selecting each row's k-th score, not by sorting: the same zeros as the first

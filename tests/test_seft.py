@@ -20,7 +20,7 @@ import sparse_peft as sp
 from sparse_peft.training.seft import drop_fraction_at, seft_summary
 from sparse_peft.tuners.seft import SEFTLayer, effective_weight
 from sparse_peft.tuners.seft.functional import sparse_delta_linear
-from sparse_peft.tuners.seft.functional import grow_within_groups, smallest_per_group
+from sparse_peft.tuners.seft.functional import grow_within_groups, largest, smallest, smallest_per_group
 
 
 def seft_layers(model):
@@ -514,3 +514,37 @@ def test_layout_keeps_four_byte_indices_and_exact_gradients_after_updates():
     assert rel_err(y.double(), x.double() @ weight.double().t()) < 1e-6
     dense_grad = grad_y.reshape(-1, layer.out_features).double().t() @ x.reshape(-1, layer.in_features).double()
     assert rel_err(delta.grad.double(), dense_grad.reshape(-1)[index]) < 1e-6
+
+
+def test_smallest_and_largest_equal_a_stable_sort_selected_a_block_at_a_time(monkeypatch):
+    """The positions a topology update drops, grows and switches off are the first ``k`` of a stable
+    sort (ties to the lower index, in the sort's order), found a block of scores at a time."""
+    from sparse_peft.sparsity import selection
+
+    monkeypatch.setattr(selection, "RANK_BLOCK_ELEMENTS", 7)
+    g = torch.Generator().manual_seed(4)
+    for trial in range(20):
+        scores = torch.randint(-3, 4, (50,), generator=g).float() if trial % 2 else torch.randn(50, generator=g)
+        scores[trial % 50] = float("inf")
+        scores[(3 * trial) % 50] = -float("inf")
+        scores = scores.to(torch.bfloat16 if trial % 3 == 0 else torch.float32)
+        for k in (0, 1, 9, 25, 49, 50):
+            assert torch.equal(smallest(scores, k), torch.argsort(scores, stable=True)[:k]), (trial, k)
+            assert torch.equal(largest(scores, k), torch.argsort(scores, descending=True, stable=True)[:k]), (trial, k)
+
+
+def test_topology_update_sorts_nothing_of_a_layers_size(monkeypatch):
+    """A topology update ranks the whole layer's gradient and sensitivity without a sort of the layer
+    (which would hold an int64 order and a copy: 12 bytes a weight, on every rank): every sort it
+    makes is of at most |A| entries."""
+    peft_model = get_peft_model(pruned_tiny_model("llama", 0.5),
+                                sp.SEFTConfig(density=0.05, update_interval=2, drop_decay="constant"))
+    sorted_sizes = []
+    for name in ("argsort", "sort", "topk"):
+        real = getattr(torch, name)
+        monkeypatch.setattr(torch, name,
+                            lambda t, *a, _real=real, **k: sorted_sizes.append(t.numel()) or _real(t, *a, **k))
+    updates, _ = train_seft(peft_model, steps=4)
+    assert updates and any(c["grown"] for _, changes in updates for c in changes.values())
+    assert sorted_sizes and max(sorted_sizes) <= max(layer.seft_index["default"].numel()
+                                                     for layer in seft_layers(peft_model).values())

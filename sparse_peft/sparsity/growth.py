@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .selection import lowest_per_row, nan_ranks_last, next_lowest_per_row, rank_blocks, rank_in_groups
+from .selection import lowest_in_order, lowest_per_row, nan_ranks_last, next_lowest_per_row, rank_blocks, rank_in_groups
 
 
 def grow_keep_mask(scores: torch.Tensor, keep: torch.Tensor, n_zeros: int) -> torch.Tensor:
@@ -102,7 +102,7 @@ def grow_keep_mask_nm(scores: torch.Tensor, keep: torch.Tensor, n_zeros: int, n:
         candidate_scores.append(ranked[block_candidate])
     # The lowest candidates of the whole layer, ties to the lower position (the candidates are in the
     # layer's order), are the new zeros.
-    chosen = lowest_per_row(torch.cat(candidate_scores).unsqueeze(0), n_zeros - have).squeeze(0)
+    chosen = lowest_in_order(torch.cat(candidate_scores), n_zeros - have)
     new_keep = keep.clone()
     new_keep.view(-1).masked_scatter_(candidate.view(-1), ~chosen)
     return new_keep

@@ -9,8 +9,9 @@ smallest score is its threshold, found in linear time per row. N:M masks rank ea
 by comparing its entries pairwise (``rank_in_groups``): a byte of rank per weight. Both give the
 first ``k`` of a stable sort. ``kthvalue``, which finds the threshold, holds a copy of its input and
 an int64 index per entry while it runs (torch's CPU selection), so the per-row and N:M rules work
-a block of whole rows at a time (``rank_blocks``); ``layerwise_keep_mask`` ranks the layer as one
-row.
+a block of whole rows at a time (``rank_blocks``). A threshold over the whole layer
+(``layerwise_keep_mask``, ``lowest_in_order``) is found without ``kthvalue``: ``kth_lowest`` counts
+16-bit digits of the scores' bits, a block at a time, in two passes for fp32.
 
 Exactness (the promise every pruner keeps; see docs/pruning.md):
 - a layer's unstructured target is an integer count of zeros ``Z`` (``round(s * numel)`` for a
@@ -115,7 +116,85 @@ def layerwise_keep_mask(scores: torch.Tensor, n_zeros: int) -> torch.Tensor:
     """Prune the ``n_zeros`` lowest scores of the whole layer."""
     if not 0 <= n_zeros <= scores.numel():
         raise ValueError(f"cannot prune {n_zeros} of {scores.numel()} weights")
-    return ~lowest_per_row(nan_ranks_last(scores).reshape(1, -1), n_zeros).reshape(scores.shape)
+    return ~lowest_in_order(scores, n_zeros)
+
+
+#: The integer dtype whose order the bits of a ranked float take (``_order_keys``).
+_KEY_DTYPES = {torch.float32: torch.int32, torch.float64: torch.int64}
+#: Bits of the key counted per pass of the selection: a histogram of 65536 counts.
+_DIGIT_BITS = 16
+
+
+def _order_keys(ranked: torch.Tensor) -> torch.Tensor:
+    """Integers in the order of ``ranked``'s values (float32 or float64, no NaN; overwritten): the
+    float's bits, with the magnitude bits of negative numbers flipped so that a larger magnitude
+    comes first. ``-0.0`` becomes ``+0.0`` first: the two are equal scores."""
+    bits = ranked.add_(0.0).view(_KEY_DTYPES[ranked.dtype])
+    negative_flip = (bits >> (bits.element_size() * 8 - 1)).bitwise_and_(torch.iinfo(bits.dtype).max)
+    return bits.bitwise_xor_(negative_flip)
+
+
+def _ranked(scores: torch.Tensor, descending: bool) -> torch.Tensor:
+    """``nan_ranks_last(scores)``, negated for ``descending`` (NaN then ranks first, as in a descending
+    sort, tying with ``+inf``)."""
+    ranked = nan_ranks_last(scores)
+    return ranked.neg_() if descending else ranked
+
+
+def kth_lowest(flat: torch.Tensor, k: int, descending: bool = False) -> tuple[torch.Tensor, int]:
+    """The ``k``-th lowest score of the 1-D ``flat`` (``1 <= k <= numel``; NaN ranking last, as
+    ``nan_ranks_last``), as a 0-d tensor in the ranked dtype, and how many scores are below it
+    (``descending``: of the negated scores, ``_ranked``).
+
+    A radix selection on ``_order_keys``: each pass counts one 16-bit digit of the keys that share
+    the digits found so far, a block of ``RANK_BLOCK_ELEMENTS`` at a time, and keeps the digit at
+    which the running count reaches ``k`` (two passes for fp32 scores, four for fp64). Nothing the
+    size of ``flat`` is made, where ``kthvalue`` holds a copy and an int64 index per entry.
+    """
+    if not 1 <= k <= flat.numel():
+        raise ValueError(f"cannot select the {k}-th of {flat.numel()} scores")
+    ranked_dtype = torch.promote_types(flat.dtype, torch.float32)  # nan_ranks_last's
+    key_dtype = _KEY_DTYPES[ranked_dtype]
+    key_bits, half = torch.iinfo(key_dtype).bits, 1 << (_DIGIT_BITS - 1)
+    prefix, below = None, 0
+    for shift in range(key_bits - _DIGIT_BITS, -1, -_DIGIT_BITS):
+        counts = torch.zeros(1 << _DIGIT_BITS, dtype=torch.int64, device=flat.device)
+        for start, stop in rank_blocks(flat.numel(), 1):
+            keys = _order_keys(_ranked(flat[start:stop], descending))
+            if prefix is not None:  # only keys whose higher digits are the threshold's
+                keys = keys[(keys >> (shift + _DIGIT_BITS)) == prefix]
+            digits = keys >> shift
+            # The top digit is signed (the keys are): shifted to 0..65535. Lower digits are their bits.
+            digits = digits.add_(half) if prefix is None else digits.bitwise_and_((1 << _DIGIT_BITS) - 1)
+            counts += torch.bincount(digits, minlength=1 << _DIGIT_BITS)
+        running = counts.cumsum(0)
+        digit = int(torch.searchsorted(running, k - below))  # the first digit whose count reaches k
+        below += int(running[digit - 1]) if digit else 0
+        prefix = digit - half if prefix is None else (prefix << _DIGIT_BITS) | digit
+    bits = prefix ^ torch.iinfo(key_dtype).max if prefix < 0 else prefix  # _order_keys undone
+    return torch.tensor(bits, dtype=key_dtype, device=flat.device).view(ranked_dtype), below
+
+
+def lowest_in_order(scores: torch.Tensor, k: int, descending: bool = False) -> torch.Tensor:
+    """True at the ``k`` lowest of all of ``scores`` (any shape, taken row-major), ties to the lower
+    index and NaN last: the first ``k`` of a stable sort of the flattened scores (``descending``: the
+    ``k`` highest, NaN first, as a stable descending sort). The threshold is ``kth_lowest``'s, and the
+    mask is written a block at a time: the transients are a block's."""
+    flat = scores.reshape(-1)
+    lowest = torch.zeros(flat.shape, dtype=torch.bool, device=scores.device)
+    if k == 0:
+        return lowest.view(scores.shape)
+    threshold, below = kth_lowest(flat, k, descending)
+    ties_left = k - below  # the ties taken, in order, until k
+    for start, stop in rank_blocks(flat.numel(), 1):
+        ranked = _ranked(flat[start:stop], descending)
+        ties = ranked == threshold
+        n_ties = int(ties.sum())
+        if n_ties > ties_left:
+            ties &= ties.cumsum(0, dtype=torch.int32) <= ties_left
+        ties_left -= min(n_ties, ties_left)
+        torch.logical_or(ranked < threshold, ties, out=lowest[start:stop])
+    return lowest.view(scores.shape)
 
 
 def rank_in_groups(ranked: torch.Tensor, eligible: torch.Tensor | None = None) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch
 from ... import ops
 from ...delta_linear import (FRESH, Workspace, blockwise_grad_input, blockwise_linear, grad_operands,
                              grad_weight_rows, pass_workspace)
+from ...sparsity.selection import lowest_in_order
 
 
 class SparseLayout(NamedTuple):
@@ -170,12 +171,19 @@ def without(index: torch.Tensor, values: Optional[torch.Tensor], drop: torch.Ten
 
 
 def smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the ``k`` smallest scores; ties go to the lower index (stable), so every rank agrees."""
-    return torch.argsort(scores, stable=True)[:k]
+    """Indices of the ``k`` smallest of the 1-D ``scores``, smallest first; ties go to the lower index
+    (stable), so every rank agrees: ``argsort(scores, stable=True)[:k]``. Over a whole layer a sort
+    would hold an int64 order and a copy of it (12 bytes a weight): the ``k`` are selected a block at
+    a time instead (``lowest_in_order``) and only they are sorted. NaN ranks last, tying with ``+inf``."""
+    chosen = lowest_in_order(scores, k).nonzero().squeeze(1)
+    return chosen[torch.argsort(scores[chosen], stable=True)]
 
 
 def largest(scores: torch.Tensor, k: int) -> torch.Tensor:
-    return torch.argsort(scores, descending=True, stable=True)[:k]
+    """Indices of the ``k`` largest, largest first, ties to the lower index (as ``smallest``; NaN ranks
+    first, tying with ``+inf``)."""
+    chosen = lowest_in_order(scores, k, descending=True).nonzero().squeeze(1)
+    return chosen[torch.argsort(scores[chosen], descending=True, stable=True)]
 
 
 # --- N:M layers: every change of the topology stays inside one group ---------------------------------

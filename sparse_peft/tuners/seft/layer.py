@@ -255,7 +255,12 @@ class SEFTLayer(DerivedMask, BaseTunerLayer):
         counts = dict(dropped=n_drop, grown=n_drop, regrown=0, pruned=0)
         if n_drop == 0:
             return counts
-        grad = self._whole_grad_accum().reshape(-1).float() * grad_scale
+        # The accumulator as it is (in the base dtype): |gradient| ranks the same in any float dtype that
+        # holds it, and the Taylor sensitivity below is formed in fp32. A whole-layer fp32 copy
+        # (4 bytes a weight) is made only to scale it.
+        grad = self._whole_grad_accum().reshape(-1)
+        if grad_scale != 1.0:
+            grad = grad.float() * grad_scale
         base_weight = full_tensor(self.unmerged_base_weight().detach())
         delta_values = full_tensor(delta.detach())
         weight = self.effective_weight(adapter_name, base_weight).view(-1)
@@ -274,7 +279,7 @@ class SEFTLayer(DerivedMask, BaseTunerLayer):
         frozen_delta = torch.cat([self.seft_frozen_delta[adapter_name], delta_values[drop_slots].float()])
 
         # 2. grow at the largest |gradient| outside A (the just-dropped in A: no flip-flop); "kept": at nonzeros only
-        grow_score = grad.abs().clone()
+        grow_score = grad.abs()
         kept_only = self.grow_into[adapter_name] == "kept"
         if self.nm_pattern is None or kept_only:
             grow_score[index] = -1.0
@@ -285,33 +290,14 @@ class SEFTLayer(DerivedMask, BaseTunerLayer):
             staying = index[torch.ones_like(index, dtype=torch.bool).index_fill_(0, drop_slots, False)]
             grown = grow_within_groups(grow_score, mask, staying, n_drop, self.nm_pattern[1])
         regrown = grown[~mask[grown]]  # pruned positions coming back
+        del grow_score  # a weight-sized transient: freed before the sensitivity is formed
 
         # 3. keep the count: prune one active weight outside the new A per re-grown position.
         new_index = index.clone()
         new_index[drop_slots] = grown
         pruned = regrown.new_zeros(0)
         if regrown.numel():
-            if sensitivity_criterion == "taylor":
-                sensitivity = (weight * grad).abs()
-            elif sensitivity_criterion == "magnitude":
-                sensitivity = weight.abs()
-            else:
-                raise ValueError(f"SEFT sensitivity_criterion must be 'taylor' or 'magnitude', "
-                                 f"got {sensitivity_criterion!r}")
-            sensitivity = sensitivity.clone()
-            sensitivity[~mask] = float("inf")
-            sensitivity[new_index] = float("inf")
-            if self.nm_pattern is None:
-                # |A| <= nnz, so at least as many active positions lie outside the new A as were re-grown.
-                pruned = smallest(sensitivity, regrown.numel())
-            else:
-                # The partners are in the re-grown positions' own groups (grow_within_groups made room).
-                m = self.nm_pattern[1]
-                need = torch.bincount(regrown // m, minlength=mask.numel() // m)
-                pruned = smallest_per_group(sensitivity, need, m)
-                if not bool(torch.isfinite(sensitivity[pruned]).all()):
-                    raise RuntimeError(f"SEFT {self.nm_pattern[0]}:{m} update found no partner to switch off "
-                                       f"in a group (a bug: grow_within_groups guarantees one)")
+            pruned = self._least_sensitive(regrown, weight, grad, mask, new_index, sensitivity_criterion)
             # A re-grown position starts at exactly 0: cancel whatever W + F holds there.
             frozen_index, frozen_delta = without(frozen_index, frozen_delta, torch.cat([regrown, pruned]))
             original = base_weight.reshape(-1)
@@ -328,9 +314,34 @@ class SEFTLayer(DerivedMask, BaseTunerLayer):
             index.copy_(new_index)
             set_rows_(delta, drop_slots, 0.0)  # under FSDP each rank holds some of the slots
         if optimizer is not None:
-            reset_optimizer_slots(optimizer, delta, drop_slots, grad[grown] if regrow_init == "gradient" else None)
+            grown_grad = grad[grown].float() if regrow_init == "gradient" else None
+            reset_optimizer_slots(optimizer, delta, drop_slots, grown_grad)
         counts.update(regrown=int(regrown.numel()), pruned=int(pruned.numel()))
         return counts
+
+    def _least_sensitive(self, regrown: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor,
+                         new_index: torch.Tensor, criterion: str) -> torch.Tensor:
+        """The active positions outside the new ``A`` to switch off, one per re-grown position: the
+        least sensitive (``|w · g|`` or ``|w|``), in the re-grown positions' own groups when N:M."""
+        if criterion == "taylor":
+            sensitivity = (weight * grad).abs_()  # weight is fp32 (or wider): so is the product
+        elif criterion == "magnitude":
+            sensitivity = weight.abs()
+        else:
+            raise ValueError(f"SEFT sensitivity_criterion must be 'taylor' or 'magnitude', got {criterion!r}")
+        sensitivity.masked_fill_(~mask, float("inf"))
+        sensitivity[new_index] = float("inf")
+        if self.nm_pattern is None:
+            # |A| <= nnz, so at least as many active positions lie outside the new A as were re-grown.
+            return smallest(sensitivity, regrown.numel())
+        # The partners are in the re-grown positions' own groups (grow_within_groups made room).
+        m = self.nm_pattern[1]
+        need = torch.bincount(regrown // m, minlength=mask.numel() // m)
+        pruned = smallest_per_group(sensitivity, need, m)
+        if not bool(torch.isfinite(sensitivity[pruned]).all()):
+            raise RuntimeError(f"SEFT {self.nm_pattern[0]}:{m} update found no partner to switch off "
+                               f"in a group (a bug: grow_within_groups guarantees one)")
+        return pruned
 
     def _move_topology(self, adapter_name: str, switch_on: torch.Tensor, switch_off: torch.Tensor) -> None:
         """Record positions switched on / off relative to the base mask (equal counts)."""
