@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .selection import nm_keep_mask
+from .selection import lowest_in_order, nm_keep_mask
 
 _DAMP_RETRIES = 6  # damping x10 each time the Cholesky factorisation fails
 
@@ -96,8 +96,7 @@ def sparsegpt_prune(weight: torch.Tensor, stat: HessianStat, n_zeros: int | None
         prune_block = torch.zeros_like(w_block, dtype=torch.bool)
         if nm is None and block_zeros[block_index]:
             saliency = (w_block.square() / u_diag.square()).masked_fill(dead_block, 0.0)
-            order = torch.argsort(saliency.reshape(-1), stable=True)[: block_zeros[block_index]]
-            prune_block.view(-1)[order] = True
+            prune_block = lowest_in_order(saliency, block_zeros[block_index])
 
         for i in range(end - start):
             if nm is not None and i % nm[1] == 0:
