@@ -30,9 +30,10 @@ from .._blocks import row_blocks
 from .._distributed import full_tensor, write_full_
 from .masks import linear_view, restore_mask
 
-#: Weights ranked at a time (a block of whole rows) by the per-row and N:M rules and SPT's growth:
-#: 4 Mi weights, about 75 MB of transients (an fp32 copy of the scores, ``kthvalue``'s copy and int64
-#: indices, a few bool masks), where a 70B model's 8192 x 28672 projection at once would hold about 4 GB.
+#: Weights ranked at a time (a block of whole rows) by the per-row and N:M rules and SPT's growth, and
+#: scores counted at a time by the layer-wide selection (``kth_lowest``): 4 Mi, about 75 MB of
+#: transients (an fp32 copy of the scores, ``kthvalue``'s copy and int64 indices, a few bool masks),
+#: where a 70B model's 8192 x 28672 projection at once would hold about 4 GB.
 RANK_BLOCK_ELEMENTS = 1 << 22
 
 
