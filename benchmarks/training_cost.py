@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import math
 import os
@@ -142,7 +143,9 @@ def run_in_subprocess(argv: list[str], spec: str) -> dict:
     """One combination in a fresh interpreter; a failed one is a row with ``ok=False``."""
     print(f"running {spec}", file=sys.stderr, flush=True)
     try:
-        return spawn(__file__, [*argv, "--worker", spec])
+        row = spawn(__file__, [*argv, "--worker", spec])
+        print(f"  {row['extra_memory_mb']:.1f} MB, {row['step_time_s']:.4f} s a step", file=sys.stderr, flush=True)
+        return row
     except WorkerFailed as failure:
         tail = failure.output.splitlines()[-1]
         print(f"worker {spec} failed (exit {failure.status}): {tail}", file=sys.stderr)
@@ -204,12 +207,15 @@ def main(argv=None) -> int:
     ckpts = {"off": ["off"], "on": ["on"], "both": ["off", "on"]}[args.checkpointing]
     print(f"`{command_line(__file__, argv)}`\n\n{machine_info()}\n\n"
           f"{datetime.datetime.now().isoformat(timespec='seconds')}\n", flush=True)
-    rows = [dict(run_in_subprocess(argv, f"{method}:{hidden}:{dtype}:{ckpt}"), round=round_)
-            for hidden in args.hidden for dtype in args.dtypes for ckpt in ckpts for round_ in range(args.rounds)
-            for method in sorted(args.methods, key=METHODS.index)]
+    rows = []
+    for hidden in args.hidden:
+        for dtype in args.dtypes:
+            for ckpt, round_, method in itertools.product(ckpts, range(args.rounds),
+                                                          sorted(args.methods, key=METHODS.index)):
+                rows.append(dict(run_in_subprocess(argv, f"{method}:{hidden}:{dtype}:{ckpt}"), round=round_))
+                if args.out:  # row by row, so that a run cut short keeps what it measured
+                    append_jsonl(args.out, rows[-1:])
     print(table(rows))
-    if args.out:
-        append_jsonl(args.out, rows)
     return 0 if all(r["ok"] for r in rows) else 1
 
 
