@@ -56,9 +56,10 @@ def peft_config(method: str, total_steps: int):
 
 
 def build_model(args, hidden: int, dtype: str, checkpointing: bool):
-    model = random_llama(hidden=hidden, intermediate=4 * hidden, layers=args.layers, vocab=args.vocab,
-                         heads=max(1, hidden // 64), seed=args.seed, max_position_embeddings=max(2048, args.seq_len),
-                         use_cache=False).to(args.device)
+    with torch.device(args.device):  # on a GPU, built there: a CPU's random init of every weight takes longer
+        model = random_llama(hidden=hidden, intermediate=4 * hidden, layers=args.layers, vocab=args.vocab,
+                             heads=max(1, hidden // 64), seed=args.seed,
+                             max_position_embeddings=max(2048, args.seq_len), use_cache=False)
     sp.prune(model, method="magnitude", sparsity=0.5, show_progress=False)
     model.to(DTYPES[dtype])
     if checkpointing:

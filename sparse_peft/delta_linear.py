@@ -13,12 +13,12 @@ passes rebuild it:
                d(params)  += RowUpdate.param_grads(rows, G[rows])
 
 What is saved for the backward is ``x`` and references to ``W`` and the trainable tensors, what
-LoRA saves. Each transient is at most ``BLOCK_ELEMENTS`` elements. The big GEMMs run in ``x``'s dtype
-(bf16 tensor cores / AMX where there are; ``G`` in fp32 on a CPU without AMX, ``weight_grad_dtype``);
-a ``RowUpdate`` forms ``W + ΔW`` in that dtype with one rounding (what the merged model holds) and
-turns ``G`` into fp32 gradients for its parameters. With ``with_base=False`` the update alone is
-applied (``y = x ΔWᵀ``; the caller runs the base layer itself, e.g. when the base layer has hooks or
-the update's input went through dropout).
+LoRA saves. Each transient is at most ``BLOCK_ELEMENTS`` elements (``DEVICE_BLOCK_ELEMENTS`` on a
+GPU). The big GEMMs run in ``x``'s dtype (bf16 tensor cores / AMX where there are; ``G`` in fp32 on
+a CPU without AMX, ``weight_grad_dtype``); a ``RowUpdate`` forms ``W + ΔW`` in that dtype with one
+rounding (what the merged model holds) and turns ``G`` into fp32 gradients for its parameters. With
+``with_base=False`` the update alone is applied (``y = x ΔWᵀ``; the caller runs the base layer
+itself, e.g. when the base layer has hooks or the update's input went through dropout).
 
 Each pass takes its block-sized scratch tensors (the block of ``W + ΔW``, its mask, ``G[rows]``) by
 name from a ``Workspace`` and writes into them with ``out=`` and in-place ops, so its loop allocates
@@ -51,6 +51,12 @@ from . import _blocks
 #: Largest transient (elements) one block of rows may hold: 4 Mi elements, 16 MiB in fp32. Large
 #: enough that each block is an efficient GEMM, small next to a 7B model's activations.
 BLOCK_ELEMENTS = 1 << 22
+#: The block on a GPU: 16 Mi elements (32 MiB in bf16). Each block costs each pass a dozen small
+#: kernels and the Python calls that queue them; at a few hundred tokens a GPU finishes those faster
+#: than the host issues them, so the step time grew with the number of blocks (a 2048-wide layer of
+#: 4x MLP took four blocks of 4 Mi where one does). A few such transients stay small next to the
+#: activations of the batches trained on a GPU.
+DEVICE_BLOCK_ELEMENTS = 1 << 24
 
 #: A frozen weight (out x in), or a function that returns it on each call (see the module docstring).
 WeightSource = Union[torch.Tensor, Callable[[], torch.Tensor]]
@@ -159,10 +165,15 @@ class RowUpdate(Protocol):
         ...
 
 
-def row_blocks(out_features: int, in_features: int, block_elements: Optional[int] = None):
+def row_blocks(out_features: int, in_features: int, block_elements: Optional[int] = None,
+               device: Optional[torch.device] = None):
     """``(start, stop)`` of consecutive row blocks of at most ``block_elements`` elements (at least one
-    row; default ``BLOCK_ELEMENTS``, read at call time)."""
-    return _blocks.row_blocks(out_features, in_features, block_elements or BLOCK_ELEMENTS)
+    row; default, read at call time: ``BLOCK_ELEMENTS`` on a CPU or with no device given,
+    ``DEVICE_BLOCK_ELEMENTS`` on any other)."""
+    if not block_elements:
+        on_cpu = device is None or torch.device(device).type == "cpu"
+        block_elements = BLOCK_ELEMENTS if on_cpu else DEVICE_BLOCK_ELEMENTS
+    return _blocks.row_blocks(out_features, in_features, block_elements)
 
 
 def blockwise_linear(x_2d: torch.Tensor, weight: torch.Tensor, update: RowUpdate, with_base: bool,
@@ -171,7 +182,7 @@ def blockwise_linear(x_2d: torch.Tensor, weight: torch.Tensor, update: RowUpdate
     out_features, in_features = weight.shape
     with torch.no_grad(), pass_workspace(x_2d.device) as workspace:
         y = x_2d.new_empty(x_2d.shape[0], out_features)
-        for start, stop in row_blocks(out_features, in_features, block_elements):
+        for start, stop in row_blocks(out_features, in_features, block_elements, x_2d.device):
             block = update.weight_rows(start, stop, weight[start:stop], x_2d.dtype, with_base, workspace=workspace)
             torch.mm(x_2d, block.t(), out=y[:, start:stop])  # a strided column block: the GEMM writes it directly
     return y
@@ -183,7 +194,7 @@ def blockwise_grad_input(grad_2d: torch.Tensor, weight: torch.Tensor, update: Ro
     out_features, in_features = weight.shape
     grad_x = grad_2d.new_zeros(grad_2d.shape[0], in_features)
     with torch.no_grad(), pass_workspace(grad_2d.device) as workspace:
-        for start, stop in row_blocks(out_features, in_features, block_elements):
+        for start, stop in row_blocks(out_features, in_features, block_elements, grad_2d.device):
             block = update.weight_rows(start, stop, weight[start:stop], grad_2d.dtype, with_base, workspace=workspace)
             grad_x.addmm_(grad_2d[:, start:stop], block)
     return grad_x
@@ -276,7 +287,7 @@ class DeltaLinear(torch.autograd.Function):
         grad_params: list[Optional[torch.Tensor]] = [None] * len(params)
         grad_t, x_for_grad = grad_operands(grad_2d, x_2d) if need_params else (None, None)
         with pass_workspace(x.device) as workspace:
-            for start, stop in row_blocks(out_features, in_features, ctx.block_elements):
+            for start, stop in row_blocks(out_features, in_features, ctx.block_elements, x.device):
                 weight_rows = weight[start:stop]
                 mask = update.mask_rows(weight_rows, x.dtype, workspace) if need_x and need_params else None
                 if need_x:
@@ -352,14 +363,27 @@ class MaskedLowRankUpdate:
 
     def __init__(self, A: torch.Tensor, B: torch.Tensor, scaling: float):
         self.params, self.scaling = (A, B), float(scaling)
+        self._factors: dict = {}  # dtype -> (the parameters' versions, factors_in's tensors)
+
+    def factors_in(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(s·B, A, s·A)``, detached, in ``dtype``: made once and sliced by every block (LoRA-sized,
+        they were remade per block: on a GPU each is a kernel launch), remade when a parameter changes."""
+        A, B = self.params
+        versions = (A._version, B._version)
+        cached = self._factors.get(dtype)
+        if cached is None or cached[0] != versions:
+            A = A.detach()
+            cached = (versions, ((B.detach() * self.scaling).to(dtype), A.to(dtype), (A * self.scaling).to(dtype)))
+            self._factors[dtype] = cached
+        return cached[1]
 
     def mask_rows(self, weight_rows, dtype, workspace=FRESH):
         return kept(weight_rows, dtype, workspace)
 
     def weight_rows(self, start, stop, weight_rows, dtype, with_base, mask=None, workspace=FRESH):
-        A, B = self.params
+        scaled_B, A, _ = self.factors_in(dtype)
         low_rank = workspace.take("update", weight_rows.shape, dtype, weight_rows.device)
-        torch.mm((B[start:stop].detach() * self.scaling).to(dtype), A.detach().to(dtype), out=low_rank)
+        torch.mm(scaled_B[start:stop], A, out=low_rank)
         mask = self.mask_rows(weight_rows, dtype, workspace) if mask is None else mask
         if with_base:  # W + s·(B A) ⊙ M, rounded once to dtype
             return torch.addcmul(in_dtype(weight_rows, dtype, workspace), low_rank, mask, out=low_rank)
@@ -368,11 +392,11 @@ class MaskedLowRankUpdate:
     def param_grads(self, start, stop, weight_rows, grad_rows, mask=None, workspace=FRESH):
         # dB = s (G ⊙ M) Aᵀ, dA = s Bᵀ (G ⊙ M). The two thin GEMMs run in G's dtype (AMX / tensor
         # cores for bf16, fp32 accumulation inside) and their small results are summed in fp32.
-        A, B = self.params
-        dtype, wide = grad_rows.dtype, _wide(grad_rows, A)
+        dtype, wide = grad_rows.dtype, _wide(grad_rows, self.params[0])
+        scaled_B, _, scaled_A = self.factors_in(dtype)
         masked = grad_rows.mul_(self.mask_rows(weight_rows, dtype, workspace) if mask is None else mask)
-        grad_B_rows = masked @ (A.detach() * self.scaling).to(dtype).t()
-        grad_A = (B[start:stop].detach() * self.scaling).to(dtype).t() @ masked
+        grad_B_rows = masked @ scaled_A.t()
+        grad_A = scaled_B[start:stop].t() @ masked
         return [(0, None, grad_A.to(wide)), (1, slice(start, stop), grad_B_rows.to(wide))]
 
 

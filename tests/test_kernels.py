@@ -273,6 +273,34 @@ def test_csr_pattern_keeps_int32_below_2_31_weights_and_int64_from_there():
     assert rel_err(ops.sddmm(grad_out, x, indices, csr=csr, backend="torch").double(), expected) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_csr_pattern_checks_the_index_range_once_for_every_sddmm_through_it(backend):
+    """An index outside (out, in) is refused when the compressed-row form is made, naming the values;
+    ``sddmm`` given that form does not check again (the check reads the device), without it it does."""
+    grad_out, x = randn(4, 6), randn(4, 5, seed=2)
+    for bad in ([3, 30], [-1, 3]):
+        with pytest.raises(ValueError, match=rf"csr_pattern: .*\[0, 30\).*got min {min(bad)} and max {max(bad)}"):
+            ops.csr_pattern(torch.tensor(bad), (6, 5))
+        with pytest.raises(ValueError, match=rf"sddmm: .*got min {min(bad)} and max {max(bad)}"):
+            ops.sddmm(grad_out, x, torch.tensor(bad), backend=backend)
+    indices = torch.tensor([29, 0, 7, 7])
+    csr = ops.csr_pattern(indices, (6, 5))
+    expected = (grad_out[:, indices // 5].double() * x[:, indices % 5].double()).sum(0)
+    reads = []
+    real_min = torch.Tensor.min
+
+    def spied_min(tensor, *args, **kwargs):
+        reads.append(tensor)
+        return real_min(tensor, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.Tensor, "min", spied_min)
+        values = ops.sddmm(grad_out, x, indices, csr=csr, backend=backend)
+        assert not reads
+        assert torch.equal(ops.sddmm(grad_out, x, indices, backend=backend), values) and reads
+    assert rel_err(values.double(), expected) < TOL[torch.float32]
+
+
 def test_sddmm_twin_takes_tokens_in_chunks_that_fit_in_cache(monkeypatch):
     """fp32 ``sampled_addmm`` a chunk of tokens at a time (``token_chunk``: here 64 of 150, so three
     calls); the chunks' sum is the dense product's values, and no tokens give zeros."""

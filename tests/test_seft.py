@@ -503,7 +503,11 @@ def test_layout_keeps_four_byte_indices_and_exact_gradients_after_updates():
     layout = layer.layout("default")
     assert all(t.dtype == torch.int32 for t in layout if t.dtype != torch.bool)
     changed = frozen.numel() + index.numel() + layer.seft_removed["default"].numel()
-    assert sum(t.nbytes for t in layout) <= 17 * changed + 4 * (layer.out_features + 1)
+    # crow and row_offsets: out + 1 offsets each, row_offsets in host memory (blocks find their positions there)
+    assert sum(t.nbytes for t in layout) <= 17 * changed + 8 * (layer.out_features + 1)
+    row_starts = torch.arange(layer.out_features + 1) * layer.in_features
+    assert layout.row_offsets.device.type == "cpu"
+    assert torch.equal(layout.row_offsets.long(), torch.searchsorted(layout.positions.long(), row_starts))
     x = torch.randn(2, 3, layer.in_features, generator=torch.Generator().manual_seed(1))
     grad_y = torch.randn(2, 3, layer.out_features, generator=torch.Generator().manual_seed(2))
     delta = layer.seft_delta["default"]
@@ -514,6 +518,36 @@ def test_layout_keeps_four_byte_indices_and_exact_gradients_after_updates():
     assert rel_err(y.double(), x.double() @ weight.double().t()) < 1e-6
     dense_grad = grad_y.reshape(-1, layer.out_features).double().t() @ x.reshape(-1, layer.in_features).double()
     assert rel_err(delta.grad.double(), dense_grad.reshape(-1)[index]) < 1e-6
+
+
+def test_a_training_pass_reads_back_only_the_host_row_offsets(monkeypatch):
+    """On a GPU, reading a tensor's value into Python waits for all queued work. A SEFT layer's forward
+    and backward read only the layout's row offsets, which live in host memory: not each block's
+    bounds from its positions on the device (one stall per block and pass)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from sparse_peft import delta_linear
+
+    peft_model = get_peft_model(pruned_tiny_model("llama", 0.5), sp.SEFTConfig(density=0.05, update_interval=100))
+    layer = seft_layers(peft_model)["model.layers.0.mlp.up_proj"]
+    monkeypatch.setattr(delta_linear, "BLOCK_ELEMENTS", 3 * layer.in_features)  # several blocks of rows
+    host = layer.layout("default").row_offsets.untyped_storage().data_ptr()
+    reads = []
+
+    class Reads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:  # .item(), int(), float(), bool()
+                reads.append(args[0].untyped_storage().data_ptr() == host)
+            return func(*args, **(kwargs or {}))
+
+    real_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(False) or real_tolist(t))
+    x = torch.randn(2, 3, layer.in_features, requires_grad=True)
+    with Reads():
+        layer(x).square().sum().backward()
+    assert layer.seft_delta["default"].grad is not None and x.grad is not None
+    blocks = -(-layer.out_features // 3)
+    assert reads.count(True) == 2 * 2 * blocks and all(reads)  # two offsets a block, forward and backward
 
 
 def test_smallest_and_largest_equal_a_stable_sort_selected_a_block_at_a_time(monkeypatch):

@@ -55,6 +55,19 @@ def test_delta_linear_gradcheck_over_several_row_blocks(update, with_base):
     assert torch.allclose(fn(x, bias, A, second), expected)
 
 
+def test_row_blocks_are_four_mi_elements_on_a_cpu_and_sixteen_on_a_gpu(monkeypatch):
+    """A 8192 x 2048 weight: four blocks of rows on a CPU (bounded transients in its caches), one on a
+    GPU (where each block's launches cost more than its size); a block size given always wins."""
+    from sparse_peft.delta_linear import row_blocks
+
+    assert list(row_blocks(8192, 2048)) == [(0, 2048), (2048, 4096), (4096, 6144), (6144, 8192)]
+    assert list(row_blocks(8192, 2048, device=torch.device("cpu"))) == list(row_blocks(8192, 2048))
+    assert list(row_blocks(8192, 2048, device=torch.device("cuda"))) == [(0, 8192)]
+    assert list(row_blocks(3, 2, block_elements=2, device=torch.device("cuda"))) == [(0, 1), (1, 2), (2, 3)]
+    monkeypatch.setattr(delta_linear_module, "DEVICE_BLOCK_ELEMENTS", 2048 * 3000)  # read at call time
+    assert list(row_blocks(8192, 2048, device=torch.device("cuda"))) == [(0, 3000), (3000, 6000), (6000, 8192)]
+
+
 def test_the_mask_is_read_in_the_weights_dtype_and_written_in_the_activations():
     # 1e-8 is a kept fp32 weight that fp16 would round to 0: its position must stay in the mask
     weight = torch.tensor([[1e-8, 0.0, -2.0, 0.0], [0.0, 3.0, 0.0, -1e-30]])

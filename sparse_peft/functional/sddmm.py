@@ -47,8 +47,14 @@ def position_dtype(count: int) -> torch.dtype:
 
 
 def csr_pattern(indices: torch.Tensor, shape: tuple[int, int]) -> CSRPattern:
-    """``indices`` (int64 flat ``i * in + j``, any order, repeats allowed) of an (out, in) ``shape``."""
+    """``indices`` (int64 flat ``i * in + j``, any order, repeats allowed) of an (out, in) ``shape``;
+    raises ``ValueError`` for an index outside it (so ``sddmm`` given this pattern need not check)."""
     sorted_index, order = torch.sort(indices)
+    if indices.numel():
+        low, high = sorted_index[[0, -1]].tolist()
+        if low < 0 or high >= shape[0] * shape[1]:
+            raise ValueError(f"csr_pattern: flat indices must lie in [0, {shape[0] * shape[1]}) for (out, in) = "
+                             f"{tuple(shape)}, got min {low} and max {high}")
     dtype = position_dtype(max(shape[0] * shape[1], indices.numel()))
     counts = torch.bincount(sorted_index // shape[1], minlength=shape[0])
     crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(dtype)
@@ -59,7 +65,7 @@ def sddmm_reference(grad_out: torch.Tensor, x: torch.Tensor, indices: torch.Tens
                     csr: Optional[CSRPattern] = None) -> torch.Tensor:
     """``(grad_outᵀ x)`` at ``indices`` (int64 flat ``i * in + j``, any order) or a bool mask (row-major
     order of its True entries); ``csr`` is ``csr_pattern(indices, (out, in))`` when the caller has it."""
-    out_features, in_features = check_sddmm(grad_out, x, indices)
+    out_features, in_features = check_sddmm(grad_out, x, indices, check_range=csr is None)
     if indices.dtype == torch.bool:
         indices = indices.reshape(-1).nonzero().squeeze(-1)
     dtype = weight_grad_dtype(torch.promote_types(grad_out.dtype, x.dtype), x.device)
@@ -112,6 +118,6 @@ def positions_by_row_block(indices: torch.Tensor, csr: CSRPattern, out_features:
     block costs its own positions only, not a comparison over all of them."""
     sorted_index = indices[csr.order]
     row_offsets = csr.crow.tolist()
-    for start, stop in row_blocks(out_features, in_features):
+    for start, stop in row_blocks(out_features, in_features, device=indices.device):
         low, high = row_offsets[start], row_offsets[stop]
         yield start, stop, csr.order[low:high], sorted_index[low:high] - start * in_features

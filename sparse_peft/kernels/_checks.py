@@ -36,8 +36,10 @@ def check_spp_linear(x, weight, A, b, bias) -> None:
         raise ValueError(f"{op}: bias must be ({weight.shape[0]},) in {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
 
 
-def check_sddmm(grad_out, x, indices) -> tuple[int, int]:
-    """Returns (out, in). grad_out and x may differ in dtype (e.g. under autocast): both promote."""
+def check_sddmm(grad_out, x, indices, check_range: bool = True) -> tuple[int, int]:
+    """Returns (out, in). grad_out and x may differ in dtype (e.g. under autocast): both promote.
+    ``check_range=False`` skips reading the indices' least and largest values (on a GPU that read
+    waits for all queued work), for indices a ``csr_pattern`` was made from: it checked them."""
     op = "sddmm"
     check_float(op, "grad_out", grad_out)
     check_float(op, "x", x)
@@ -51,7 +53,7 @@ def check_sddmm(grad_out, x, indices) -> tuple[int, int]:
     elif indices.dtype == torch.int64:
         if indices.dim() != 1:
             raise ValueError(f"{op}: indices must be 1-D flat indices i * in + j, got shape {tuple(indices.shape)}")
-        if indices.numel():
+        if indices.numel() and check_range:
             low, high = int(indices.min()), int(indices.max())
             if low < 0 or high >= shape[0] * shape[1]:
                 raise ValueError(f"{op}: flat indices must lie in [0, {shape[0] * shape[1]}) for (out, in) = "

@@ -105,14 +105,15 @@ def _sddmm_mask(grad_out, x, mask, nnz=None):
     return values
 
 
-def sddmm(grad_out: torch.Tensor, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+def sddmm(grad_out: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, check_range: bool = True) -> torch.Tensor:
     """fp32 values of ``grad_outᵀ x`` (out x in) at ``indices``.
 
     ``grad_out``: (tokens, out); ``x``: (tokens, in); ``indices``: int64 flat indices ``i * in + j``
     (values come back in their order), or a bool (out, in) mask (values in row-major order of its
     True entries, like ``dense[mask]``). Accumulates in fp32; mixed input dtypes promote.
+    ``check_range=False``: the indices were checked already (``check_sddmm``).
     """
-    out_features, in_features = check_sddmm(grad_out, x, indices)
+    out_features, in_features = check_sddmm(grad_out, x, indices, check_range)
     check_runnable("sddmm", grad_out, x, indices)
     if indices.dtype == torch.bool:
         return _sddmm_mask(grad_out, x, indices)

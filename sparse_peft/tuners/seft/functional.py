@@ -21,8 +21,11 @@ class SparseLayout(NamedTuple):
     """Where SEFT's changes sit: every changed position once, sorted (``positions``); for each frozen
     delta then each ``Δ`` entry, the position it adds into (``slot``); which positions are switched
     off (``removed``); and ``A`` in CSR form for the sampled gradient (``delta_order`` sorts ``Δ``'s
-    entries row-major, ``delta_crow`` / ``delta_col`` are their rows' offsets and columns). It
-    depends on the topology only, so a layer keeps it until the indices change; its indices are in
+    entries row-major, ``delta_crow`` / ``delta_col`` are their rows' offsets and columns); and, in
+    host memory, where each row's positions begin in ``positions`` (``row_offsets``, out + 1 entries),
+    so that a block of rows finds its positions without reading the device (on a GPU each such read
+    waits for all queued work: one per block and pass stalled the whole step). It depends on the
+    topology only, so a layer keeps it until the indices change; its indices are in
     ``ops.position_dtype`` (int32 below 2**31 weights: 17 bytes a position with ``removed``, where
     int64 took 33)."""
 
@@ -32,6 +35,7 @@ class SparseLayout(NamedTuple):
     delta_order: torch.Tensor
     delta_crow: torch.Tensor
     delta_col: torch.Tensor
+    row_offsets: torch.Tensor
 
 
 def sparse_layout(frozen_index: torch.Tensor, delta_index: torch.Tensor, removed_index: torch.Tensor,
@@ -41,9 +45,11 @@ def sparse_layout(frozen_index: torch.Tensor, delta_index: torch.Tensor, removed
     removed = torch.zeros(positions.numel(), dtype=torch.bool, device=positions.device)
     removed[inverse[n_added:]] = True
     crow, col, order = ops.csr_pattern(delta_index, shape)
+    row_starts = torch.arange(shape[0] + 1, dtype=positions.dtype, device=positions.device) * shape[1]
     # Kept until the topology changes, several indices per trained weight: in 4 bytes where they fit.
     dtype = ops.position_dtype(max(shape[0] * shape[1], n_added))
-    return SparseLayout(positions.to(dtype), inverse[:n_added].to(dtype), removed, order, crow, col)
+    row_offsets = torch.searchsorted(positions, row_starts).to("cpu", dtype)
+    return SparseLayout(positions.to(dtype), inverse[:n_added].to(dtype), removed, order, crow, col, row_offsets)
 
 
 class SparseUpdate:
@@ -65,10 +71,8 @@ class SparseUpdate:
 
     def weight_rows(self, start, stop, weight_rows, dtype, with_base=True, mask=None,
                     workspace: Workspace = FRESH):
-        positions = self.layout.positions
-        low, high = start * self.in_features, stop * self.in_features
-        lo, hi = torch.searchsorted(positions, torch.tensor([low, high], device=positions.device)).tolist()
-        touched = (positions[lo:hi] - low).long()  # index_copy_ takes int64 only; a block's positions are few
+        lo, hi = int(self.layout.row_offsets[start]), int(self.layout.row_offsets[stop])
+        touched = (self.layout.positions[lo:hi] - start * self.in_features).long()  # index_copy_ takes int64 only
         block = workspace.take("update", weight_rows.shape, dtype, weight_rows.device).copy_(weight_rows)
         flat = block.view(-1)
         values = flat.index_select(0, touched).to(self.wide).add_(self.amounts[lo:hi])
