@@ -24,7 +24,9 @@
 #      stage's time is spent (COST: arguments for every cell); rows to training_cost.jsonl as
 #      they are measured, tables to training_cost.log                                COST_S=240
 #   2. accuracy at small odd shapes, bf16 and fp32 (compiles every kernel; a failure here means the
-#      kernels are wrong on this GPU, and the grid is skipped)                   ACCURACY_S=80
+#      kernels are wrong on this GPU, and the grid is skipped; running out of time does not). On
+#      an H200 with Triton 3.6 the first row took most of 40 s: autotuning compiles every config
+#                                                                                 ACCURACY_S=80
 #   3. the grid (GRID: extra arguments to kernel_timings.py, e.g. "--quick")     GRID_S=70
 #   4. greedy decoding from packed checkpoints (benchmarks/decode.py): dense, packed (the Triton
 #      decode kernel) on two Llama-shaped random decoder layers, 50% and 70%, tokens/s and
@@ -69,7 +71,8 @@ fi
 # Each cell appends its rows as they are measured; a cell cut short by the stage's end keeps those.
 cost_status=0
 cost_deadline=$((SECONDS + ${COST_S:-240}))
-for cell in ${COST_CELLS:-2048:bf16:off 1024:bf16:off 2048:bf16:off:8x1024 2048:fp32:off 2048:bf16:on \
+# A row took about 20 s on an H200 (the interpreter's start, the model, autotuning in the warm-up).
+for cell in ${COST_CELLS:-2048:bf16:off 2048:bf16:off:8x1024 1024:bf16:off 2048:fp32:off 2048:bf16:on \
                          1024:fp32:off 1024:bf16:on 2048:fp32:on 1024:fp32:on}; do
     IFS=: read -r hidden dtype ckpt tokens <<< "$cell"
     left=$((cost_deadline - SECONDS))
@@ -87,13 +90,16 @@ status=0
 for dtype in bfloat16 float32; do
     timeout $((${ACCURACY_S:-80} / 2)) python3 benchmarks/kernel_timings.py ${KERNELS_ARGS:-} --shapes 37x45,130x33,64x96 \
         --tokens 1,5,16,33 --sparsities 0.5,0.9 --dtype "$dtype" --rep 5 --jsonl "$OUT/accuracy.jsonl" \
-        >> "$OUT/accuracy.log" 2>&1 || status=$?
-done
+        >> "$OUT/accuracy.log" 2>&1 || { rc=$?; if [ "$status" -eq 0 ] || [ "$status" -eq 124 ]; then status=$rc; fi; }
+done  # a wrong result in either dtype outranks running out of time in the other
 grep -h "FAILED\|Error\|error" "$OUT/accuracy.log" | head -20
-if [ "$status" -ne 0 ]; then
+if [ "$status" -eq 124 ]; then  # out of time is no wrong result: the rows it measured are in accuracy.log
+    echo "accuracy: the stage's time ran out after $(grep -c '^{' "$OUT/accuracy.jsonl" 2>/dev/null || echo 0) rows"
+elif [ "$status" -ne 0 ]; then
     echo "accuracy stage failed (status $status): see accuracy.log; the grid was not run"; exit "$status"
+else
+    echo "accuracy: every op matches its reference at the small shapes"
 fi
-echo "accuracy: every op matches its reference at the small shapes"
 
 timeout "${GRID_S:-70}" python3 benchmarks/kernel_timings.py ${KERNELS_ARGS:-} ${GRID:-} --jsonl "$OUT/rows.jsonl" \
     --markdown "$OUT/kernels.md" 2>&1 | tee "$OUT/grid.log"

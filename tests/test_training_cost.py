@@ -341,9 +341,10 @@ BLOCK_METHODS = ["masked_lora", "spp", "seft", "seft_collecting"]
 @pytest.mark.parametrize("amx", [True, False])
 def test_spp_in_bf16_keeps_two_blocks_and_its_gradients_match_a_wide_reference(amx, monkeypatch):
     """SPP's gradients in bf16 come from G ⊙ W in G's dtype (per group of rows, fp32 accumulation
-    inside): the kept workspace is two blocks, W + ΔW in bf16 and G (bf16 with AMX, fp32 without),
-    no cast copy of W, and the gradients match fp64 dense autograd to bf16 precision, with row blocks
-    of 12 that cut across SPP's groups of 16."""
+    inside): the kept workspace is the block's change and W + ΔW in bf16 (apart: in place runs slower
+    in bf16 on a CPU), G in fp32 without AMX, or with AMX G and G ⊙ W apart in bf16; no cast copy of
+    W; and the gradients match fp64 dense autograd to bf16 precision, with row blocks of 12 that cut
+    across SPP's groups of 16."""
     monkeypatch.setattr(delta_linear_module, "_cpu_has_matrix_units", lambda dtype: amx)
     weight = sparse_weight((64, 48))
     g = torch.Generator().manual_seed(1)
@@ -355,7 +356,7 @@ def test_spp_in_bf16_keeps_two_blocks_and_its_gradients_match_a_wide_reference(a
     delta_linear_module.release_workspace()
     y = delta_linear(x64.bfloat16(), weight.bfloat16(), None, RowScaleUpdate(A, b, 0.7), block_elements=12 * 48)
     y.backward(dy64.bfloat16())
-    assert delta_linear_module.workspace_bytes() == 12 * 48 * 2 + 12 * 48 * (2 if amx else 4)
+    assert delta_linear_module.workspace_bytes() == 12 * 48 * 2 * 2 + 12 * 48 * (2 * 2 if amx else 4)
     A_ref, b_ref = A64.clone().requires_grad_(), b64.clone().requires_grad_()
     F.linear(x64, weight + 0.7 * expand_rows(A_ref, 64) * b_ref * weight).backward(dy64)
     assert A.grad.dtype == b.grad.dtype == torch.float32
