@@ -56,10 +56,9 @@ def peft_config(method: str, total_steps: int):
 
 
 def build_model(args, hidden: int, dtype: str, checkpointing: bool):
+    shape = dict(hidden=hidden, intermediate=4 * hidden, layers=args.layers, vocab=args.vocab, heads=hidden // 64 or 1)
     with torch.device(args.device):  # on a GPU, built there: a CPU's random init of every weight takes longer
-        model = random_llama(hidden=hidden, intermediate=4 * hidden, layers=args.layers, vocab=args.vocab,
-                             heads=max(1, hidden // 64), seed=args.seed,
-                             max_position_embeddings=max(2048, args.seq_len), use_cache=False)
+        model = random_llama(**shape, seed=args.seed, max_position_embeddings=max(2048, args.seq_len), use_cache=False)
     sp.prune(model, method="magnitude", sparsity=0.5, show_progress=False)
     model.to(DTYPES[dtype])
     if checkpointing:
@@ -144,9 +143,7 @@ def run_in_subprocess(argv: list[str], spec: str) -> dict:
     """One combination in a fresh interpreter; a failed one is a row with ``ok=False``."""
     print(f"running {spec}", file=sys.stderr, flush=True)
     try:
-        row = spawn(__file__, [*argv, "--worker", spec])
-        print(f"  {row['extra_memory_mb']:.1f} MB, {row['step_time_s']:.4f} s a step", file=sys.stderr, flush=True)
-        return row
+        return spawn(__file__, [*argv, "--worker", spec])
     except WorkerFailed as failure:
         tail = failure.output.splitlines()[-1]
         print(f"worker {spec} failed (exit {failure.status}): {tail}", file=sys.stderr)
@@ -156,8 +153,7 @@ def run_in_subprocess(argv: list[str], spec: str) -> dict:
 
 def table(rows: list[dict]) -> str:
     """One line per (method, cell): medians over the rounds, and the median of the per-round ratios to LoRA."""
-    lora = {(r["hidden"], r["dtype"], r["checkpointing"], r["round"]): r
-            for r in rows if r["method"] == "lora" and r["ok"]}
+    lora = {(r["hidden"], r["dtype"], r["checkpointing"], r["round"]): r for r in rows if r["method"] == "lora" and r["ok"]}
     cells: dict[tuple, list[dict]] = {}
     for r in rows:
         cells.setdefault((r["method"], r["hidden"], r["dtype"], r["checkpointing"]), []).append(r)
@@ -208,14 +204,11 @@ def main(argv=None) -> int:
     ckpts = {"off": ["off"], "on": ["on"], "both": ["off", "on"]}[args.checkpointing]
     print(f"`{command_line(__file__, argv)}`\n\n{machine_info()}\n\n"
           f"{datetime.datetime.now().isoformat(timespec='seconds')}\n", flush=True)
-    rows = []
-    for hidden in args.hidden:
-        for dtype in args.dtypes:
-            for ckpt, round_, method in itertools.product(ckpts, range(args.rounds),
-                                                          sorted(args.methods, key=METHODS.index)):
-                rows.append(dict(run_in_subprocess(argv, f"{method}:{hidden}:{dtype}:{ckpt}"), round=round_))
-                if args.out:  # row by row, so that a run cut short keeps what it measured
-                    append_jsonl(args.out, rows[-1:])
+    rows, methods, rounds = [], sorted(args.methods, key=METHODS.index), range(args.rounds)
+    for hidden, dtype, ckpt, round_, method in itertools.product(args.hidden, args.dtypes, ckpts, rounds, methods):
+        rows.append(dict(run_in_subprocess(argv, f"{method}:{hidden}:{dtype}:{ckpt}"), round=round_))
+        if args.out:  # row by row, so that a run cut short keeps what it measured
+            append_jsonl(args.out, rows[-1:])
     print(table(rows))
     return 0 if all(r["ok"] for r in rows) else 1
 
