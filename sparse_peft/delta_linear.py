@@ -378,11 +378,12 @@ class MaskedLowRankUpdate:
 
     def factors_in(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(s·B, A, s·A)``, detached, in ``dtype``: made once and sliced by every block (LoRA-sized,
-        they were remade per block: on a GPU each is a kernel launch), remade when a parameter changes."""
+        they were remade per block: on a GPU each is a kernel launch), remade when a parameter changes
+        (its version; inference tensors keep none, so theirs are remade on every call)."""
         A, B = self.params
-        versions = (A._version, B._version)
+        versions = None if A.is_inference() or B.is_inference() else (A._version, B._version)
         cached = self._factors.get(dtype)
-        if cached is None or cached[0] != versions:
+        if versions is None or cached is None or cached[0] != versions:
             A = A.detach()
             cached = (versions, ((B.detach() * self.scaling).to(dtype), A.to(dtype), (A * self.scaling).to(dtype)))
             self._factors[dtype] = cached

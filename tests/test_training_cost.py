@@ -463,6 +463,30 @@ def test_a_workspace_made_under_inference_mode_serves_training():
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
+def test_masked_lora_factors_follow_their_parameters_and_serve_inference_tensors():
+    """An update casts s·B, A and s·A once for all its blocks, and again after a parameter changed in
+    place (an optimizer step between two calls); parameters made under inference mode, which keep no
+    version counter, work too."""
+    weight, bias, A, B, x = _masked_lora_inputs(64, 48)
+    update = MaskedLowRankUpdate(A, B, 0.5)
+
+    def expected(A_, B_):
+        return F.linear(x, weight + 0.5 * (B_ @ A_) * (weight != 0), bias)
+
+    with torch.no_grad():
+        assert torch.allclose(delta_linear(x, weight, bias, update, block_elements=16 * 48), expected(A, B))
+        B.add_(1.0)
+        assert torch.allclose(delta_linear(x, weight, bias, update, block_elements=16 * 48), expected(A, B))
+    with torch.inference_mode():
+        A_inference, B_inference = A.detach().clone(), B.detach().clone()
+        inference_update = MaskedLowRankUpdate(A_inference, B_inference, 0.5)
+        y = delta_linear(x.detach(), weight, bias, inference_update, block_elements=16 * 48)
+        assert torch.allclose(y, expected(A_inference, B_inference))
+        B_inference.add_(1.0)  # no version to tell: remade on every call
+        y = delta_linear(x.detach(), weight, bias, inference_update, block_elements=16 * 48)
+        assert torch.allclose(y, expected(A_inference, B_inference))
+
+
 def test_mask_fingerprint_hashed_in_chunks_equals_the_whole_mask_checksum(monkeypatch):
     """The fingerprint is hashed a chunk of positions at a time (no int64 index per weight at once):
     [numel, nnz, Σ (i · mult) mod p over the kept flat positions i], as over the whole mask."""
