@@ -339,7 +339,7 @@ BLOCK_METHODS = ["masked_lora", "spp", "seft", "seft_collecting"]
 
 
 @pytest.mark.parametrize("amx", [True, False])
-def test_spp_in_bf16_keeps_two_blocks_and_its_gradients_match_a_wide_reference(amx, monkeypatch):
+def test_spp_in_bf16_keeps_its_block_buffers_and_its_gradients_match_a_wide_reference(amx, monkeypatch):
     """SPP's gradients in bf16 come from G ⊙ W in G's dtype (per group of rows, fp32 accumulation
     inside): the kept workspace is the block's change and W + ΔW in bf16 (apart: in place runs slower
     in bf16 on a CPU), G in fp32 without AMX, or with AMX G and G ⊙ W apart in bf16; no cast copy of
