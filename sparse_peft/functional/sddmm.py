@@ -25,7 +25,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from ..delta_linear import grad_operands, grad_weight_rows, pass_workspace, row_blocks, weight_grad_dtype
-from ..kernels._checks import check_sddmm
+from ..kernels._checks import check_flat_range, check_sddmm
 
 
 class CSRPattern(NamedTuple):
@@ -51,10 +51,7 @@ def csr_pattern(indices: torch.Tensor, shape: tuple[int, int]) -> CSRPattern:
     raises ``ValueError`` for an index outside it (so ``sddmm`` given this pattern need not check)."""
     sorted_index, order = torch.sort(indices)
     if indices.numel():
-        low, high = sorted_index[[0, -1]].tolist()
-        if low < 0 or high >= shape[0] * shape[1]:
-            raise ValueError(f"csr_pattern: flat indices must lie in [0, {shape[0] * shape[1]}) for (out, in) = "
-                             f"{tuple(shape)}, got min {low} and max {high}")
+        check_flat_range("csr_pattern", *sorted_index[[0, -1]].tolist(), shape)
     dtype = position_dtype(max(shape[0] * shape[1], indices.numel()))
     counts = torch.bincount(sorted_index // shape[1], minlength=shape[0])
     crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(dtype)

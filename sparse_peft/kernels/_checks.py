@@ -36,6 +36,13 @@ def check_spp_linear(x, weight, A, b, bias) -> None:
         raise ValueError(f"{op}: bias must be ({weight.shape[0]},) in {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
 
 
+def check_flat_range(op: str, low: int, high: int, shape: tuple[int, int]) -> None:
+    """Flat indices ``i * in + j`` whose least is ``low`` and largest ``high`` lie inside ``shape``."""
+    if low < 0 or high >= shape[0] * shape[1]:
+        raise ValueError(f"{op}: flat indices must lie in [0, {shape[0] * shape[1]}) for (out, in) = "
+                         f"{tuple(shape)}, got min {low} and max {high}")
+
+
 def check_sddmm(grad_out, x, indices, check_range: bool = True) -> tuple[int, int]:
     """Returns (out, in). grad_out and x may differ in dtype (e.g. under autocast): both promote.
     ``check_range=False`` skips reading the indices' least and largest values (on a GPU that read
@@ -54,10 +61,7 @@ def check_sddmm(grad_out, x, indices, check_range: bool = True) -> tuple[int, in
         if indices.dim() != 1:
             raise ValueError(f"{op}: indices must be 1-D flat indices i * in + j, got shape {tuple(indices.shape)}")
         if indices.numel() and check_range:
-            low, high = int(indices.min()), int(indices.max())
-            if low < 0 or high >= shape[0] * shape[1]:
-                raise ValueError(f"{op}: flat indices must lie in [0, {shape[0] * shape[1]}) for (out, in) = "
-                                 f"{shape}, got min {low} and max {high}")
+            check_flat_range(op, int(indices.min()), int(indices.max()), shape)
     else:
         raise ValueError(f"{op}: indices must be int64 flat indices or a bool mask, got {indices.dtype}")
     return shape
