@@ -106,12 +106,13 @@ def sddmm(grad_out: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, *, csr
     Values are fp32 (float64 for float64 inputs): they feed optimizer state. The kernel accumulates
     them in fp32; the PyTorch twin computes bf16/fp16 inputs a block of rows at a time in their own
     dtype. ``csr`` (``csr_pattern(indices, (out, in))``) saves the twin rebuilding it per call when
-    the caller keeps it; the kernel does not need it. Given ``csr``, the indices' range is not checked
-    again (``csr_pattern`` checked it; the check reads the device, which on a GPU waits for all
-    queued work).
+    the caller keeps it, and saves the kernel sorting the indices (it takes ``csr.order``). Given
+    ``csr``, the indices' range is not checked again (``csr_pattern`` checked it; the check reads the
+    device, which on a GPU waits for all queued work).
     """
     if resolve_backend(backend, grad_out.device) == "triton":
-        return _kernel("sddmm").sddmm(grad_out, x, indices, check_range=csr is None)
+        return _kernel("sddmm").sddmm(grad_out, x, indices, check_range=csr is None,
+                                      order=csr.order if csr is not None else None)
     return sddmm_reference(grad_out, x, indices, csr)
 
 

@@ -301,6 +301,35 @@ def test_a_csr_pattern_checks_the_index_range_once_for_every_sddmm_through_it(ba
     assert rel_err(values.double(), expected) < TOL[torch.float32]
 
 
+def test_the_sddmm_kernel_given_the_sorting_order_reads_nothing_back_and_sorts_nothing():
+    """With the compressed-row form SEFT keeps, the kernel's wrapper neither sorts the indices again nor
+    reads any value back to the host (``_local_scalar_dense``: on a GPU a wait for all queued work, as
+    ``torch.unique``'s count was, once per layer and backward). Repeated indices, in any order, still
+    get their own values in their order, and no indices give none."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    grad_out, x = randn(4, 6), randn(4, 5, seed=2)
+    indices = torch.tensor([29, 0, 7, 7, 13, 0])
+    csr = ops.csr_pattern(indices, (6, 5))
+    with Recorder() as recorder:
+        values = ops.sddmm(grad_out, x, indices, csr=csr, backend="triton")
+    assert not recorder.names & {"_local_scalar_dense", "item", "sort", "_unique2", "unique_consecutive", "nonzero"}
+    expected = (grad_out[:, indices // 5].double() * x[:, indices % 5].double()).sum(0)
+    assert rel_err(values.double(), expected) < TOL[torch.float32] and values[2] == values[3] and values[1] == values[5]
+    assert torch.equal(ops.sddmm(grad_out, x, indices, backend="triton"), values)
+    empty = indices[:0]
+    assert ops.sddmm(grad_out, x, empty, csr=ops.csr_pattern(empty, (6, 5)), backend="triton").shape == (0,)
+
+
 def test_sddmm_twin_takes_tokens_in_chunks_that_fit_in_cache(monkeypatch):
     """fp32 ``sampled_addmm`` a chunk of tokens at a time (``token_chunk``: here 64 of 150, so three
     calls); the chunks' sum is the dense product's values, and no tokens give zeros."""

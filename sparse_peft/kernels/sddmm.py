@@ -12,11 +12,17 @@ the sampled entries, straight to their slot in the output vector:
 the mask's row-major order with no dense (out x in) result and no sort inside the kernel.
 
 The host wrapper takes a bool mask, or int64 flat indices ``i * in + j`` in any order (duplicates
-allowed); indices are turned into a mask, computed in row-major order and gathered back.
-The PyTorch twin is ``sparse_peft.functional.sddmm``.
+allowed). Indices are sorted (or put in order by the permutation the caller keeps, ``order``),
+marked in a transient bool mask, computed in its row-major order and put back in theirs. Nothing
+in that reads a value back to the host: each such read waits for all queued work on the GPU, once
+per layer and backward. The values are written to as many slots as there are indices (repeated
+ones fill fewer; the unused tail is never read), so the number of distinct positions need not be
+known. The PyTorch twin is ``sparse_peft.functional.sddmm``.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
@@ -105,20 +111,29 @@ def _sddmm_mask(grad_out, x, mask, nnz=None):
     return values
 
 
-def sddmm(grad_out: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, check_range: bool = True) -> torch.Tensor:
+def sddmm(grad_out: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, check_range: bool = True,
+          order: Optional[torch.Tensor] = None) -> torch.Tensor:
     """fp32 values of ``grad_outᵀ x`` (out x in) at ``indices``.
 
     ``grad_out``: (tokens, out); ``x``: (tokens, in); ``indices``: int64 flat indices ``i * in + j``
     (values come back in their order), or a bool (out, in) mask (values in row-major order of its
     True entries, like ``dense[mask]``). Accumulates in fp32; mixed input dtypes promote.
-    ``check_range=False``: the indices were checked already (``check_sddmm``).
+    ``check_range=False``: the indices were checked already (``check_sddmm``). ``order``: the
+    permutation that sorts ``indices`` (``csr_pattern``'s, int32 or int64), saving the sort.
     """
     out_features, in_features = check_sddmm(grad_out, x, indices, check_range)
     check_runnable("sddmm", grad_out, x, indices)
     if indices.dtype == torch.bool:
         return _sddmm_mask(grad_out, x, indices)
-    unique, inverse = torch.unique(indices, sorted=True, return_inverse=True)
+    if order is None:
+        sorted_index, order = torch.sort(indices)
+    else:
+        sorted_index = indices.index_select(0, order)
+    # slot of each sorted index among the distinct positions: repeats share the first one's
+    is_first = torch.ones_like(sorted_index, dtype=torch.bool)
+    torch.ne(sorted_index[1:], sorted_index[:-1], out=is_first[1:])
+    slot = torch.cumsum(is_first, 0) - 1
     mask = torch.zeros(out_features * in_features, dtype=torch.bool, device=indices.device)
-    mask[unique] = True
-    values = _sddmm_mask(grad_out, x, mask.view(out_features, in_features), nnz=unique.numel())
-    return values[inverse]
+    mask[sorted_index] = True
+    distinct_values = _sddmm_mask(grad_out, x, mask.view(out_features, in_features), nnz=indices.numel())
+    return torch.empty_like(distinct_values).index_copy_(0, order.long(), distinct_values.index_select(0, slot))
