@@ -192,12 +192,21 @@ def blockwise_grad_input(grad_2d: torch.Tensor, weight: torch.Tensor, update: Ro
                          block_elements: Optional[int] = None) -> torch.Tensor:
     """``dy (W + ΔW)`` (or ``dy ΔW``) for 2-D ``dy``, no autograd, one block of rows at a time."""
     out_features, in_features = weight.shape
-    grad_x = grad_2d.new_zeros(grad_2d.shape[0], in_features)
+    grad_x = grad_2d.new_empty(grad_2d.shape[0], in_features)  # the first block writes it
     with torch.no_grad(), pass_workspace(grad_2d.device) as workspace:
         for start, stop in row_blocks(out_features, in_features, block_elements, grad_2d.device):
             block = update.weight_rows(start, stop, weight[start:stop], grad_2d.dtype, with_base, workspace=workspace)
-            grad_x.addmm_(grad_2d[:, start:stop], block)
+            add_product(grad_x, grad_2d[:, start:stop], block, first=start == 0)
     return grad_x
+
+
+def add_product(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
+    """``total += a b``, or ``total = a b`` for the ``first`` block of rows (``total`` may be uninitialized
+    then): no zero fill, and the first GEMM does not read ``total``."""
+    if first:
+        torch.mm(a, b, out=total)
+    else:
+        total.addmm_(a, b)
 
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -283,7 +292,7 @@ class DeltaLinear(torch.autograd.Function):
         grad_2d = grad_y.reshape(-1, out_features).to(x.dtype)
         need_x = ctx.needs_input_grad[0]
         need_params = any(ctx.needs_input_grad[6:])
-        grad_x = torch.zeros_like(x_2d) if need_x else None
+        grad_x = torch.empty_like(x_2d) if need_x else None  # the first block writes it
         grad_params: list[Optional[torch.Tensor]] = [None] * len(params)
         grad_t, x_for_grad = grad_operands(grad_2d, x_2d) if need_params else (None, None)
         with pass_workspace(x.device) as workspace:
@@ -292,7 +301,7 @@ class DeltaLinear(torch.autograd.Function):
                 mask = update.mask_rows(weight_rows, x.dtype, workspace) if need_x and need_params else None
                 if need_x:
                     block = update.weight_rows(start, stop, weight_rows, x.dtype, ctx.with_base, mask, workspace)
-                    grad_x.addmm_(grad_2d[:, start:stop], block)
+                    add_product(grad_x, grad_2d[:, start:stop], block, first=start == 0)
                 if need_params:
                     grad_rows = grad_weight_rows(grad_t, x_for_grad, start, stop, workspace)
                     for index, rows, piece in update.param_grads(start, stop, weight_rows, grad_rows, mask, workspace):

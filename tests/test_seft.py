@@ -550,6 +550,41 @@ def test_a_training_pass_reads_back_only_the_host_row_offsets(monkeypatch):
     assert reads.count(True) == 2 * 2 * blocks and all(reads)  # two offsets a block, forward and backward
 
 
+def test_the_backward_rebuilds_its_blocks_from_the_forwards_values_and_frees_them(monkeypatch):
+    """The forward makes the changed positions' values (``W + F + Δ`` there, 0 where switched off) once
+    for the layer, and the backward rebuilds every block of the effective weight from them instead of
+    making them again. The backward frees them while the graph is still held (by the output here);
+    a second backward through a retained graph makes them anew and gives the same gradients."""
+    import weakref
+
+    from sparse_peft import delta_linear
+    from sparse_peft.tuners.seft import functional
+
+    monkeypatch.setattr(delta_linear, "BLOCK_ELEMENTS", 2 * 11)  # 4 blocks of 2 rows
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(7, 11, generator=g)
+    weight[torch.rand(7, 11, generator=g) < 0.5] = 0
+    delta_index, frozen_index, removed_index = torch.tensor([0, 5, 12, 40, 76]), torch.tensor([3, 5]), torch.tensor([20])
+    frozen_delta = torch.tensor([0.5, -0.25])
+    x = torch.randn(3, 11, generator=g, requires_grad=True)
+    delta = torch.randn(5, generator=g, requires_grad=True)
+    made = []
+    real_init = functional.SparseUpdate.__init__
+    monkeypatch.setattr(functional.SparseUpdate, "__init__", lambda self, *a, **k: made.append(self) or real_init(self, *a, **k))
+    y = sparse_delta_linear(x, delta, weight, delta_index, frozen_index, frozen_delta, removed_index)
+    assert len(made) == 1
+    values = weakref.ref(made.pop().values)
+    grad_y = torch.randn(y.shape, generator=g)
+    y.backward(grad_y, retain_graph=True)
+    assert not made and values() is None
+    grads = x.grad.clone(), delta.grad.clone()
+    x.grad = delta.grad = None
+    y.backward(grad_y)
+    assert len(made) == 1 and torch.equal(x.grad, grads[0]) and torch.equal(delta.grad, grads[1])
+    effective = effective_weight(weight, delta_index, delta, frozen_index, frozen_delta, removed_index)
+    assert torch.allclose(grads[0], grad_y @ effective)
+
+
 def test_smallest_and_largest_equal_a_stable_sort_selected_a_block_at_a_time(monkeypatch):
     """The positions a topology update drops, grows and switches off are the first ``k`` of a stable
     sort (ties to the lower index, in the sort's order), found a block of scores at a time."""

@@ -91,7 +91,7 @@ def sddmm_reference(grad_out: torch.Tensor, x: torch.Tensor, indices: torch.Tens
         for start, stop, targets, offsets in positions_by_row_block(indices, csr, out_features, in_features):
             if targets.numel():
                 dense = grad_weight_rows(grad_t, x, start, stop, workspace)  # in the inputs' dtype
-                values[targets] = dense.view(-1)[offsets].to(wide)
+                values.index_put_((targets,), dense.view(-1).index_select(0, offsets).to(wide))
     return values
 
 
@@ -113,7 +113,7 @@ def positions_by_row_block(indices: torch.Tensor, csr: CSRPattern, out_features:
     ``targets`` are the places in ``indices`` of the positions inside rows ``start:stop`` and ``offsets``
     their flat offsets in that block. Read from ``csr`` (``csr_pattern(indices, ...)``) as slices, so a
     block costs its own positions only, not a comparison over all of them."""
-    sorted_index = indices[csr.order]
+    sorted_index = indices.index_select(0, csr.order)
     row_offsets = csr.crow.tolist()
     for start, stop in row_blocks(out_features, in_features, device=indices.device):
         low, high = row_offsets[start], row_offsets[stop]

@@ -54,17 +54,22 @@ def sparse_layout(frozen_index: torch.Tensor, delta_index: torch.Tensor, removed
 
 class SparseUpdate:
     """SEFT's effective weight ``(W + F + Δ) ⊙ M`` a block of rows at a time, for ``delta_linear``'s
-    blockwise GEMMs: a copy of ``W[rows]`` in the compute dtype with the few changed positions
-    rewritten (``F + Δ`` added in fp32 or wider, the switched-off positions set to exactly 0). ``Δ``'s
-    gradient is a sampled product (``SparseDeltaLinear``), so this builds no autograd graph.
+    blockwise GEMMs: a copy of ``W[rows]`` with the few changed positions overwritten. Their values
+    (``values``: ``W + F + Δ`` there, added in fp32 or wider and rounded once to ``dtype``; exactly 0
+    where switched off) are made once for the whole layer, so a block costs a copy and one scatter.
+    A training forward hands its ``SparseUpdate`` to the backward, which reuses the values: one
+    number per changed position, next to the layout's several indices. ``Δ``'s gradient is a sampled
+    product (``SparseDeltaLinear``), so this builds no autograd graph.
     """
 
-    def __init__(self, base_weight: torch.Tensor, layout: SparseLayout, delta: torch.Tensor, frozen_delta: torch.Tensor):
+    def __init__(self, base_weight: torch.Tensor, layout: SparseLayout, delta: torch.Tensor,
+                 frozen_delta: torch.Tensor, dtype: Optional[torch.dtype] = None):
         self.in_features, self.layout = base_weight.shape[1], layout
-        self.wide = torch.promote_types(torch.promote_types(base_weight.dtype, delta.dtype), torch.float32)
-        added = torch.cat([frozen_delta.detach().to(self.wide), delta.detach().to(self.wide)])
-        self.amounts = torch.zeros(layout.positions.numel(), dtype=self.wide, device=added.device)
-        self.amounts.index_add_(0, layout.slot, added)
+        wide = torch.promote_types(torch.promote_types(base_weight.dtype, delta.dtype), torch.float32)
+        added = torch.cat([frozen_delta.detach().to(wide), delta.detach().to(wide)])
+        values = _values_at(base_weight.detach(), layout.positions).to(wide).index_add_(0, layout.slot, added)
+        values.masked_fill_(layout.removed, 0)  # switched off: exactly 0
+        self.values = values.to(dtype or wide)
 
     def mask_rows(self, weight_rows: torch.Tensor, dtype: torch.dtype, workspace: Workspace = FRESH) -> None:
         return None
@@ -72,13 +77,18 @@ class SparseUpdate:
     def weight_rows(self, start, stop, weight_rows, dtype, with_base=True, mask=None,
                     workspace: Workspace = FRESH):
         lo, hi = int(self.layout.row_offsets[start]), int(self.layout.row_offsets[stop])
-        touched = (self.layout.positions[lo:hi] - start * self.in_features).long()  # index_copy_ takes int64 only
+        touched = self.layout.positions[lo:hi] - start * self.in_features  # indexing takes int32 as well
         block = workspace.take("update", weight_rows.shape, dtype, weight_rows.device).copy_(weight_rows)
-        flat = block.view(-1)
-        values = flat.index_select(0, touched).to(self.wide).add_(self.amounts[lo:hi])
-        values.masked_fill_(self.layout.removed[lo:hi], 0)  # switched off: exactly 0
-        flat.index_copy_(0, touched, values.to(dtype))
+        block.view(-1).index_put_((touched,), self.values[lo:hi].to(dtype))
         return block
+
+
+def _values_at(weight: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``weight`` (out, in) at flat row-major ``positions``; a transposed view (a ``Conv1D``'s) is read
+    where it lies, not copied whole."""
+    if weight.is_contiguous():
+        return weight.view(-1).index_select(0, positions)
+    return torch.take(weight, positions.long())
 
 
 class SparseDeltaLinear(torch.autograd.Function):
@@ -95,8 +105,8 @@ class SparseDeltaLinear(torch.autograd.Function):
     def forward(ctx, x, delta, base_weight, delta_index, frozen_delta, layout, grad_sink):
         ctx.save_for_backward(x, delta, base_weight, delta_index, frozen_delta, *layout)
         ctx.grad_sink = grad_sink
-        update = SparseUpdate(base_weight, layout, delta, frozen_delta)
-        y = blockwise_linear(x.reshape(-1, x.shape[-1]), base_weight.detach(), update, True)
+        ctx.update = SparseUpdate(base_weight, layout, delta, frozen_delta, x.dtype)
+        y = blockwise_linear(x.reshape(-1, x.shape[-1]), base_weight.detach(), ctx.update, True)
         return y.view(*x.shape[:-1], base_weight.shape[0])
 
     @staticmethod
@@ -109,8 +119,12 @@ class SparseDeltaLinear(torch.autograd.Function):
         grad_2d = grad_y.reshape(-1, out_features).to(x.dtype)
         x_2d = x.reshape(-1, in_features)
         grad_x = grad_delta = None
+        # The forward's values, freed here rather than with the graph (which a kept loss holds on to);
+        # a second backward through a retained graph makes them again.
+        update, ctx.update = ctx.update, None
         if ctx.needs_input_grad[0]:
-            update = SparseUpdate(base_weight, layout, delta, frozen_delta)
+            if update is None:
+                update = SparseUpdate(base_weight, layout, delta, frozen_delta, x.dtype)
             grad_x = blockwise_grad_input(grad_2d, base_weight.detach(), update, True).view(x.shape)
         sink = ctx.grad_sink
         if sink is not None and sink.collecting:
@@ -121,7 +135,7 @@ class SparseDeltaLinear(torch.autograd.Function):
                                                                                 in_features):
                     dense = grad_weight_rows(grad_t, x_for_grad, start, stop, workspace)
                     sink.accumulate_rows(start, stop, dense)
-                    grad_delta[targets] = dense.view(-1)[offsets].float()
+                    grad_delta.index_put_((targets,), dense.view(-1).index_select(0, offsets).float())
             if not ctx.needs_input_grad[1]:
                 grad_delta = None
         elif ctx.needs_input_grad[1]:
@@ -144,7 +158,7 @@ def effective_weight(base_weight: torch.Tensor, delta_index: torch.Tensor, delta
     update = SparseUpdate(base_weight, layout, delta, frozen_delta)
     weight = base_weight.detach()
     with torch.no_grad():
-        return update.weight_rows(0, weight.shape[0], weight, update.wide)
+        return update.weight_rows(0, weight.shape[0], weight, update.values.dtype)
 
 
 def sparse_delta_linear(x, delta, base_weight, delta_index, frozen_index, frozen_delta, removed_index,
