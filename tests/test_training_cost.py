@@ -364,6 +364,33 @@ def test_spp_in_bf16_keeps_its_block_buffers_and_its_gradients_match_a_wide_refe
     delta_linear_module.release_workspace()
 
 
+@pytest.mark.parametrize("with_base", [True, False])
+@pytest.mark.parametrize("amx", [True, False])
+def test_masked_lora_in_bf16_masks_into_buffers_of_their_own_and_matches_a_wide_reference(amx, with_base,
+                                                                                       monkeypatch):
+    """In bf16 on a CPU masked LoRA writes ``(B A) ⊙ M`` (``W +`` it, with the base) and, with AMX,
+    ``G ⊙ M`` into buffers apart from their inputs (in place runs slower there): the kept workspace
+    is ``s·B A``, the mask and the result in bf16, ``G`` and ``G ⊙ M`` in bf16 with AMX or ``G`` alone
+    in fp32 (masked in place) without; the gradients match fp64 dense autograd to bf16 precision."""
+    monkeypatch.setattr(delta_linear_module, "_cpu_has_matrix_units", lambda dtype: amx)
+    weight = sparse_weight((64, 48))
+    g = torch.Generator().manual_seed(1)
+    A64, B64 = torch.randn(4, 48, generator=g, dtype=torch.float64), torch.randn(64, 4, generator=g, dtype=torch.float64)
+    x64, dy64 = torch.randn(3, 48, generator=g, dtype=torch.float64), torch.randn(3, 64, generator=g, dtype=torch.float64)
+    A, B = A64.float().requires_grad_(), B64.float().requires_grad_()
+    delta_linear_module.release_workspace()
+    x = x64.bfloat16().requires_grad_()  # dx too: the backward's blocks share one mask in x's dtype
+    y = delta_linear(x, weight.bfloat16(), None, MaskedLowRankUpdate(A, B, 0.5), with_base=with_base,
+                     block_elements=12 * 48)
+    y.backward(dy64.bfloat16())
+    block = 12 * 48
+    assert delta_linear_module.workspace_bytes() == 3 * block * 2 + (2 * block * 2 if amx else block * 4)
+    A_ref, B_ref = A64.clone().requires_grad_(), B64.clone().requires_grad_()
+    F.linear(x64, (weight if with_base else 0) + 0.5 * (B_ref @ A_ref) * (weight != 0)).backward(dy64)
+    assert rel_err(A.grad.double(), A_ref.grad) < 3e-2 and rel_err(B.grad.double(), B_ref.grad) < 3e-2
+    delta_linear_module.release_workspace()
+
+
 @pytest.mark.parametrize("method", BLOCK_METHODS)
 def test_a_pass_allocates_nothing_block_sized_once_the_workspace_is_kept(method, monkeypatch):
     """After a first step, a step's allocations are activation- or parameter-sized (all smaller than one
