@@ -46,7 +46,7 @@ from typing import Callable, Iterator, Optional, Protocol, Sequence, Union
 
 import torch
 
-from . import _blocks
+from . import _blocks, _cpu_fusion
 
 #: Largest transient (elements) one block of rows may hold: 4 Mi elements, 16 MiB in fp32. Large
 #: enough that each block is an efficient GEMM, small next to a 7B model's activations.
@@ -401,25 +401,31 @@ class MaskedLowRankUpdate:
         return cached[1]
 
     def mask_rows(self, weight_rows, dtype, workspace=FRESH):
+        if _cpu_fusion.applies(weight_rows):
+            return None  # each use tests W != 0 inside its own fused loop: no mask is written
         return kept(weight_rows, dtype, workspace)
 
     def weight_rows(self, start, stop, weight_rows, dtype, with_base, mask=None, workspace=FRESH):
         scaled_B, A, _ = self.factors_in(dtype)
         low_rank = workspace.take("update", weight_rows.shape, dtype, weight_rows.device)
         torch.mm(scaled_B[start:stop], A, out=low_rank)
-        mask = self.mask_rows(weight_rows, dtype, workspace) if mask is None else mask
+        result = output_for(low_rank, "result", workspace)
+        if mask is None and _cpu_fusion.where_kept(weight_rows, low_rank, result, with_base):
+            return result
+        mask = kept(weight_rows, dtype, workspace) if mask is None else mask
         if with_base:  # W + s·(B A) ⊙ M, rounded once to dtype
-            return torch.addcmul(in_dtype(weight_rows, dtype, workspace), low_rank, mask,
-                                 out=output_for(low_rank, "result", workspace))
-        return torch.mul(low_rank, mask, out=output_for(low_rank, "result", workspace))
+            return torch.addcmul(in_dtype(weight_rows, dtype, workspace), low_rank, mask, out=result)
+        return torch.mul(low_rank, mask, out=result)
 
     def param_grads(self, start, stop, weight_rows, grad_rows, mask=None, workspace=FRESH):
         # dB = s (G ⊙ M) Aᵀ, dA = s Bᵀ (G ⊙ M). The two thin GEMMs run in G's dtype (AMX / tensor
         # cores for bf16, fp32 accumulation inside) and their small results are summed in fp32.
         dtype, wide = grad_rows.dtype, _wide(grad_rows, self.params[0])
         scaled_B, _, scaled_A = self.factors_in(dtype)
-        mask = self.mask_rows(weight_rows, dtype, workspace) if mask is None else mask
-        masked = torch.mul(grad_rows, mask, out=output_for(grad_rows, "masked", workspace))
+        masked = output_for(grad_rows, "masked", workspace)
+        if mask is not None or not _cpu_fusion.where_kept(weight_rows, grad_rows, masked):
+            mask = kept(weight_rows, dtype, workspace) if mask is None else mask
+            torch.mul(grad_rows, mask, out=masked)
         grad_B_rows = masked @ scaled_A.t()
         grad_A = scaled_B[start:stop].t() @ masked
         return [(0, None, grad_A.to(wide)), (1, slice(start, stop), grad_B_rows.to(wide))]

@@ -3,7 +3,7 @@
 Layers, lowest first (``MODULE_LAYERS`` and ``PACKAGE_LAYERS`` below place every module):
 
 * foundation: small private helpers that import nothing of the package (``_progress``,
-  ``_distributed``, ``_validation``, ``_blocks``);
+  ``_distributed``, ``_validation``, ``_blocks``, ``_cpu_fusion``);
 * sparsity: masks, pruners, reports, and what a bitsandbytes-quantized layer's weight and mask are
   (``sparsity/``);
 * ops: the sparse ops: their dispatch (``ops.py``), the Triton kernels (``kernels/``), their PyTorch
@@ -47,6 +47,7 @@ MODULE_LAYERS = {
     "sparse_peft._distributed": FOUNDATION,
     "sparse_peft._validation": FOUNDATION,
     "sparse_peft._blocks": FOUNDATION,
+    "sparse_peft._cpu_fusion": FOUNDATION,
     "sparse_peft.ops": OPS,
     "sparse_peft.delta_linear": OPS,
     "sparse_peft": FACE,
