@@ -442,12 +442,20 @@ class RowScaleUpdate:
     def __init__(self, A: torch.Tensor, b: torch.Tensor, alpha: float):
         self.params, self.alpha = (A, b), float(alpha)
 
-    def _group_weights(self, start, stop, dtype):
+    def _groups(self, start, stop):
+        """The row of ``A`` each row of the block uses."""
         A, b = self.params
-        groups = torch.arange(start, stop, device=A.device) * A.shape[0] // b.shape[0]
-        weights = torch.zeros(stop - start, A.shape[0], dtype=torch.promote_types(b.dtype, torch.float32),
-                              device=A.device)
-        weights[torch.arange(stop - start, device=A.device), groups] = b[start:stop, 0].detach().to(weights.dtype) * self.alpha
+        return torch.arange(start, stop, device=A.device) * A.shape[0] // b.shape[0]
+
+    def _row_scale(self, start, stop):
+        """``α b`` of the block's rows, in fp32 (or wider)."""
+        b = self.params[1]
+        return b[start:stop, 0].detach().to(torch.promote_types(b.dtype, torch.float32)) * self.alpha
+
+    def _group_weights(self, start, stop, dtype):
+        row_scale = self._row_scale(start, stop)
+        weights = torch.zeros(stop - start, self.params[0].shape[0], dtype=row_scale.dtype, device=row_scale.device)
+        weights[torch.arange(stop - start, device=weights.device), self._groups(start, stop)] = row_scale
         return weights.to(dtype)
 
     def mask_rows(self, weight_rows, dtype, workspace=FRESH) -> None:
@@ -457,6 +465,10 @@ class RowScaleUpdate:
         # W + W ⊙ (α R(A) ⊙ b) in one pass, rounded once to dtype. Never 1 + change in a low precision:
         # near 1 a bf16 would round the small change away; W ⊙ change keeps its relative precision.
         change = workspace.take("update", weight_rows.shape, dtype, weight_rows.device)
+        if dtype in LOW_PRECISION and _cpu_fusion.applies(weight_rows) and _cpu_fusion.row_scaled(
+                weight_rows, self._row_scale(start, stop).to(dtype), self.params[0].detach().to(dtype),
+                self._groups(start, stop), change, with_base):
+            return change  # one loop: no change written and read back, no cast of W
         torch.mm(self._group_weights(start, stop, dtype), self.params[0].detach().to(dtype), out=change)
         weight_rows = in_dtype(weight_rows, dtype, workspace)
         if with_base:

@@ -9,40 +9,48 @@ import torch
 
 import sparse_peft._cpu_fusion as cpu_fusion
 import sparse_peft.delta_linear as delta_linear_module
-from sparse_peft.delta_linear import MaskedLowRankUpdate, delta_linear
+from sparse_peft.delta_linear import MaskedLowRankUpdate, RowScaleUpdate, delta_linear
 from sparse_peft.sparsity.masks import restore_mask
 
 ROWS, COLS, BLOCK_ROWS = 64, 48, 16
 
 
-def fused_calls(monkeypatch) -> list:
-    """Record what each ``where_kept`` call returned (True: the fused loop computed it)."""
-    calls, where_kept = [], cpu_fusion.where_kept
+def fused_calls(monkeypatch, name: str = "where_kept") -> list:
+    """Record what each call of ``cpu_fusion.<name>`` returned (True: the fused loop computed it)."""
+    calls, function = [], getattr(cpu_fusion, name)
 
     def spy(*args, **kwargs):
-        calls.append(where_kept(*args, **kwargs))
+        calls.append(function(*args, **kwargs))
         return calls[-1]
 
-    monkeypatch.setattr(cpu_fusion, "where_kept", spy)
+    monkeypatch.setattr(cpu_fusion, name, spy)
     return calls
 
 
-def train_once(dtype, weight_dtype, with_base):
-    """One forward and backward of a masked LoRA layer over 4 row blocks: the results and the bytes of
-    the CPU workspace the passes kept."""
+def masked_low_rank(g):
+    return MaskedLowRankUpdate(torch.randn(4, COLS, generator=g).requires_grad_(),
+                               torch.randn(ROWS, 4, generator=g).requires_grad_(), 0.5)
+
+
+def row_scale(g):  # 3 groups of rows: their bounds cut across the 16-row blocks
+    return RowScaleUpdate(torch.randn(3, COLS, generator=g).requires_grad_(),
+                          torch.randn(ROWS, 1, generator=g).requires_grad_(), 0.7)
+
+
+def train_once(dtype, weight_dtype, with_base, make_update=masked_low_rank):
+    """One forward and backward of a layer over 4 row blocks: the results and the bytes of the CPU
+    workspace the passes kept."""
     g = torch.Generator().manual_seed(0)
     weight = restore_mask(torch.randn(ROWS, COLS, generator=g), torch.rand(ROWS, COLS, generator=g) >= 0.5)
-    A = torch.randn(4, COLS, generator=g).requires_grad_()
-    B = torch.randn(ROWS, 4, generator=g).requires_grad_()
+    update = make_update(g)
     x = torch.randn(5, COLS, generator=g).to(dtype).requires_grad_()
     dy = torch.randn(5, ROWS, generator=g).to(dtype)
     delta_linear_module.release_workspace()
-    y = delta_linear(x, weight.to(weight_dtype), None, MaskedLowRankUpdate(A, B, 0.5), with_base=with_base,
-                     block_elements=BLOCK_ROWS * COLS)
+    y = delta_linear(x, weight.to(weight_dtype), None, update, with_base=with_base, block_elements=BLOCK_ROWS * COLS)
     y.backward(dy)
     kept_bytes = delta_linear_module.workspace_bytes()
     delta_linear_module.release_workspace()
-    return (y.detach(), x.grad, A.grad, B.grad), kept_bytes
+    return (y.detach(), x.grad, *(p.grad for p in update.params)), kept_bytes
 
 
 CASES = {  # (activations, weight, with_base)
@@ -75,6 +83,48 @@ def test_the_fused_loops_give_the_eager_results_bit_for_bit_and_write_no_mask(ca
     assert eager_bytes - fused_bytes == eager_only * BLOCK_ROWS * COLS * dtype.itemsize
 
 
+SPP_CASES = {  # (activations, weight, with_base, blocks the eager ops keep and the loop does not)
+    "bf16": (torch.bfloat16, torch.bfloat16, True, 1),  # W + W ⊙ change apart from the change
+    "bf16_fp32_weight": (torch.bfloat16, torch.float32, True, 2),  # and the cast of W
+    "bf16_without_base": (torch.bfloat16, torch.bfloat16, False, 0),  # W ⊙ change in place either way
+    "fp16": (torch.float16, torch.float16, True, 1),
+}
+
+
+@pytest.mark.parametrize("case", SPP_CASES)
+def test_spps_fused_block_gives_the_eager_results_bit_for_bit(case, monkeypatch):
+    """In bf16 / fp16 each block of SPP's ``W + W ⊙ (α b ⊙ R(A))`` (forward and backward) is one loop
+    that makes the change from ``α b`` and ``A`` as it goes, across blocks that cut through a group:
+    y, dx, dA and db equal the eager ops' exactly."""
+    dtype, weight_dtype, with_base, eager_only = SPP_CASES[case]
+    monkeypatch.setattr(cpu_fusion, "MIN_ELEMENTS", BLOCK_ROWS * COLS)
+    monkeypatch.setattr(cpu_fusion, "_failed", False)
+    calls = fused_calls(monkeypatch, "row_scaled")
+    monkeypatch.setenv(cpu_fusion.ENV_SWITCH, "0")
+    eager, eager_bytes = train_once(dtype, weight_dtype, with_base, row_scale)
+    assert not any(calls)
+    calls.clear()
+    monkeypatch.delenv(cpu_fusion.ENV_SWITCH)
+    fused, fused_bytes = train_once(dtype, weight_dtype, with_base, row_scale)
+    assert calls == [True] * 8, "4 blocks x (forward, backward)"
+    for name, a, b in zip(("y", "dx", "dA", "db"), fused, eager):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert eager_bytes - fused_bytes == eager_only * BLOCK_ROWS * COLS * dtype.itemsize
+
+
+def test_spp_in_fp32_keeps_the_eager_fused_multiply_add(monkeypatch):
+    """In fp32 the eager ``addcmul`` rounds ``W + W ⊙ change`` once (a fused multiply-add), the compiled
+    loop would round the product first: fp32 keeps the eager ops."""
+    monkeypatch.setattr(cpu_fusion, "MIN_ELEMENTS", BLOCK_ROWS * COLS)
+    monkeypatch.setattr(cpu_fusion, "_failed", False)
+    calls = fused_calls(monkeypatch, "row_scaled")
+    train_once(torch.float32, torch.float32, True, row_scale)
+    assert not any(calls)
+    weight, out = torch.ones(BLOCK_ROWS, COLS), torch.empty(BLOCK_ROWS, COLS)
+    assert not cpu_fusion.row_scaled(weight, torch.ones(BLOCK_ROWS), torch.ones(1, COLS),
+                                     torch.zeros(BLOCK_ROWS, dtype=torch.long), out, True)
+
+
 def test_blocks_under_the_threshold_and_other_devices_keep_the_eager_ops(monkeypatch):
     monkeypatch.setattr(cpu_fusion, "MIN_ELEMENTS", 100)
     monkeypatch.setattr(cpu_fusion, "_failed", False)
@@ -94,9 +144,9 @@ def test_a_failed_compile_warns_once_and_the_eager_ops_give_the_same_results(mon
     monkeypatch.delenv(cpu_fusion.ENV_SWITCH)
     attempts = []
 
-    def failing_compile(with_base):
+    def failing_compile(name):
         def compiled(*args):
-            attempts.append(with_base)
+            attempts.append(name)
             raise RuntimeError("no working C++ compiler\ndetails")
         return compiled
 
@@ -108,7 +158,7 @@ def test_a_failed_compile_warns_once_and_the_eager_ops_give_the_same_results(mon
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(messages) == 1 and "torch.compile could not build" in messages[0]
     assert "no working C++ compiler" in messages[0] and "details" not in messages[0]
-    assert attempts == [True] and cpu_fusion._failed
+    assert attempts == ["kept_sum"] and cpu_fusion._failed
     for a, b in zip(results, eager):
         assert torch.equal(a, b)
 
