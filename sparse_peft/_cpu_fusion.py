@@ -37,7 +37,7 @@ import torch
 #: compiled function's call.
 MIN_ELEMENTS = 1 << 18
 
-#: Set to ``0`` to keep the eager ops everywhere.
+#: Set to ``0`` to keep the eager ops everywhere (``1``, the default, or unset: the fused loops).
 ENV_SWITCH = "SPARSE_PEFT_CPU_FUSION"
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -78,11 +78,18 @@ def _compiled(name: str) -> Callable[..., None]:
     return torch.compile(_LOOPS[name], dynamic=True, fullgraph=True, options={"emulate_precision_casts": True})
 
 
+def _switched_on() -> bool:
+    value = os.environ.get(ENV_SWITCH) or "1"
+    if value not in ("0", "1"):
+        raise ValueError(f"{ENV_SWITCH} must be 0 (eager ops) or 1 (fused CPU loops, the default), not {value!r}")
+    return value == "1"
+
+
 def applies(weight_rows: torch.Tensor) -> bool:
     """Whether a fused loop would compute for a block of this weight (the caller may then skip forming
     a mask)."""
     return (weight_rows.device.type == "cpu" and weight_rows.numel() >= MIN_ELEMENTS and not _failed
-            and os.environ.get(ENV_SWITCH, "1") != "0" and not torch.compiler.is_compiling())
+            and _switched_on() and not torch.compiler.is_compiling())
 
 
 def _run(name: str, *args: torch.Tensor) -> bool:

@@ -132,6 +132,9 @@ def test_blocks_under_the_threshold_and_other_devices_keep_the_eager_ops(monkeyp
     assert not cpu_fusion.applies(torch.ones(10, 10, device="meta"))
     monkeypatch.setenv(cpu_fusion.ENV_SWITCH, "0")
     assert not cpu_fusion.applies(torch.ones(10, 10))
+    monkeypatch.setenv(cpu_fusion.ENV_SWITCH, "off")
+    with pytest.raises(ValueError, match="SPARSE_PEFT_CPU_FUSION must be 0 .* or 1 .*, not 'off'"):
+        cpu_fusion.applies(torch.ones(10, 10))
 
 
 def test_a_failed_compile_warns_once_and_the_eager_ops_give_the_same_results(monkeypatch):
