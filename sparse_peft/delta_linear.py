@@ -29,7 +29,10 @@ are bounded: a few names, each as large as the largest block a pass asked for (`
 ``release_workspace`` frees them).
 
 The mask of a pruned layer is ``W != 0`` (every merge in this package keeps that exact), so an
-update that needs it derives it from the block of ``W`` it is given: no mask is stored.
+update that needs it derives it from the block of ``W`` it is given: no mask is stored. On a CPU,
+for large blocks, the updates' element-wise passes over a block run as one loop compiled by
+``torch.compile`` (``_cpu_fusion``: masked LoRA's uses of the mask, which then is not written at all,
+and SPP's ``W + W ⊙ change`` in bf16 / fp16), with the eager ops' results bit for bit.
 
 ``weight`` may also be a function returning it (``weight()``, out x in): a quantized base keeps only
 its packed weight, so the forward and the backward each call it for a transient dequantized copy
