@@ -18,8 +18,9 @@ A loop applies on a CPU, to blocks of at least ``MIN_ELEMENTS`` elements (on sma
 ops are as fast and nothing is compiled), unless ``SPARSE_PEFT_CPU_FUSION=0`` or the caller is itself
 being compiled (then that compile fuses the eager ops). Elsewhere, or if compiling fails (no C++
 compiler, say: a warning says so once), the functions return False and the caller runs the eager
-ops. On a GPU the same code would generate Triton kernels; that has not been measured, so GPUs keep
-the eager ops.
+ops, as they do under ``torch.inference_mode`` (evaluation), on inference tensors and on a
+non-contiguous weight. On a GPU the same code would generate Triton kernels; that has not been
+measured, so GPUs keep the eager ops.
 
 This module is in the foundation layer: it imports nothing of the package.
 """
@@ -87,9 +88,11 @@ def _switched_on() -> bool:
 
 def applies(weight_rows: torch.Tensor) -> bool:
     """Whether a fused loop would compute for a block of this weight (the caller may then skip forming
-    a mask)."""
+    a mask). Not under ``torch.inference_mode``: there torch 2.13's compiler failed on the workspace's
+    views (an internal error), so evaluation keeps the eager ops."""
     return (weight_rows.device.type == "cpu" and weight_rows.numel() >= MIN_ELEMENTS and not _failed
-            and _switched_on() and not torch.compiler.is_compiling())
+            and weight_rows.is_contiguous() and not weight_rows.is_inference()
+            and not torch.is_inference_mode_enabled() and _switched_on() and not torch.compiler.is_compiling())
 
 
 def _run(name: str, *args: torch.Tensor) -> bool:
@@ -110,8 +113,9 @@ def _run(name: str, *args: torch.Tensor) -> bool:
 def where_kept(weight_rows: torch.Tensor, values: torch.Tensor, out: torch.Tensor, with_base: bool = False) -> bool:
     """``out = W + values`` (``with_base``) or ``out = values`` where ``W != 0``, and 0 where ``W`` is 0,
     in ``out``'s dtype, ``W`` being ``weight_rows``; ``out`` may be ``values``. False when it does not
-    apply (``applies``; all three contiguous) or compiling failed: the caller computes it with eager ops."""
-    if not (applies(weight_rows) and all(t.is_contiguous() for t in (weight_rows, values, out))):
+    apply (``applies``; all three contiguous, none an inference tensor) or compiling failed: the caller
+    computes it with eager ops."""
+    if not (applies(weight_rows) and all(t.is_contiguous() and not t.is_inference() for t in (values, out))):
         return False
     # Flat: the loop is the same for every block shape, and one symbolic size means one compiled variant.
     return _run("kept_sum" if with_base else "kept_values", weight_rows.view(-1), values.view(-1), out.view(-1))
@@ -123,6 +127,7 @@ def row_scaled(weight_rows: torch.Tensor, row_scale: torch.Tensor, A: torch.Tens
     rounded to ``out``'s dtype, as SPP's eager ops give it; ``row_scale`` and ``A`` in ``out``'s dtype,
     bf16 or fp16 (in fp32 it returns False, see the module docstring). False when it does not apply:
     the caller computes it with eager ops."""
-    if out.dtype not in _LOW_PRECISION or not applies(weight_rows):
+    if out.dtype not in _LOW_PRECISION or not applies(weight_rows) or any(
+            t.is_inference() for t in (row_scale, A, groups, out)):
         return False
     return _run("row_scaled_sum" if with_base else "row_scaled_change", weight_rows, row_scale, A, groups, out)

@@ -130,6 +130,11 @@ def test_blocks_under_the_threshold_and_other_devices_keep_the_eager_ops(monkeyp
     monkeypatch.setattr(cpu_fusion, "_failed", False)
     assert cpu_fusion.applies(torch.ones(10, 10)) and not cpu_fusion.applies(torch.ones(9, 11))
     assert not cpu_fusion.applies(torch.ones(10, 10, device="meta"))
+    assert not cpu_fusion.applies(torch.ones(10, 10).t())  # not contiguous
+    with torch.inference_mode():
+        inference_tensor = torch.ones(10, 10)
+        assert not cpu_fusion.applies(torch.ones(10, 10).clone())
+    assert not cpu_fusion.applies(inference_tensor)
     monkeypatch.setenv(cpu_fusion.ENV_SWITCH, "0")
     assert not cpu_fusion.applies(torch.ones(10, 10))
     monkeypatch.setenv(cpu_fusion.ENV_SWITCH, "off")
@@ -178,3 +183,23 @@ def test_where_kept_writes_zero_wherever_the_weight_is_zero(with_base, monkeypat
     assert cpu_fusion.where_kept(weight, values, out, with_base)
     expected = [0.0, 1.75, -1.0, 0.0] if with_base else [0.0, 0.25, 1.0, 0.0]
     assert out.tolist() == [expected]
+
+
+def test_evaluation_under_inference_mode_keeps_the_eager_ops_without_a_warning(monkeypatch):
+    """torch 2.13's compiler failed on the workspace's views under ``inference_mode``: evaluation there
+    runs the eager ops, warns nothing, and training afterwards still gets the fused loops."""
+    monkeypatch.setattr(cpu_fusion, "MIN_ELEMENTS", BLOCK_ROWS * COLS)
+    monkeypatch.setattr(cpu_fusion, "_failed", False)
+    calls = fused_calls(monkeypatch)
+    g = torch.Generator().manual_seed(0)
+    weight = restore_mask(torch.randn(ROWS, COLS, generator=g), torch.rand(ROWS, COLS, generator=g) >= 0.5)
+    update, x = masked_low_rank(g), torch.randn(5, COLS, generator=g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.inference_mode():
+            y = delta_linear(x, weight, None, update, block_elements=BLOCK_ROWS * COLS)
+    A, B = update.params
+    assert torch.allclose(y, x @ (weight + 0.5 * (B @ A) * (weight != 0)).t(), atol=1e-5)
+    assert calls and not any(calls) and not cpu_fusion._failed
+    train_once(torch.float32, torch.float32, True)
+    assert any(calls)
