@@ -1,12 +1,16 @@
-"""Masked LoRA's masking fused into one compiled loop per use on a CPU (``sparse_peft._cpu_fusion``):
-the eager ops' results bit for bit, no mask buffer, and the eager ops where it does not apply or
-compiling fails."""
+"""Masked LoRA's masking and SPP's low-precision block fused into one compiled loop on a CPU
+(``sparse_peft._cpu_fusion``): the eager ops' results bit for bit, fewer kept buffers, every zero kept
+through training, merge and save / load, and the eager ops where it does not apply or compiling
+fails."""
 
 import warnings
 
 import pytest
 import torch
+from conftest import assert_masks_equal, linear_masks, pruned_tiny_model, train_steps
+from peft import PeftModel, get_peft_model
 
+import sparse_peft as sp
 import sparse_peft._cpu_fusion as cpu_fusion
 import sparse_peft.delta_linear as delta_linear_module
 from sparse_peft.delta_linear import MaskedLowRankUpdate, RowScaleUpdate, delta_linear
@@ -203,3 +207,27 @@ def test_evaluation_under_inference_mode_keeps_the_eager_ops_without_a_warning(m
     assert calls and not any(calls) and not cpu_fusion._failed
     train_once(torch.float32, torch.float32, True)
     assert any(calls)
+
+
+@pytest.mark.parametrize("method, dtype", [("masked_lora", torch.float32), ("spp", torch.bfloat16)])
+def test_training_saving_loading_and_merging_through_the_fused_loops_keep_every_zero(method, dtype, monkeypatch,
+                                                                                      tmp_path):
+    """The invariant with every block of a tiny model over the threshold: after training steps, a
+    merge, and a save / load / merge, each linear's zeros are the pruned model's, and the fused loops
+    did the work (masked LoRA's merge forms its update through them too)."""
+    monkeypatch.setattr(cpu_fusion, "MIN_ELEMENTS", 1024)
+    monkeypatch.setattr(cpu_fusion, "_failed", False)
+    calls = fused_calls(monkeypatch, "where_kept" if method == "masked_lora" else "row_scaled")
+    config = {"masked_lora": lambda: sp.MaskedLoraConfig(r=4, init_lora_weights=False),
+              "spp": lambda: sp.SPPConfig(r=4, init_b_zero=False)}[method]
+    model = pruned_tiny_model("llama", 0.5).to(dtype)
+    masks = linear_masks(model)
+    peft_model = train_steps(get_peft_model(model, config()), steps=2)
+    assert any(calls)
+    peft_model.save_pretrained(tmp_path)
+    calls.clear()
+    assert_masks_equal(peft_model.merge_and_unload(), masks)
+    if method == "masked_lora":
+        assert any(calls)
+    loaded = PeftModel.from_pretrained(pruned_tiny_model("llama", 0.5).to(dtype), tmp_path)
+    assert_masks_equal(loaded.merge_and_unload(), masks)
