@@ -95,6 +95,11 @@ def applies(weight_rows: torch.Tensor) -> bool:
             and not torch.is_inference_mode_enabled() and _switched_on() and not torch.compiler.is_compiling())
 
 
+def _takes(weight_rows: torch.Tensor, *operands: torch.Tensor) -> bool:
+    """``applies`` to the weight's block, and every other operand contiguous and no inference tensor."""
+    return applies(weight_rows) and all(t.is_contiguous() and not t.is_inference() for t in operands)
+
+
 def _run(name: str, *args: torch.Tensor) -> bool:
     global _failed
     try:
@@ -115,7 +120,7 @@ def where_kept(weight_rows: torch.Tensor, values: torch.Tensor, out: torch.Tenso
     in ``out``'s dtype, ``W`` being ``weight_rows``; ``out`` may be ``values``. False when it does not
     apply (``applies``; all three contiguous, none an inference tensor) or compiling failed: the caller
     computes it with eager ops."""
-    if not (applies(weight_rows) and all(t.is_contiguous() and not t.is_inference() for t in (values, out))):
+    if not _takes(weight_rows, values, out):
         return False
     # Flat: the loop is the same for every block shape, and one symbolic size means one compiled variant.
     return _run("kept_sum" if with_base else "kept_values", weight_rows.view(-1), values.view(-1), out.view(-1))
@@ -125,9 +130,8 @@ def row_scaled(weight_rows: torch.Tensor, row_scale: torch.Tensor, A: torch.Tens
                out: torch.Tensor, with_base: bool) -> bool:
     """``out = W + W ⊙ C`` (``with_base``) or ``W ⊙ C`` with ``C[i] = row_scale[i] · A[groups[i]]``
     rounded to ``out``'s dtype, as SPP's eager ops give it; ``row_scale`` and ``A`` in ``out``'s dtype,
-    bf16 or fp16 (in fp32 it returns False, see the module docstring). False when it does not apply:
-    the caller computes it with eager ops."""
-    if out.dtype not in _LOW_PRECISION or not applies(weight_rows) or any(
-            t.is_inference() for t in (row_scale, A, groups, out)):
+    bf16 or fp16 (in fp32 it returns False, see the module docstring). False when it does not apply
+    (as for ``where_kept``) or compiling failed: the caller computes it with eager ops."""
+    if out.dtype not in _LOW_PRECISION or not _takes(weight_rows, row_scale, A, groups, out):
         return False
     return _run("row_scaled_sum" if with_base else "row_scaled_change", weight_rows, row_scale, A, groups, out)
